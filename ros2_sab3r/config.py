@@ -1,0 +1,287 @@
+"""Runtime configuration: frozen dataclasses, one section per subsystem.
+
+Every runtime knob is declared exactly once here, with its description, unit and valid range, via
+:func:`param`. The ROS node declares its parameters from these dataclasses (``ros/params.py``), and
+``config/perception.yaml`` lists the same names (a test keeps them in step). Nothing here parses YAML
+or imports ROS: :func:`config_from_flat` builds a validated :class:`PerceptionConfig` from a flat
+``{'section.name': value}`` mapping, whatever produced it.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Mapping
+
+PARAM_META = 'ros2_sab3r.param'
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a parameter means and which values are valid."""
+
+    description: str
+    unit: str = ''
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    read_only: bool = False  # needs a reconfigure (lifecycle cleanup/configure) to change
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            values = value if isinstance(value, (list, tuple)) else [value]
+        else:
+            if not math.isfinite(float(value)):
+                raise ValueError(f'{name}={value!r} must be a finite number')
+            if self.min is not None and value < self.min:
+                raise ValueError(f'{name}={value!r} is below its minimum {self.min}')
+            if self.max is not None and value > self.max:
+                raise ValueError(f'{name}={value!r} is above its maximum {self.max}')
+            values = []
+        if self.choices is not None:
+            for v in values:
+                if v not in self.choices and not _is_plugin_path(name, v):
+                    raise ValueError(f'{name}={v!r} is not one of {", ".join(self.choices)}')
+
+
+def _is_plugin_path(name: str, value: Any) -> bool:
+    # model.backend may name a class as 'package.module:Class' (stand-ins, third-party backends).
+    return name == 'model.backend' and isinstance(value, str) and ':' in value
+
+
+def param(default: Any, description: str, **spec: Any) -> Any:
+    """A dataclass field carrying a :class:`ParamSpec`; lists become tuples (frozen)."""
+    meta = {PARAM_META: ParamSpec(description=description, **spec)}
+    if isinstance(default, (list, tuple)):
+        value = tuple(default)
+        return field(default_factory=lambda: value, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    autostart: bool = param(
+        True, 'configure and activate the lifecycle node on start-up; false when a lifecycle '
+        'manager drives the transitions', read_only=True)
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    image_topics: tuple[str, ...] = param(
+        ['/camera/color/image_raw'],
+        'sensor_msgs/Image topics, one per camera (remap or set per robot)', read_only=True)
+    camera_info_topics: tuple[str, ...] = param(
+        ['/camera/color/camera_info'],
+        'sensor_msgs/CameraInfo topics, same order as image_topics; empty entries mean '
+        'intrinsics are estimated from the pointmap', read_only=True)
+    compressed: bool = param(
+        False, 'subscribe to sensor_msgs/CompressedImage on <image_topic>/compressed instead',
+        read_only=True)
+    queue_size: int = param(
+        2, 'frames kept per camera before the oldest is dropped', unit='frames', min=1, max=10,
+        read_only=True)
+
+
+@dataclass(frozen=True)
+class FramesConfig:
+    map_frame: str = param('map', 'frame of the semantic map and of Locate answers by default')
+    pose_source: str = param(
+        'none', "'tf': camera poses from TF at the image stamp; 'none': poses from SAB3R, map "
+        'anchored at the first keyframe', choices=('none', 'tf'))
+    tf_timeout_s: float = param(
+        0.05, 'how long to wait for a TF transform before falling back', unit='s', min=0.0,
+        max=5.0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str = param(
+        'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', or a 'module:Class' path",
+        choices=('torch', 'onnxruntime', 'tensorrt'), read_only=True)
+    checkpoint: str = param(
+        '', 'SAB3R/MASt3R checkpoint (.pth or .safetensors), a Hugging Face repo id, or an ONNX/'
+        'engine directory; empty: no network is loaded', read_only=True)
+    device: str = param('cpu', "'cpu' or 'cuda'", choices=('cpu', 'cuda'), read_only=True)
+    dtype: str = param(
+        'fp32', 'compute precision of the backbone (heads stay fp32)',
+        choices=('fp32', 'fp16', 'bf16'), read_only=True)
+    image_width: int = param(
+        512, 'network input width (long side); images are resized and centre-cropped to '
+        'multiples of 16', unit='px', min=64, max=1024, read_only=True)
+    text_encoder: str = param(
+        '', 'open_clip ViT-B-16 text tower weights: a local file or an open_clip pretrained tag; '
+        'empty: take it from the checkpoint directory', read_only=True)
+
+
+@dataclass(frozen=True)
+class KeyframeConfig:
+    window_size: int = param(
+        8, 'keyframes kept in the sliding window', unit='keyframes', min=2, max=64)
+    min_overlap: float = param(
+        0.6, 'a frame becomes a keyframe when its overlap with the latest keyframe drops below '
+        'this', unit='ratio', min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class MappingConfig:
+    voxel_size_m: float = param(0.05, 'edge of a map voxel', unit='m', min=0.005, max=1.0)
+    min_confidence: float = param(
+        1.5, 'pointmap confidence below which points are not fused', min=0.0, max=1000.0)
+    max_voxels: int = param(
+        500_000, 'voxels kept; beyond this the least recently seen are evicted', unit='voxels',
+        min=1000, max=50_000_000)
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    default_top_k: int = param(
+        5, 'objects returned per query when the request asks for 0', min=1, max=100)
+    default_min_score: float = param(
+        0.5, 'relevancy score below which a query is NOT_FOUND when the request asks for 0',
+        min=0.0, max=1.0)
+    canonical_negatives: tuple[str, ...] = param(
+        ['object', 'things', 'stuff', 'texture'],
+        'negative phrases every query is compared against (LERF-style relevancy)')
+    max_queries: int = param(64, 'queries accepted in one Locate request', min=1, max=1024)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    map_rate_hz: float = param(
+        1.0, 'semantic map publication rate (only while subscribed)', unit='Hz', min=0.0,
+        max=30.0)
+    status_rate_hz: float = param(1.0, 'PerceptionStatus publication rate', unit='Hz', min=0.1,
+                                  max=50.0)
+
+
+@dataclass(frozen=True)
+class PerceptionConfig:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def validate(self) -> PerceptionConfig:
+        """Check every value and the cross-field rules; return self so calls chain."""
+        for name, value, spec in iter_params(self):
+            spec.check(name, value)
+        cam = self.camera
+        if not cam.image_topics:
+            raise ValueError('camera.image_topics is empty: name at least one image topic')
+        if cam.camera_info_topics and len(cam.camera_info_topics) != len(cam.image_topics):
+            raise ValueError(
+                f'camera.camera_info_topics has {len(cam.camera_info_topics)} entries but '
+                f'camera.image_topics has {len(cam.image_topics)}; give one per image topic or '
+                'none')
+        if self.model.image_width % 16:
+            raise ValueError(f'model.image_width={self.model.image_width} must be a multiple of 16')
+        if not self.frames.map_frame:
+            raise ValueError('frames.map_frame must not be empty')
+        return self
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str  # dotted: 'section.field'
+    default: Any
+    spec: ParamSpec
+
+
+def param_infos(cfg_type: type = PerceptionConfig) -> list[ParamInfo]:
+    """All parameters of the configuration, in declaration order, with their defaults."""
+    out = []
+    for section in fields(cfg_type):
+        section_type = section.default_factory  # type: ignore[misc]
+        for f in fields(section_type):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore
+            out.append(ParamInfo(f'{section.name}.{f.name}', default, f.metadata[PARAM_META]))
+    return out
+
+
+def iter_params(cfg: PerceptionConfig):
+    """Yield (dotted name, value, spec) for every parameter of a config instance."""
+    for section in fields(cfg):
+        sub = getattr(cfg, section.name)
+        assert is_dataclass(sub)
+        for f in fields(sub):
+            yield f'{section.name}.{f.name}', getattr(sub, f.name), f.metadata[PARAM_META]
+
+
+def config_from_flat(values: Mapping[str, Any], base: PerceptionConfig | None = None
+                     ) -> PerceptionConfig:
+    """Build a validated config from ``{'section.field': value}``; unknown names are errors."""
+    cfg = base or PerceptionConfig()
+    known = {p.name: p for p in param_infos()}
+    updates: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f'unknown parameter {name!r}')
+        default = known[name].default
+        if isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(default):
+            raise ValueError(f'{name}={value!r} must be of type {type(default).__name__}')
+        section, key = name.split('.', 1)
+        updates.setdefault(section, {})[key] = value
+    for section, kv in updates.items():
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **kv)})
+    return cfg.validate()
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, tuple):
+        return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
+    return repr(value)
+
+
+def render_params_yaml() -> str:
+    """config/perception.yaml as generated from the dataclasses (descriptions become comments).
+
+    Regenerate after changing a parameter: ``python -m ros2_sab3r.config > config/perception.yaml``
+    (a test fails while the file and this module disagree).
+    """
+    lines = [
+        '# ros2_sab3r perception node parameters: every parameter, with its default.',
+        '# Generated by `python -m ros2_sab3r.config`; edit ros2_sab3r/config.py, not this file,',
+        '# and copy this file to make a robot-specific overlay (pass it as params_file:=...).',
+        '/**:',
+        '  ros__parameters:',
+    ]
+    section = None
+    for info in param_infos():
+        sec, key = info.name.split('.', 1)
+        if sec != section:
+            lines.append(f'    {sec}:')
+            section = sec
+        spec = info.spec
+        notes = []
+        if spec.unit:
+            notes.append(spec.unit)
+        if spec.min is not None or spec.max is not None:
+            notes.append(f'range [{spec.min}, {spec.max}]')
+        if spec.choices:
+            notes.append('one of ' + ', '.join(spec.choices))
+        if spec.read_only:
+            notes.append('read-only while configured')
+        comment = spec.description + (f' ({"; ".join(notes)})' if notes else '')
+        lines.extend(textwrap.wrap(comment, 99, initial_indent='      # ',
+                                   subsequent_indent='      #   '))
+        lines.append(f'      {key}: {_yaml_value(info.default)}')
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    import sys
+
+    sys.stdout.write(render_params_yaml())

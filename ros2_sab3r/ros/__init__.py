@@ -1,0 +1,1 @@
+"""ros stage of ros2_sab3r (see ARCHITECTURE.md)."""

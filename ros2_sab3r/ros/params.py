@@ -1,0 +1,84 @@
+"""ROS parameters declared from ros2_sab3r.config, the single source of truth.
+
+Every field of :class:`~ros2_sab3r.config.PerceptionConfig` becomes one parameter named
+``section.field`` with its description, unit, range and read-only flag; values are converted once
+into the frozen config and validated there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+)
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from ros2_sab3r.config import ParamInfo, PerceptionConfig, config_from_flat, param_infos
+
+
+def _parameter_type(default: Any) -> int:
+    if isinstance(default, bool):
+        return ParameterType.PARAMETER_BOOL
+    if isinstance(default, int):
+        return ParameterType.PARAMETER_INTEGER
+    if isinstance(default, float):
+        return ParameterType.PARAMETER_DOUBLE
+    if isinstance(default, str):
+        return ParameterType.PARAMETER_STRING
+    if isinstance(default, tuple):
+        return ParameterType.PARAMETER_STRING_ARRAY
+    raise TypeError(f'no ROS parameter type for default {default!r}')
+
+
+def descriptor_for(info: ParamInfo) -> ParameterDescriptor:
+    spec = info.spec
+    text = spec.description + (f' [{spec.unit}]' if spec.unit else '')
+    d = ParameterDescriptor(
+        name=info.name,
+        type=_parameter_type(info.default),
+        description=text,
+        read_only=spec.read_only,
+        dynamic_typing=False,
+    )
+    constraints = []
+    if spec.choices:
+        constraints.append('one of: ' + ', '.join(spec.choices))
+    if spec.min is not None or spec.max is not None:
+        lo = spec.min if spec.min is not None else float('-inf')
+        hi = spec.max if spec.max is not None else float('inf')
+        if d.type == ParameterType.PARAMETER_INTEGER:
+            d.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+        elif d.type == ParameterType.PARAMETER_DOUBLE:
+            d.floating_point_range = [FloatingPointRange(from_value=float(lo),
+                                                         to_value=float(hi), step=0.0)]
+        constraints.append(f'range [{lo}, {hi}]')
+    d.additional_constraints = '; '.join(constraints)
+    return d
+
+
+def declare_parameters(node: Node) -> None:
+    """Declare every configuration parameter on the node (overrides come from --params-file)."""
+    for info in param_infos():
+        default = list(info.default) if isinstance(info.default, tuple) else info.default
+        node.declare_parameter(info.name, default, descriptor_for(info))
+
+
+def read_config(node: Node, overrides: dict[str, Any] | None = None) -> PerceptionConfig:
+    """The node's current parameters as a validated config (raises ValueError with the reason)."""
+    values = {info.name: node.get_parameter(info.name).value for info in param_infos()}
+    values.update(overrides or {})
+    return config_from_flat(values)
+
+
+def check_parameter_update(node: Node, params: list[Parameter]) -> str | None:
+    """Return why the update would make the configuration invalid, or None when it is fine."""
+    try:
+        read_config(node, {p.name: p.value for p in params})
+    except ValueError as err:
+        return str(err)
+    return None

@@ -1,0 +1,48 @@
+"""pip-installable ros2_sab3r library and command-line tools (no ROS graph needed).
+
+The ROS 2 package (interfaces, node executable, launch and config files) is built by
+CMakeLists.txt with colcon; this file serves `pip install -e .` for the library, the evaluation,
+export and inference tools, and the test suite.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='ros2_sab3r',
+    version='0.1.0',
+    description='Open-vocabulary 3D perception with SAB3R for ROS 2',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=find_packages(include=['ros2_sab3r', 'ros2_sab3r.*']),
+    package_data={'ros2_sab3r': ['model/configs/*.json']},
+    install_requires=[
+        'numpy>=1.26',
+        'scipy>=1.11',
+        'pillow>=10',
+        'torch>=2.4',
+        'torchvision',
+        'open_clip_torch>=2.24',
+        'safetensors>=0.4',
+        'onnx>=1.16',
+        'onnxruntime>=1.18',
+        'rosbags>=0.10',
+        'transforms3d>=0.4',
+        'pytransform3d>=3.6',
+        'huggingface_hub>=0.23',
+        'tqdm',
+        'matplotlib',
+    ],
+    extras_require={
+        # open3d-cpu is the headless build for x86_64; full open3d works too.
+        'open3d': ['open3d-cpu>=0.18'],
+        # NVIDIA's wheels come from their own index; pycuda needs the CUDA driver to build.
+        'tensorrt': ['tensorrt>=10', 'pycuda>=2024.1'],
+        'test': ['pytest>=8', 'pytest-timeout', 'ruff'],
+    },
+    entry_points={
+        'console_scripts': [
+            'perception_node = ros2_sab3r.ros.perception_node:main',
+            'sab3r-demo = ros2_sab3r.ros.demo:main',
+        ],
+    },
+)
