@@ -1,18 +1,19 @@
 """Runtime configuration: frozen dataclasses, one section per subsystem.
 
-Every runtime knob is declared exactly once here, with its description, unit and valid range, via
-:func:`param`. The ROS node declares its parameters from these dataclasses (``ros/params.py``), and
-``config/perception.yaml`` lists the same names (a test keeps them in step). Nothing here parses YAML
-or imports ROS: :func:`config_from_flat` builds a validated :class:`PerceptionConfig` from a flat
-``{'section.name': value}`` mapping, whatever produced it.
+Every runtime knob is declared exactly once here, with its description, unit and valid range,
+via :func:`param`. The ROS node declares its parameters from these dataclasses
+(``ros/params.py``), and ``config/perception.yaml`` is generated from them (a test keeps them in
+step). Nothing here parses YAML or imports ROS: :func:`config_from_flat` builds a validated
+:class:`PerceptionConfig` from a flat ``{'section.name': value}`` mapping, whatever produced it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 import math
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 PARAM_META = 'ros2_sab3r.param'
 
@@ -119,8 +120,42 @@ class KeyframeConfig:
     window_size: int = param(
         8, 'keyframes kept in the sliding window', unit='keyframes', min=2, max=64)
     min_overlap: float = param(
-        0.6, 'a frame becomes a keyframe when its overlap with the latest keyframe drops below '
-        'this', unit='ratio', min=0.0, max=1.0)
+        0.35, 'a frame becomes a keyframe when its overlap with the latest keyframe (share of '
+        'match seeds with a reciprocal match) drops below this', unit='ratio', min=0.0, max=1.0)
+    pairs_per_keyframe: int = param(
+        3, 'window keyframes (the most recent) a new keyframe is decoded against', unit='pairs',
+        min=1, max=16)
+    match_stride: int = param(
+        8, 'pixel spacing of the reciprocal-matching seed grid (the overlap measure)', unit='px',
+        min=2, max=64)
+    min_translation_m: float = param(
+        0.25, 'posed mode: a frame becomes a keyframe when it moved this far from the latest '
+        'keyframe', unit='m', min=0.0, max=100.0)
+    min_rotation_deg: float = param(
+        15.0, 'posed mode: a frame becomes a keyframe when it turned this much from the latest '
+        'keyframe', unit='deg', min=0.0, max=180.0)
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    min_confidence: float = param(
+        1.5, 'pointmap confidence below which points are not used for pose estimation',
+        min=0.0, max=1000.0)
+    min_points: int = param(
+        200, 'confident points a pair needs before its pose or scale is trusted', unit='points',
+        min=10, max=1_000_000)
+    max_points_per_pair: int = param(
+        4000, 'points sampled per pair for registration and window refinement', unit='points',
+        min=100, max=1_000_000)
+    refine_iterations: int = param(
+        20, 'least-squares iterations of the window refinement (new keyframe pose and per-pair '
+        'scales); 0 disables it', min=0, max=200)
+    min_baseline_m: float = param(
+        0.05, 'posed mode: camera translation needed before the metric scale of the first '
+        'keyframe is fixed (pure rotation cannot fix it)', unit='m', min=0.001, max=10.0)
+    max_registration_rmse: float = param(
+        0.1, 'a keyframe is rejected when its registration residual (RMS, relative to the median '
+        'scene depth) exceeds this', unit='ratio', min=0.001, max=10.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +166,13 @@ class MappingConfig:
     max_voxels: int = param(
         500_000, 'voxels kept; beyond this the least recently seen are evicted', unit='voxels',
         min=1000, max=50_000_000)
+    fuse_dino: bool = param(
+        True, 'also fuse DINO features when the backend provides them (used to split touching '
+        'instances; doubles feature memory)')
+    gravity_in_map: tuple[float, ...] = param(
+        [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside (REP-'
+        '103 maps are z-up); boxes are then gravity-aligned. Unposed maps have no known gravity '
+        'and use PCA boxes', unit='unit vector')
 
 
 @dataclass(frozen=True)
@@ -138,12 +180,28 @@ class QueryConfig:
     default_top_k: int = param(
         5, 'objects returned per query when the request asks for 0', min=1, max=100)
     default_min_score: float = param(
-        0.5, 'relevancy score below which a query is NOT_FOUND when the request asks for 0',
-        min=0.0, max=1.0)
+        0.85, 'relevancy a voxel needs to belong to a query, and an instance needs to be FOUND, '
+        'when the request asks for 0', min=0.0, max=1.0)
     canonical_negatives: tuple[str, ...] = param(
         ['object', 'things', 'stuff', 'texture'],
         'negative phrases every query is compared against (LERF-style relevancy)')
     max_queries: int = param(64, 'queries accepted in one Locate request', min=1, max=1024)
+    max_query_chars: int = param(
+        256, 'longest query or negative string accepted', unit='characters', min=1, max=10_000)
+    temperature: float = param(
+        0.05, 'cosine similarities are divided by this before the pairwise softmax against each '
+        'negative; smaller is sharper (CLIP itself uses 0.01)', min=0.001, max=10.0)
+    min_instance_voxels: int = param(
+        10, 'connected groups of relevant voxels smaller than this are ignored', unit='voxels',
+        min=1, max=1_000_000)
+    ambiguity_margin: float = param(
+        0.05, 'status is AMBIGUOUS when the runner-up instance scores within this of the best, or '
+        'the best is within this of min_score', min=0.0, max=1.0)
+    dino_split_similarity: float = param(
+        0.5, 'neighbouring voxels join one instance only when their DINO features are at least '
+        'this similar (when DINO features exist)', unit='cosine', min=-1.0, max=1.0)
+    embedding_cache_size: int = param(
+        1024, 'text embeddings kept in memory', unit='texts', min=0, max=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -162,6 +220,7 @@ class PerceptionConfig:
     frames: FramesConfig = field(default_factory=FramesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -179,9 +238,15 @@ class PerceptionConfig:
                 f'camera.image_topics has {len(cam.image_topics)}; give one per image topic or '
                 'none')
         if self.model.image_width % 16:
-            raise ValueError(f'model.image_width={self.model.image_width} must be a multiple of 16')
+            raise ValueError(
+                f'model.image_width={self.model.image_width} must be a multiple of 16')
         if not self.frames.map_frame:
             raise ValueError('frames.map_frame must not be empty')
+        gravity = self.mapping.gravity_in_map
+        if len(gravity) != 3 or not 0.5 < math.sqrt(sum(g * g for g in gravity)) < 1.5:
+            raise ValueError(
+                f'mapping.gravity_in_map={gravity!r} must be 3 numbers of length 1, e.g. '
+                '[0.0, 0.0, -1.0] for a z-up map')
         return self
 
 

@@ -15,8 +15,9 @@ Nothing in this module imports ROS; values are numpy arrays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class CameraFrame:
     def __post_init__(self) -> None:
         img = self.image
         if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f'CameraFrame.image must be (H, W, 3), got {getattr(img, "shape", img)}')
+            shape = getattr(img, 'shape', type(img).__name__)
+            raise ValueError(f'CameraFrame.image must be (H, W, 3), got {shape}')
         if img.dtype != np.uint8:
             raise ValueError(f'CameraFrame.image must be uint8 RGB, got {img.dtype}')
         if img.shape[0] == 0 or img.shape[1] == 0:
@@ -78,3 +80,107 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Return (N, dim) float32 unit-norm embeddings, one per text (prompt ensemble applied)."""
         ...
+
+
+@dataclass(frozen=True)
+class PosedKeyframe:
+    """A keyframe once its pose is known: what the map integrates and the ROS layer publishes.
+
+    Everything is at the network's input resolution (H, W) of the pair it came from.
+    """
+
+    keyframe_id: int  # 0, 1, 2, ... since the last reset
+    stamp_ns: int  # stamp of the CameraFrame it was made from
+    frame_id: str  # optical frame of that camera
+    T_WC: np.ndarray  # (4, 4) float64 world-from-camera, metres
+    K: np.ndarray  # (3, 3) intrinsics at (H, W); given or estimated from the pointmap
+    X: np.ndarray  # (H, W, 3) float32 points in this camera's frame, map scale (metres if posed)
+    C: np.ndarray  # (H, W) float32 pointmap confidence
+    rgb: np.ndarray  # (H, W, 3) uint8 colours resampled to the network resolution
+    S_clip: np.ndarray | None = None  # (h, w, Fc) CLIP-space features
+    S_dino: np.ndarray | None = None  # (h, w, Fd) DINO-space features
+    focal_estimated: bool = False  # True when K came from the pointmap (no CameraInfo)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``Pipeline.step`` did with one frame."""
+
+    stamp_ns: int
+    status: str  # 'keyframe', 'tracked', 'skipped'
+    reason: str = ''  # why a frame was skipped or why it became a keyframe, for logs and status
+    T_WC: np.ndarray | None = None  # (4, 4) pose of the frame, None when it could not be placed
+    keyframe_id: int | None = None  # id of the new keyframe when status == 'keyframe'
+    overlap: float | None = None  # reciprocal-match ratio with the latest keyframe (unposed mode)
+    keyframes_in_window: int = 0
+    keyframes_total: int = 0
+    voxels: int = 0  # voxels in the map after this step
+    latency_ms: dict = field(default_factory=dict)  # stage -> ms: encode, decode, match, pose,
+    #                                                 refine, integrate, total
+
+    @property
+    def is_keyframe(self) -> bool:
+        return self.status == 'keyframe'
+
+
+STATUS_FOUND = 'FOUND'
+STATUS_NOT_FOUND = 'NOT_FOUND'
+STATUS_AMBIGUOUS = 'AMBIGUOUS'
+
+
+@dataclass(frozen=True)
+class LocateQuery:
+    """A Locate request, already free of ROS types. Zeros mean 'use the configured default'."""
+
+    queries: tuple[str, ...]  # what to look for, UTF-8, at least one
+    negatives: tuple[str, ...] = ()  # extra phrases the answer should not resemble
+    top_k: int = 0  # instances returned per query; 0: query.default_top_k
+    min_score: float = 0.0  # relevancy below which a query is NOT_FOUND; 0: configured default
+    labels: tuple[str, ...] = ()  # optional caller label per query (same length as queries)
+
+
+@dataclass(frozen=True)
+class OrientedBox:
+    """A 3D box: centre (m), orientation as a quaternion (x, y, z, w), edge lengths (m)."""
+
+    center: np.ndarray  # (3,) float64 in the map frame
+    quat_xyzw: np.ndarray  # (4,) float64, box axes -> map frame
+    size: np.ndarray  # (3,) float64 edge lengths along the box's own x, y, z axes
+
+    def rotation(self) -> np.ndarray:
+        """(3, 3) rotation whose columns are the box axes in the map frame."""
+        x, y, z, w = (float(v) for v in self.quat_xyzw)
+        return np.array([
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ])
+
+
+@dataclass(frozen=True)
+class LocatedObject:
+    """One instance found for one query (or the single NOT_FOUND entry of a query)."""
+
+    query: str
+    label: str  # the caller's label for the query, or the query itself
+    status: str  # STATUS_FOUND, STATUS_NOT_FOUND or STATUS_AMBIGUOUS
+    score: float  # mean relevancy of the instance's voxels in [0, 1]; 0 when NOT_FOUND
+    centroid: np.ndarray | None = None  # (3,) confidence-weighted centre of its voxels, metres
+    box: OrientedBox | None = None
+    points: np.ndarray | None = None  # (N, 3) float32 voxel positions
+    colors: np.ndarray | None = None  # (N, 3) uint8
+    last_seen_ns: int = 0  # latest stamp that observed any of its voxels
+
+    @property
+    def point_count(self) -> int:
+        return 0 if self.points is None else int(len(self.points))
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """Answer to a LocateQuery: per query its instances by descending score, or one NOT_FOUND."""
+
+    objects: tuple[LocatedObject, ...]
+    map_stamp_ns: int  # stamp of the newest observation in the snapshot that was queried
+    frame: str = ''  # frame of all geometry (the map frame)
+    message: str = ''

@@ -33,14 +33,16 @@ def image_to_rgb(encoding: str, height: int, width: int, step: int, data: bytes 
     del is_bigendian  # irrelevant for 8-bit encodings, the only ones accepted
     if encoding not in _ENCODINGS:
         raise ConversionError(
-            f'unsupported image encoding {encoding!r}; supported: {", ".join(SUPPORTED_ENCODINGS)}')
+            f'unsupported image encoding {encoding!r}; '
+            f'supported: {", ".join(SUPPORTED_ENCODINGS)}')
     channels, order = _ENCODINGS[encoding]
     if height <= 0 or width <= 0:
         raise ConversionError(f'empty image: {width}x{height}')
     row_bytes = width * channels
     if step < row_bytes:
         raise ConversionError(
-            f'step {step} is smaller than width*channels = {row_bytes} for {encoding} {width}x{height}')
+            f'step {step} is smaller than width*channels = {row_bytes} '
+            f'for {encoding} {width}x{height}')
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size != step * height:
         raise ConversionError(
@@ -87,5 +89,6 @@ def camera_info_to_K(k: np.ndarray | list[float], width: int, height: int,
         raise ConversionError(f'CameraInfo.k is not a pinhole matrix: {K.ravel().tolist()}')
     if image_shape is not None and width and height and (height, width) != tuple(image_shape):
         raise ConversionError(
-            f'CameraInfo is for {width}x{height} but the image is {image_shape[1]}x{image_shape[0]}')
+            f'CameraInfo is for {width}x{height} but the image is '
+            f'{image_shape[1]}x{image_shape[0]}')
     return K

@@ -1,4 +1,4 @@
-"""The perception lifecycle node: cameras in, PerceptionStatus and Locate/SaveMap/LoadMap/Reset out.
+"""The perception lifecycle node: cameras in; status and Locate/SaveMap/LoadMap/Reset out.
 
 Threading (ARCHITECTURE.md): camera callbacks only convert and push into drop-oldest buffers; the
 services run in their own reentrant callback group so a Locate call never waits behind image
@@ -12,17 +12,18 @@ gone; cleanup = everything released.
 from __future__ import annotations
 
 from collections import deque
+import math
 import os
 import threading
 import time
 
 from lifecycle_msgs.msg import State as StateMsg
 import numpy as np
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -87,7 +88,7 @@ class PerceptionNode(LifecycleNode):
         self._subscriptions_active: list = []
         self._status_pub = None
         self._status_timer = None
-        self._services: list = []
+        self._sab3r_services: list = []
         # The map does not exist until the mapping pipeline integrates a keyframe pair; this
         # version of the node has no pipeline yet, so Locate/SaveMap answer that truthfully.
         self._pipeline = None
@@ -96,6 +97,7 @@ class PerceptionNode(LifecycleNode):
         self._processed = 0
         self._dropped = 0
         self._latency_convert_ms = 0.0
+        self._last_logged: dict[str, float] = {}
         # Services read map snapshots concurrently with each other: reentrant. Cameras only
         # convert and enqueue, serialised among themselves so the counters stay cheap.
         self._service_group = ReentrantCallbackGroup()
@@ -119,7 +121,7 @@ class PerceptionNode(LifecycleNode):
         self._status_timer = self.create_timer(
             1.0 / cfg.publish.status_rate_hz, self._publish_status,
             callback_group=self._timer_group)
-        self._services = [
+        self._sab3r_services = [
             self.create_service(Locate, '~/locate', self._on_locate,
                                 callback_group=self._service_group),
             self.create_service(SaveMap, '~/save_map', self._on_save_map,
@@ -186,9 +188,9 @@ class PerceptionNode(LifecycleNode):
 
     def _release(self) -> None:
         self._drop_subscriptions()
-        for srv in self._services:
+        for srv in self._sab3r_services:
             self.destroy_service(srv)
-        self._services = []
+        self._sab3r_services = []
         if self._status_timer is not None:
             self.destroy_timer(self._status_timer)
             self._status_timer = None
@@ -226,8 +228,19 @@ class PerceptionNode(LifecycleNode):
         with self._lock:
             self._dropped += 1
         topic = self._cfg.camera.image_topics[idx] if self._cfg else f'camera {idx}'
-        self.get_logger().error(f'frame on {topic} dropped: {err}',
-                                throttle_duration_sec=_THROTTLE_S)
+        self._error_throttled(f'frame on {topic} dropped: {err}')
+
+    def _error_throttled(self, text: str) -> None:
+        """Log each distinct problem at most once per _THROTTLE_S (a bad stream repeats it at
+        frame rate; rclpy's own throttle is per call site and would hide a second problem)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_logged.get(text, -math.inf) < _THROTTLE_S:
+                return
+            if len(self._last_logged) > 256:
+                self._last_logged.clear()
+            self._last_logged[text] = now
+        self.get_logger().error(text)
 
     def _enqueue(self, idx: int, header, rgb: np.ndarray, t0: float) -> None:
         with self._lock:
@@ -250,8 +263,7 @@ class PerceptionNode(LifecycleNode):
             K = camera_info_to_K(msg.k, msg.width, msg.height)
         except ConversionError as err:
             topic = self._cfg.camera.camera_info_topics[idx] if self._cfg else str(idx)
-            self.get_logger().error(f'CameraInfo on {topic} ignored: {err}',
-                                    throttle_duration_sec=_THROTTLE_S)
+            self._error_throttled(f'CameraInfo on {topic} ignored: {err}')
             K = None
         with self._lock:
             if idx < len(self._cameras):
@@ -333,7 +345,8 @@ def _decode_compressed(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8 RGB via Pillow."""
     import io
 
-    from PIL import Image as PILImage, UnidentifiedImageError
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
     try:
         with PILImage.open(io.BytesIO(data)) as img:
