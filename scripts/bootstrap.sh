@@ -33,7 +33,8 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$HASH" && -x $VENV/bin/python ]]; then
 fi
 
 # --- system packages ---------------------------------------------------------------------------
-if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+# (no grep -q: with pipefail, ldconfig's SIGPIPE would read as 'missing')
+if ! ldconfig -p 2>/dev/null | grep 'libusb-1.0.so.0' >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     log 'installing libusb-1.0-0 (needed by open3d)'
     apt-get update -qq

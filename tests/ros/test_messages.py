@@ -1,0 +1,105 @@
+"""Pipeline values -> ROS messages, without a ROS graph."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip('rclpy', reason='ROS message wheels are installed by scripts/bootstrap.sh')
+
+from scipy.spatial.transform import Rotation  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from ros2_sab3r import types  # noqa: E402
+from ros2_sab3r.msg import LocatedObject  # noqa: E402
+from ros2_sab3r.ros import messages  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+
+def test_cloud_round_trip():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 3)).astype(np.float32)
+    rgb = rng.integers(0, 256, (50, 3), dtype=np.uint8)
+    score = rng.random(50).astype(np.float32)
+    msg = messages.arrays_to_cloud(Header(frame_id='map'), X, rgb, {'score': score})
+    assert [f.name for f in msg.fields] == ['x', 'y', 'z', 'rgb', 'score']
+    assert msg.point_step == 20 and msg.row_step == 20 * 50 and len(msg.data) == 1000
+    out = messages.cloud_to_arrays(msg)
+    np.testing.assert_array_equal(np.stack([out['x'], out['y'], out['z']], 1), X)
+    np.testing.assert_array_equal(out['rgb'], rgb)
+    np.testing.assert_array_equal(out['score'], score)
+
+
+def test_rgb_packing_matches_pcl_layout():
+    packed = messages.pack_rgb(np.array([[255, 128, 1]], np.uint8))
+    assert packed.view(np.uint32)[0] == 0xFF8001
+
+
+def test_empty_cloud_and_bad_field_length():
+    msg = messages.arrays_to_cloud(Header(), np.zeros((0, 3)))
+    assert msg.width == 0 and len(msg.data) == 0
+    with pytest.raises(ValueError, match='has 2 values for 3 points'):
+        messages.arrays_to_cloud(Header(), np.zeros((3, 3)), extra={'score': [1, 2]})
+
+
+def _found(query='dresser'):
+    box = types.OrientedBox(center=np.array([1.0, 2.0, 0.5]),
+                            quat_xyzw=Rotation.from_euler('z', 30, degrees=True).as_quat(),
+                            size=np.array([0.8, 0.4, 1.0]))
+    return types.LocatedObject(
+        query=query, label=query, status=types.STATUS_FOUND, score=0.83,
+        centroid=np.array([1.0, 2.0, 0.5]), box=box,
+        points=np.array([[1.0, 2.0, 0.5], [1.1, 2.0, 0.4]], np.float32),
+        colors=np.array([[10, 20, 30], [40, 50, 60]], np.uint8), last_seen_ns=3_500_000_000)
+
+
+def test_located_object_message():
+    header = Header(frame_id='map')
+    msg = messages.located_to_msg(_found(), header)
+    assert msg.status == LocatedObject.STATUS_FOUND and msg.point_count == 2
+    assert (msg.centroid.x, msg.centroid.y, msg.centroid.z) == (1.0, 2.0, 0.5)
+    q = msg.box_center.orientation
+    angle = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_euler('xyz', degrees=True)
+    np.testing.assert_allclose(angle, [0, 0, 30], atol=1e-9)
+    assert (msg.last_seen.sec, msg.last_seen.nanosec) == (3, 500_000_000)
+    assert msg.points.header.frame_id == 'map' and msg.points.width == 2
+    not_found = types.LocatedObject(query='unicorn', label='unicorn',
+                                    status=types.STATUS_NOT_FOUND, score=0.0)
+    msg = messages.located_to_msg(not_found, header)
+    assert msg.status == LocatedObject.STATUS_NOT_FOUND and msg.point_count == 0
+
+
+def test_transform_located_moves_every_geometric_field():
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_euler('z', 90, degrees=True).as_matrix()
+    T[:3, 3] = [0.0, 0.0, 1.0]
+    moved = messages.transform_located(_found(), T)
+    np.testing.assert_allclose(moved.centroid, [-2.0, 1.0, 1.5], atol=1e-9)
+    np.testing.assert_allclose(moved.box.center, [-2.0, 1.0, 1.5], atol=1e-9)
+    np.testing.assert_allclose(moved.points[0], [-2.0, 1.0, 1.5], atol=1e-6)
+    yaw = Rotation.from_quat(moved.box.quat_xyzw).as_euler('xyz', degrees=True)[2]
+    assert yaw == pytest.approx(120.0)
+    np.testing.assert_array_equal(moved.box.size, [0.8, 0.4, 1.0])
+
+
+def test_markers_skip_not_found_and_label_found():
+    header = Header(frame_id='map')
+    objs = [messages.located_to_msg(_found(), header),
+            messages.located_to_msg(types.LocatedObject(
+                query='unicorn', label='unicorn', status=types.STATUS_NOT_FOUND, score=0.0),
+                header)]
+    markers = messages.located_markers(objs).markers
+    assert markers[0].action == markers[0].DELETEALL
+    assert len(markers) == 3
+    assert markers[2].text == 'dresser 0.83'
+
+
+def test_pose_matrix_round_trip():
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_euler('xyz', [10, -20, 30], degrees=True).as_matrix()
+    T[:3, 3] = [1, 2, 3]
+    arr, path = messages.poses_to_msgs(Header(frame_id='map'), [T, np.eye(4)])
+    p = arr.poses[0]
+    R = Rotation.from_quat([p.orientation.x, p.orientation.y, p.orientation.z,
+                            p.orientation.w]).as_matrix()
+    np.testing.assert_allclose(R, T[:3, :3], atol=1e-12)
+    assert len(path.poses) == 2 and path.poses[0].header.frame_id == 'map'
