@@ -43,6 +43,8 @@ setup(
         'console_scripts': [
             'perception_node = ros2_sab3r.ros.perception_node:main',
             'sab3r-demo = ros2_sab3r.ros.demo:main',
+            'sab3r-infer = ros2_sab3r.model.cli:main',
+            'sab3r-convert-checkpoint = ros2_sab3r.model.cli:convert_main',
         ],
     },
 )

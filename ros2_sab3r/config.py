@@ -166,6 +166,11 @@ class MappingConfig:
     max_voxels: int = param(
         500_000, 'voxels kept; beyond this the least recently seen are evicted', unit='voxels',
         min=1000, max=50_000_000)
+    feature_edge_tolerance: float = param(
+        0.05, "a pixel takes its feature cell's semantic feature only if its depth is within "
+        "this fraction of the cell centre's depth (stops class halos at depth edges when "
+        'features are coarser than pixels); 0 disables the test', unit='ratio', min=0.0,
+        max=10.0)
     fuse_dino: bool = param(
         True, 'also fuse DINO features when the backend provides them (used to split touching '
         'instances; doubles feature memory)')
@@ -197,6 +202,10 @@ class QueryConfig:
     ambiguity_margin: float = param(
         0.05, 'status is AMBIGUOUS when the runner-up instance scores within this of the best, or '
         'the best is within this of min_score', min=0.0, max=1.0)
+    membership_fraction: float = param(
+        0.5, "a relevant voxel joins a query only if its similarity is this far from the map's "
+        "median similarity to that of the query's clearest voxels (rejects mixed border voxels)",
+        unit='ratio', min=0.0, max=1.0)
     dino_split_similarity: float = param(
         0.5, 'neighbouring voxels join one instance only when their DINO features are at least '
         'this similar (when DINO features exist)', unit='cosine', min=-1.0, max=1.0)

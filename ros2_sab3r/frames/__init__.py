@@ -1,1 +1,1 @@
-"""frames stage of ros2_sab3r (see ARCHITECTURE.md)."""
+"""frames stage of ros2_sab3r: frame buffer, keyframe selection, keyframe window."""

@@ -1,1 +1,1 @@
-"""geometry stage of ros2_sab3r (see ARCHITECTURE.md)."""
+"""geometry stage of ros2_sab3r: intrinsics, matching, registration, refinement, boxes."""

@@ -71,8 +71,11 @@ class TransformBuffer:
         with self._lock:
             return set(self._edges) | {e.parent for e in self._edges.values()}
 
-    def lookup(self, target: str, source: str, stamp_ns: int) -> np.ndarray:
-        """(4, 4) T_TS mapping points of ``source`` into ``target`` at ``stamp_ns``."""
+    def lookup(self, target: str, source: str, stamp_ns: int | None) -> np.ndarray:
+        """(4, 4) T_TS mapping points of ``source`` into ``target`` at ``stamp_ns``.
+
+        ``stamp_ns=None`` asks for the latest transform of every edge (tf2's time zero).
+        """
         if target == source:
             return np.eye(4)
         with self._lock:
@@ -98,17 +101,19 @@ class TransformBuffer:
             chain.append(parent)
         return chain
 
-    def _compose(self, chain: list[str], common: str, stamp_ns: int) -> np.ndarray:
+    def _compose(self, chain: list[str], common: str, stamp_ns: int | None) -> np.ndarray:
         T = np.eye(4)
         for child in chain[:chain.index(common)]:
             T = self._edge_at(child, stamp_ns) @ T
         return T
 
-    def _edge_at(self, child: str, stamp_ns: int) -> np.ndarray:
+    def _edge_at(self, child: str, stamp_ns: int | None) -> np.ndarray:
         edge = self._edges[child]
         if edge.static:
             return edge.transforms[0]
         stamps = edge.stamps
+        if stamp_ns is None:
+            return edge.transforms[stamps[-1]]
         if stamp_ns <= stamps[0] or stamp_ns >= stamps[-1]:
             nearest = stamps[0] if stamp_ns <= stamps[0] else stamps[-1]
             if abs(stamp_ns - nearest) <= self.tolerance_ns:

@@ -1,1 +1,1 @@
-"""mapping stage of ros2_sab3r (see ARCHITECTURE.md)."""
+"""mapping stage of ros2_sab3r: bounded semantic voxel map, snapshots, persistence."""

@@ -1,1 +1,1 @@
-"""query stage of ros2_sab3r (see ARCHITECTURE.md)."""
+"""query stage of ros2_sab3r: text queries -> relevancy -> instances -> ranked objects."""

@@ -1,7 +1,8 @@
-"""`make demo`: start the perception node, stream camera images into it, ask it where things are.
+"""`make demo`: replay a synthetic scene through the perception node and ask it where things are.
 
 The node runs as its own process (as `ros2 run ros2_sab3r perception_node` would start it) with
-config/perception.yaml; this script plays the camera and the manipulator asking Locate.
+config/perception.yaml; this script plays the camera and the manipulator asking Locate, then saves
+the map and draws it from above.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import time
 
 import numpy as np
 import rclpy
-from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
-from ros2_sab3r.ros import qos
+from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import rgb_to_image_fields
 from ros2_sab3r.srv import Locate
 
@@ -39,40 +39,50 @@ def _params_file() -> Path:
     return Path(get_package_share_directory('ros2_sab3r')) / 'config' / 'perception.yaml'
 
 
-def _test_pattern(t: int, width: int = 512, height: int = 384) -> np.ndarray:
-    """A moving colour pattern standing in for a camera (no scene generator is wired in yet)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 127.5 * (1 + np.sin((x + 7 * t) / 23.0))
-    g = 127.5 * (1 + np.sin((y - 5 * t) / 17.0))
-    b = 127.5 * (1 + np.cos((x + y) / 31.0))
-    return np.stack([r, g, b], axis=-1).astype(np.uint8)  # (H, W, 3)
+STANDIN = 'ros2_sab3r.eval.standin:SyntheticSceneBackend'
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--frames', type=int, default=10, help='camera frames to publish')
-    parser.add_argument('--queries', nargs='+', default=['dresser', 'chair', 'a unicorn'])
+    parser.add_argument('--checkpoint', default='',
+                        help='SAB3R checkpoint for the real network; empty: the stand-in backend')
+    parser.add_argument('--backend', default='torch', help='backend used with --checkpoint')
+    parser.add_argument('--scene', default='synthetic:seed=0,frames=40,width=256,height=192',
+                        help='synthetic scene replayed as the camera')
+    parser.add_argument('--queries', nargs='+', default=None,
+                        help='Locate queries (default: two objects in the scene, one absent)')
+    parser.add_argument('--out', default='', help='folder for the saved map and the picture')
     args = parser.parse_args(argv)
-    if args.frames < 1:
-        parser.error('--frames must be at least 1')
+    from ros2_sab3r.eval.standin import SceneSpec
 
-    print('ros2_sab3r demo: no checkpoint is configured and the mapping pipeline is not wired '
-          'into the node yet, so this run exercises the node and its interfaces; it builds no '
-          'map and every Locate answer says so.', flush=True)
+    try:
+        spec = SceneSpec.parse(args.scene)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.checkpoint:
+        backend, checkpoint = args.backend, args.checkpoint
+        print(f'ros2_sab3r demo: the {backend} backend runs {checkpoint} on a synthetic scene.')
+    else:
+        backend, checkpoint = STANDIN, args.scene
+        print('ros2_sab3r demo: NO CHECKPOINT CONFIGURED, so the node runs the ground-truth '
+              "STAND-IN backend (answers come from the synthetic scene's ground truth, not "
+              'from SAB3R); pass --checkpoint FILE to run the real network.', flush=True)
+    out = Path(args.out or tempfile.mkdtemp(prefix='sab3r-demo-'))
+    out.mkdir(parents=True, exist_ok=True)
     ns = f'/sab3r_demo_{os.getpid()}'
-    log_dir = Path(tempfile.mkdtemp(prefix='sab3r-demo-'))
-    node_log = log_dir / 'perception_node.log'
+    node_log = out / 'perception_node.log'
+    cmd = [sys.executable, '-m', 'ros2_sab3r.ros.perception_node', '--ros-args',
+           '--params-file', str(_params_file()), '-r', f'__ns:={ns}',
+           '-p', f'camera.image_topics:=[{ns}/camera/image_raw]',
+           '-p', f'camera.camera_info_topics:=[{ns}/camera/camera_info]',
+           '-p', f'model.backend:={backend}', '-p', f'model.checkpoint:={checkpoint}',
+           '-p', 'camera.queue_size:=10']
     with open(node_log, 'w', encoding='utf-8') as log:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'ros2_sab3r.ros.perception_node', '--ros-args',
-             '--params-file', str(_params_file()), '-r', f'__ns:={ns}',
-             '-p', f'camera.image_topics:=[{ns}/camera/image_raw]',
-             '-p', f'camera.camera_info_topics:=[{ns}/camera/camera_info]'],
-            stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     rclpy.init()
     node = rclpy.create_node('sab3r_demo_client')
     try:
-        return _drive(node, ns, args, proc, node_log)
+        return _drive(node, ns, spec, args.queries, out, proc, node_log)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
@@ -85,14 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f'node log: {node_log}')
 
 
-def _drive(node, ns: str, args, proc: subprocess.Popen, node_log: Path) -> int:
-    image_pub = node.create_publisher(Image, f'{ns}/camera/image_raw', qos_profile_sensor_data)
-    info_pub = node.create_publisher(CameraInfo, f'{ns}/camera/camera_info',
-                                     qos_profile_sensor_data)
+def _call(node, client, request, timeout: float = 60.0):
+    future = client.call_async(request)
+    rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+    return future.result()
+
+
+def _drive(node, ns: str, spec, queries, out: Path, proc, node_log: Path) -> int:
+    from ros2_sab3r.srv import SaveMap
+
+    scene, frames = spec.render()
+    present = scene.labels
+    queries = queries or [present[0], present[len(present) // 2], 'refrigerator']
+    image_pub = node.create_publisher(Image, f'{ns}/camera/image_raw', 10)
+    info_pub = node.create_publisher(CameraInfo, f'{ns}/camera/camera_info', 10)
     status: list[PerceptionStatus] = []
     node.create_subscription(PerceptionStatus, f'{ns}/perception_node/status', status.append,
                              qos.STATUS)
     locate = node.create_client(Locate, f'{ns}/perception_node/locate')
+    save = node.create_client(SaveMap, f'{ns}/perception_node/save_map')
     print('starting the perception node ...', flush=True)
     if not locate.wait_for_service(timeout_sec=60.0):
         print(f'the node did not come up; see {node_log}', file=sys.stderr)
@@ -101,39 +122,81 @@ def _drive(node, ns: str, args, proc: subprocess.Popen, node_log: Path) -> int:
     while image_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.1)
 
-    for t in range(args.frames):
-        stamp = node.get_clock().now().to_msg()
+    for i, f in enumerate(frames):
         img = Image()
-        img.header.stamp, img.header.frame_id = stamp, 'camera_optical_frame'
-        img.height, img.width, img.step, data = rgb_to_image_fields(_test_pattern(t))
+        img.header.stamp = messages.stamp_from_ns(f.stamp_ns)
+        img.header.frame_id = 'camera_optical_frame'
+        img.height, img.width, img.step, data = rgb_to_image_fields(f.rgb)
         img.encoding, img.data = 'rgb8', data
-        info = CameraInfo(width=img.width, height=img.height)
-        info.header = img.header
-        info.k = [400.0, 0.0, img.width / 2, 0.0, 400.0, img.height / 2, 0.0, 0.0, 1.0]
-        image_pub.publish(img)
+        info = CameraInfo(header=img.header, width=img.width, height=img.height)
+        info.k = [float(v) for v in f.K.ravel()]
         info_pub.publish(info)
-        rclpy.spin_once(node, timeout_sec=0.1)
-    print(f'published {args.frames} frames of {img.width}x{img.height} rgb8', flush=True)
+        image_pub.publish(img)
+        # pace the camera to what the node digests (a real camera would just drop frames)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.05)
+            s = status[-1] if status else None
+            if s is not None and s.frames_processed + s.frames_dropped >= i + 1:
+                break
+        if (i + 1) % 10 == 0 or i + 1 == len(frames):
+            print(f'replayed {i + 1}/{len(frames)} frames', flush=True)
+    s = status[-1] if status else None
+    if s is not None:
+        print(f'status: frames processed={s.frames_processed} dropped={s.frames_dropped} '
+              f'keyframes={s.keyframes_total} voxels={s.voxels} backend="{s.backend}"')
 
-    future = locate.call_async(Locate.Request(queries=args.queries, target_frame='base_link'))
-    rclpy.spin_until_future_complete(node, future, timeout_sec=30.0)
-    res = future.result()
+    res = _call(node, locate, Locate.Request(queries=queries))
     if res is None:
-        print('Locate did not answer within 30 s', file=sys.stderr)
+        print('Locate did not answer', file=sys.stderr)
         return 1
-    print(f'Locate {args.queries}: success={res.success} message="{res.message}"')
+    print(f'Locate {queries}: success={res.success} "{res.message}"')
     for obj in res.objects:
         c = obj.centroid
-        print(f'  {obj.query!r}: {_STATUS_NAMES.get(obj.status, obj.status)} score={obj.score:.2f}'
-              f' at ({c.x:.2f}, {c.y:.2f}, {c.z:.2f}) m in {obj.header.frame_id}')
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and not status:
-        rclpy.spin_once(node, timeout_sec=0.1)
-    if status:
-        s = status[-1]
-        print(f'status: state={s.state} frames received={s.frames_received} '
-              f'processed={s.frames_processed} dropped={s.frames_dropped} voxels={s.voxels}')
-    return 0 if proc.poll() is None else 1
+        line = (f'  {obj.query!r}: {_STATUS_NAMES.get(obj.status, obj.status)} '
+                f'score={obj.score:.2f}')
+        if obj.status != LocatedObject.STATUS_NOT_FOUND:
+            line += f' at ({c.x:+.2f}, {c.y:+.2f}, {c.z:+.2f}) m in {obj.header.frame_id}'
+        print(line)
+    map_path = out / 'semantic_map.npz'
+    saved = _call(node, save, SaveMap.Request(path=str(map_path)))
+    if saved is not None:
+        print(f'save_map: success={saved.success} "{saved.message}" ({saved.bytes} bytes)')
+    picture = out / 'semantic_map_top.png'
+    try:
+        _render_top_down(map_path, res.objects, picture)
+        print(f'top-down picture of the map: {picture}')
+    except (OSError, ValueError, KeyError) as err:
+        print(f'no picture: {err}')
+    return 0 if proc.poll() is None and res.success else 1
+
+
+def _render_top_down(map_path: Path, objects, picture: Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    with np.load(map_path, allow_pickle=False) as data:
+        names = set(data.files)
+        pos_key = next(k for k in ('positions', 'position', 'xyz') if k in names)
+        X = data[pos_key]
+        rgb = data['colors'] if 'colors' in names else None
+    fig, ax = plt.subplots(figsize=(7, 7))
+    # the map frame is the first camera's optical frame: x right, z forward (top-down = x-z)
+    ax.scatter(X[:, 0], X[:, 2], s=1, c=None if rgb is None else np.clip(rgb / 255.0, 0, 1))
+    for obj in objects:
+        if obj.status == LocatedObject.STATUS_NOT_FOUND:
+            continue
+        ax.plot(obj.centroid.x, obj.centroid.z, 'r+', ms=14, mew=2)
+        ax.annotate(f'{obj.query} {obj.score:.2f}', (obj.centroid.x, obj.centroid.z),
+                    color='red')
+    ax.set_xlabel('x (m)')
+    ax.set_ylabel('z (m)')
+    ax.set_aspect('equal')
+    ax.set_title('semantic map, top-down, with Locate answers')
+    fig.savefig(picture, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == '__main__':

@@ -12,28 +12,38 @@ gone; cleanup = everything released.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 import math
 import os
 import threading
 import time
 
+from geometry_msgs.msg import PoseArray
 from lifecycle_msgs.msg import State as StateMsg
+from nav_msgs.msg import Path
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
 from std_srvs.srv import Trigger
+from tf2_msgs.msg import TFMessage
+from visualization_msgs.msg import MarkerArray
 
 from ros2_sab3r.config import PerceptionConfig
+from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
+from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
-from ros2_sab3r.ros import qos
+from ros2_sab3r.pipeline import Pipeline
+from ros2_sab3r.query.engine import LocateError
+from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
-from ros2_sab3r.types import CameraFrame
+from ros2_sab3r.types import CameraFrame, LocateQuery
 
 NODE_NAME = 'perception_node'
 _THROTTLE_S = 5.0
@@ -88,11 +98,24 @@ class PerceptionNode(LifecycleNode):
         self._subscriptions_active: list = []
         self._status_pub = None
         self._status_timer = None
+        self._map_timer = None
+        self._pubs: dict[str, object] = {}
         self._sab3r_services: list = []
-        # The map does not exist until the mapping pipeline integrates a keyframe pair; this
-        # version of the node has no pipeline yet, so Locate/SaveMap answer that truthfully.
-        self._pipeline = None
+        # Created on activate from model.*; None while no model could be loaded, and the
+        # services then say why instead of pretending there is a map.
+        self._pipeline: Pipeline | None = None
+        self._no_model_reason = 'the node is not active'
         self._backend_name = ''
+        self._tf = TransformBuffer()
+        self._frames_ready = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._next_camera = 0
+        self._last_stamp_ns = 0
+        self._latencies: dict[str, float] = {}
+        self._keyframes_in_window = 0
+        self._keyframes_total = 0
+        self._published_map_version = -1
         self._received = 0
         self._processed = 0
         self._dropped = 0
@@ -121,6 +144,17 @@ class PerceptionNode(LifecycleNode):
         self._status_timer = self.create_timer(
             1.0 / cfg.publish.status_rate_hz, self._publish_status,
             callback_group=self._timer_group)
+        self._pubs = {
+            'map': self.create_publisher(PointCloud2, '~/semantic_map', qos.LATCHED),
+            'poses': self.create_publisher(PoseArray, '~/keyframe_poses', qos.LATCHED),
+            'path': self.create_publisher(Path, '~/trajectory', qos.LATCHED),
+            'markers': self.create_publisher(MarkerArray, '~/located_objects', qos.LATCHED),
+            'tf': self.create_publisher(TFMessage, '/tf', 10),
+        }
+        if cfg.publish.map_rate_hz > 0:
+            self._map_timer = self.create_timer(
+                1.0 / cfg.publish.map_rate_hz, self._publish_map,
+                callback_group=self._timer_group)
         self._sab3r_services = [
             self.create_service(Locate, '~/locate', self._on_locate,
                                 callback_group=self._service_group),
@@ -140,11 +174,20 @@ class PerceptionNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         assert cfg is not None
-        if cfg.model.checkpoint:
-            # The inference backends arrive with their own issue; refuse rather than pretend.
+        try:
+            loaded = load_model(cfg.model)
+        except BackendUnavailable as err:
+            self._no_model_reason = str(err)
             self.get_logger().warning(
-                f'model.checkpoint={cfg.model.checkpoint!r} is set, but this build has no '
-                'inference pipeline yet: frames are received and validated, no map is built')
+                f'{err}; frames are received and validated, no map is built')
+        else:
+            self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
+            self._backend_name = loaded.description
+            self.get_logger().info(f'backend: {loaded.description}')
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._work, name='sab3r-pipeline',
+                                            daemon=True)
+            self._worker.start()
         self._cameras = [_CameraInput(t, cfg.camera.queue_size) for t in cfg.camera.image_topics]
         cam_qos = qos.camera_qos(cfg.camera.queue_size)
         subs = []
@@ -163,6 +206,13 @@ class PerceptionNode(LifecycleNode):
                 subs.append(self.create_subscription(
                     CameraInfo, topic, lambda msg, i=idx: self._on_camera_info(i, msg),
                     cam_qos, callback_group=self._camera_group))
+        if cfg.frames.pose_source == 'tf':
+            subs.append(self.create_subscription(
+                TFMessage, '/tf', lambda msg: self._on_tf(msg, False), 100,
+                callback_group=self._camera_group))
+            subs.append(self.create_subscription(
+                TFMessage, '/tf_static', lambda msg: self._on_tf(msg, True), qos.LATCHED_TF,
+                callback_group=self._camera_group))
         self._subscriptions_active = subs
         self.get_logger().info('active: listening on ' + ', '.join(s.topic_name for s in subs))
         return super().on_activate(state)
@@ -179,7 +229,18 @@ class PerceptionNode(LifecycleNode):
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    def _stop_worker(self) -> None:
+        self._stop.set()
+        with self._frames_ready:
+            self._frames_ready.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+            if self._worker.is_alive():
+                self.get_logger().error('pipeline worker did not stop within 30 s')
+        self._worker = None
+
     def _drop_subscriptions(self) -> None:
+        self._stop_worker()
         for sub in self._subscriptions_active:
             self.destroy_subscription(sub)
         self._subscriptions_active = []
@@ -197,7 +258,15 @@ class PerceptionNode(LifecycleNode):
         if self._status_pub is not None:
             self.destroy_publisher(self._status_pub)
             self._status_pub = None
-        self._pipeline = None
+        if self._map_timer is not None:
+            self.destroy_timer(self._map_timer)
+            self._map_timer = None
+        for pub in self._pubs.values():
+            self.destroy_publisher(pub)
+        self._pubs = {}
+        self._pipeline = None  # frees the backend (and its GPU memory) with the last reference
+        self._no_model_reason = 'the node is not configured'
+        self._tf.clear()
         self._cfg = None
 
     # ---- cameras ----------------------------------------------------------------------------
@@ -257,6 +326,7 @@ class PerceptionNode(LifecycleNode):
                 self._dropped += 1  # drop-oldest: the deque discards the head on append
             cam.frames.append(frame)
             self._latency_convert_ms = (time.perf_counter() - t0) * 1e3
+            self._frames_ready.notify()
 
     def _on_camera_info(self, idx: int, msg: CameraInfo) -> None:
         try:
@@ -270,12 +340,115 @@ class PerceptionNode(LifecycleNode):
                 self._cameras[idx].K = K
                 self._cameras[idx].info_size = (msg.width, msg.height)
 
+    def _on_tf(self, msg: TFMessage, static: bool) -> None:
+        for tf in msg.transforms:
+            t, q = tf.transform.translation, tf.transform.rotation
+            T = np.eye(4)
+            T[:3, :3] = _quat_to_matrix(q.x, q.y, q.z, q.w)
+            T[:3, 3] = (t.x, t.y, t.z)
+            try:
+                self._tf.set_transform(tf.header.frame_id, tf.child_frame_id,
+                                       messages.ns_from_stamp(tf.header.stamp), T, static)
+            except ValueError as err:
+                self._error_throttled(f'TF {tf.header.frame_id} -> {tf.child_frame_id} '
+                                      f'ignored: {err}')
+
+    # ---- pipeline worker --------------------------------------------------------------------
+    def _take_frame(self) -> CameraFrame | None:
+        """Oldest buffered frame, cameras served in turn; waits briefly when all are empty."""
+        with self._frames_ready:
+            for _ in range(2):
+                n = len(self._cameras)
+                for k in range(n):
+                    cam = self._cameras[(self._next_camera + k) % n]
+                    if cam.frames:
+                        self._next_camera = (self._next_camera + k + 1) % n
+                        return cam.frames.popleft()
+                if self._stop.is_set():
+                    return None
+                self._frames_ready.wait(timeout=0.2)
+        return None
+
+    def _attach_pose(self, frame: CameraFrame) -> CameraFrame:
+        cfg = self._cfg
+        if cfg is None or cfg.frames.pose_source != 'tf':
+            return frame
+        try:
+            T_WC = self._tf.lookup(cfg.frames.map_frame, frame.frame_id, frame.stamp_ns)
+        except TransformLookupError as err:
+            self.get_logger().warning(f'posed mode: {err}; frame skipped',
+                                      throttle_duration_sec=_THROTTLE_S)
+            return frame
+        return replace(frame, T_WC=T_WC)
+
+    def _work(self) -> None:
+        """The one thread that runs the pipeline (inference never runs in a ROS callback)."""
+        while not self._stop.is_set():
+            frame = self._take_frame()
+            pipeline = self._pipeline
+            if frame is None or pipeline is None:
+                continue
+            if frame.stamp_ns + 1_000_000_000 < self._last_stamp_ns:
+                self.get_logger().warning(
+                    f'time jumped back by {(self._last_stamp_ns - frame.stamp_ns) / 1e9:.2f} s '
+                    '(a looping bag?): keyframe window and map reset')
+                pipeline.reset()
+            self._last_stamp_ns = frame.stamp_ns
+            t0 = time.perf_counter()
+            try:
+                result = pipeline.step(self._attach_pose(frame))
+            except Exception as err:  # noqa: BLE001  a bad frame must not stop the worker
+                self.get_logger().error(f'pipeline failed on a frame: {type(err).__name__}: '
+                                        f'{err}', throttle_duration_sec=_THROTTLE_S)
+                with self._lock:
+                    self._dropped += 1
+                continue
+            with self._lock:
+                self._processed += 1
+                self._latencies = dict(result.latency_ms)
+                self._latencies['total'] = (time.perf_counter() - t0) * 1e3
+                self._keyframes_in_window = result.keyframes_in_window
+                self._keyframes_total = result.keyframes_total
+            if result.status == 'skipped':
+                self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
+                                          f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
+            elif result.is_keyframe:
+                self._publish_poses(frame, result.T_WC)
+
+    def _publish_poses(self, frame: CameraFrame, T_WC: np.ndarray | None) -> None:
+        cfg, pipeline = self._cfg, self._pipeline
+        if cfg is None or pipeline is None or not self._pubs:
+            return
+        header = Header(stamp=messages.stamp_from_ns(frame.stamp_ns),
+                        frame_id=cfg.frames.map_frame)
+        poses = [item.keyframe.T_WC for item in pipeline.window]
+        pose_array, path = messages.poses_to_msgs(header, poses)
+        self._pubs['poses'].publish(pose_array)
+        self._pubs['path'].publish(path)
+        if T_WC is not None and cfg.frames.pose_source != 'tf' and frame.frame_id:
+            # unposed mode: the node is the source of map -> camera
+            self._pubs['tf'].publish(TFMessage(transforms=[
+                messages.transform_from_matrix(header, frame.frame_id, T_WC)]))
+
+    def _publish_map(self) -> None:
+        pipeline, pub = self._pipeline, self._pubs.get('map')
+        if pipeline is None or pub is None or pub.get_subscription_count() == 0:
+            return
+        snap = pipeline.snapshot()
+        if snap.version == self._published_map_version:
+            return
+        self._published_map_version = snap.version
+        header = Header(stamp=messages.stamp_from_ns(snap.stamp_ns), frame_id=snap.frame)
+        pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors))
+
     # ---- services ---------------------------------------------------------------------------
     def _no_map_reason(self) -> str:
         if self._pipeline is None:
-            return ('no map yet: no keyframe has been integrated (this build receives and '
-                    'validates frames but has no mapping pipeline yet)')
+            return f'no map yet: {self._no_model_reason}'
         return 'no map yet: no keyframe has been integrated'
+
+    def _map_exists(self) -> bool:
+        return self._pipeline is not None and not self._pipeline.snapshot().empty
 
     def _on_locate(self, request: Locate.Request, response: Locate.Response
                    ) -> Locate.Response:
@@ -287,8 +460,36 @@ class PerceptionNode(LifecycleNode):
             response.success = False
             response.message = f'bad request: {problem}'
             return response
-        response.success = False
-        response.message = self._no_map_reason()
+        if not self._map_exists():
+            response.success = False
+            response.message = self._no_map_reason()
+            return response
+        query = LocateQuery(queries=tuple(request.queries), negatives=tuple(request.negatives),
+                            top_k=request.top_k, min_score=float(request.min_score))
+        try:
+            result = self._pipeline.locate(query)
+        except LocateError as err:
+            response.success = False
+            response.message = str(err)
+            return response
+        frame, objects, note = result.frame or cfg.frames.map_frame, list(result.objects), ''
+        target = request.target_frame
+        if target and target != frame:
+            try:
+                T_TM = self._tf.lookup(target, frame, None)
+            except TransformLookupError as err:
+                note = f'; answered in {frame!r}, not {target!r}: {err}'
+            else:
+                objects = [messages.transform_located(o, T_TM) for o in objects]
+                frame = target
+        header = Header(stamp=messages.stamp_from_ns(result.map_stamp_ns), frame_id=frame)
+        response.objects = [messages.located_to_msg(o, header) for o in objects]
+        found = sum(o.status != 'NOT_FOUND' for o in objects)
+        response.success = True
+        response.message = (result.message or f'{found} object(s) for {len(query.queries)} '
+                            f'query(ies)') + f' in frame {frame!r}{note}'
+        if 'markers' in self._pubs:
+            self._pubs['markers'].publish(messages.located_markers(list(response.objects)))
         return response
 
     def _on_save_map(self, request: SaveMap.Request, response: SaveMap.Response
@@ -297,8 +498,17 @@ class PerceptionNode(LifecycleNode):
         response.success = False
         if not request.path:
             response.message = 'path is empty: give a file path on the node machine'
-        else:
+        elif not self._map_exists():
             response.message = f'nothing saved to {request.path}: {self._no_map_reason()}'
+        else:
+            try:
+                self._pipeline.save(request.path)
+                response.bytes = os.path.getsize(request.path)
+            except (OSError, ValueError) as err:
+                response.message = f'map not saved to {request.path}: {err}'
+            else:
+                response.success = True
+                response.message = f'map saved to {request.path}'
         return response
 
     def _on_load_map(self, request: LoadMap.Request, response: LoadMap.Response
@@ -309,9 +519,18 @@ class PerceptionNode(LifecycleNode):
             response.message = 'path is empty: give the file written by save_map'
         elif not os.path.isfile(request.path):
             response.message = f'{request.path} does not exist or is not a file'
+        elif self._pipeline is None:
+            response.message = (f'{request.path} not loaded: {self._no_model_reason}; the '
+                                'current state is unchanged')
         else:
-            response.message = (f'{request.path} not loaded: this build has no mapping '
-                                'pipeline to load a map into; the current state is unchanged')
+            try:
+                self._pipeline.load(request.path)
+            except (OSError, ValueError) as err:
+                response.message = f'{request.path} not loaded, current map kept: {err}'
+            else:
+                response.success = True
+                response.bytes = os.path.getsize(request.path)
+                response.message = f'map loaded from {request.path}'
         return response
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
@@ -319,8 +538,10 @@ class PerceptionNode(LifecycleNode):
         with self._lock:
             for cam in self._cameras:
                 cam.frames.clear()
+        if self._pipeline is not None:
+            self._pipeline.reset()
         response.success = True
-        response.message = 'frame buffers cleared; the map is empty'
+        response.message = 'frame buffers, keyframe window and map cleared'
         return response
 
     # ---- status -----------------------------------------------------------------------------
@@ -332,13 +553,31 @@ class PerceptionNode(LifecycleNode):
         msg.header.frame_id = self._cfg.frames.map_frame
         msg.backend = self._backend_name
         msg.state = _STATE_NAMES.get(self._state_machine.current_state[0], 'unknown')
-        msg.map_ready = False
+        pipeline = self._pipeline
+        if pipeline is not None:
+            snap = pipeline.snapshot()
+            msg.map_ready, msg.voxels = not snap.empty, snap.n_voxels
         with self._lock:
+            lat = self._latencies
             msg.latency_convert_ms = float(self._latency_convert_ms)
+            msg.latency_encode_ms = float(lat.get('encode', 0.0))
+            msg.latency_decode_ms = float(lat.get('decode', 0.0))
+            msg.latency_pose_ms = float(lat.get('pose', 0.0) + lat.get('match', 0.0)
+                                        + lat.get('refine', 0.0))
+            msg.latency_integrate_ms = float(lat.get('integrate', 0.0))
+            msg.latency_total_ms = float(lat.get('total', 0.0))
+            msg.keyframes_in_window = self._keyframes_in_window
+            msg.keyframes_total = self._keyframes_total
             msg.frames_received = self._received
             msg.frames_processed = self._processed
             msg.frames_dropped = self._dropped
         self._status_pub.publish(msg)
+
+
+def _quat_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_quat([x, y, z, w]).as_matrix()
 
 
 def _decode_compressed(data: bytes) -> np.ndarray:

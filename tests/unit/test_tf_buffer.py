@@ -45,6 +45,10 @@ def test_inverse_direction_and_siblings(buf):
         'map', 'camera', 3 * S), np.eye(4), atol=1e-12)
 
 
+def test_latest(buf):
+    np.testing.assert_allclose(buf.lookup('map', 'camera', None)[:3, 3], [3, 0, 1], atol=1e-12)
+
+
 def test_errors_name_the_problem(buf):
     with pytest.raises(TransformLookupError, match='future'):
         buf.lookup('map', 'camera', 4 * S)

@@ -1,0 +1,92 @@
+"""Stand-ins that let the node and the demo run end to end without network weights.
+
+Selected in the node with ``model.backend: ros2_sab3r.eval.standin:SyntheticSceneBackend``; the
+scene is described in ``model.checkpoint`` as ``synthetic:seed=0,frames=48,width=256,height=192``.
+Both sides (the node's backend and whoever publishes the camera images, e.g. the demo) render the
+same deterministic scene, and the backend answers each image from the ground truth of the frame
+with the same stamp. Nothing produced this way says anything about SAB3R's quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+import hashlib
+
+import numpy as np
+
+from ros2_sab3r.config import ModelConfig
+from ros2_sab3r.eval.groundtruth_backend import GroundTruthBackend
+from ros2_sab3r.eval.synthetic import SyntheticFrame, SyntheticScene, make_scene
+
+
+class HashTextEncoderStandIn:
+    """A stand-in TextEncoder: a fixed pseudo-random unit vector per string (no CLIP weights).
+
+    Distinct strings get near-orthogonal embeddings, so the stand-in backend's class features can
+    be told apart; it knows nothing of language ('sofa' is no closer to 'couch' than to 'lamp').
+    """
+
+    def __init__(self, dim: int = 512) -> None:
+        self._dim = dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self._dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'little')
+            v = np.random.default_rng(seed).standard_normal(self._dim)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """Which synthetic sequence to render: parsed from 'synthetic:seed=0,frames=48,...'."""
+
+    seed: int = 0
+    frames: int = 48
+    width: int = 256
+    height: int = 192
+    fps: float = 5.0
+
+    @classmethod
+    def parse(cls, text: str) -> SceneSpec:
+        body = text.split(':', 1)[1] if text.startswith('synthetic:') else text
+        values: dict[str, float] = {}
+        for item in filter(None, (p.strip() for p in body.split(','))):
+            key, sep, value = item.partition('=')
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ValueError(
+                    f'bad synthetic scene option {item!r} in {text!r}; expected e.g. '
+                    "'synthetic:seed=0,frames=48,width=256,height=192,fps=5'")
+            try:
+                values[key] = float(value) if key == 'fps' else int(value)
+            except ValueError as err:
+                raise ValueError(
+                    f'synthetic scene option {key}={value!r} is not a number') from err
+        spec = cls(**values)
+        if spec.frames < 2 or spec.width < 32 or spec.height < 32 or spec.fps <= 0:
+            raise ValueError(f'synthetic scene {spec} is too small to map')
+        return spec
+
+    def render(self) -> tuple[SyntheticScene, list[SyntheticFrame]]:
+        scene = make_scene(seed=self.seed)
+        frames = scene.sequence(self.frames, width=self.width, height=self.height, fps=self.fps)
+        return scene, frames
+
+
+class SyntheticSceneBackend(GroundTruthBackend):
+    """GroundTruthBackend for a scene named by parameters (see the module docstring)."""
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> SyntheticSceneBackend:
+        spec = SceneSpec.parse(model.checkpoint or 'synthetic:')
+        scene, frames = spec.render()
+        backend = cls(frames, HashTextEncoderStandIn())
+        backend.scene, backend.spec = scene, spec
+        backend.text_encoder = backend._text
+        return backend

@@ -1,0 +1,480 @@
+"""Bounded semantic voxel map with immutable snapshots.
+
+Each voxel keeps a confidence-weighted running mean of its points' position and colour, a weight,
+an observation count, the stamp it was last seen, and running weighted means of the CLIP features
+(and optionally DINO features) that fell into it, stored as fp16.
+
+Layout: voxels live in fixed-size blocks of slots; a sorted array of packed int64 voxel keys maps
+keys to slots (numpy searchsorted, no Python dict, no per-point loops). Integration groups a batch
+of points by voxel with np.unique and bincount, and the features with one sparse matrix product.
+
+Snapshots: after every integration the map publishes a :class:`MapSnapshot` holding references to
+the current blocks. A block referenced by a published snapshot is copied before it is written
+(copy-on-write), so a query keeps reading a consistent map while integration continues, without
+copying the whole map (at 500k voxels the CLIP features alone are ~0.5 GB).
+
+Bounded memory: at most `max_voxels` voxels; when new voxels would exceed it, the least recently
+seen voxels are evicted first (ties: the lighter one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+import logging
+import threading
+
+import numpy as np
+from scipy.sparse import coo_matrix
+
+from ros2_sab3r.config import MappingConfig
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096  # voxel slots per block: the unit of copy-on-write
+_BITS = 21
+_OFFSET = 1 << (_BITS - 1)
+_MASK = (1 << _BITS) - 1
+
+
+def pack_keys(ijk: np.ndarray) -> np.ndarray:
+    """(N, 3) integer voxel indices -> (N,) int64 keys (21 bits per axis, offset binary)."""
+    v = ijk.astype(np.int64) + _OFFSET
+    return (v[:, 0] << (2 * _BITS)) | (v[:, 1] << _BITS) | v[:, 2]
+
+
+def unpack_keys(keys: np.ndarray) -> np.ndarray:
+    """(N,) int64 keys -> (N, 3) int64 voxel indices."""
+    return np.stack([(keys >> (2 * _BITS)) & _MASK, (keys >> _BITS) & _MASK, keys & _MASK],
+                    -1) - _OFFSET
+
+
+def key_offset(di: int, dj: int, dk: int) -> int:
+    """Packed-key difference of a neighbour at (di, dj, dk) (valid away from the range edges)."""
+    return (di << (2 * _BITS)) + (dj << _BITS) + dk
+
+
+class _Block:
+    """Slots of BLOCK_SIZE voxels (struct of arrays)."""
+
+    __slots__ = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
+                 'clip_w', 'dino', 'dino_w')
+
+    def __init__(self, clip_dim: int, dino_dim: int) -> None:
+        n = BLOCK_SIZE
+        self.keys = np.zeros(n, np.int64)
+        self.valid = np.zeros(n, bool)
+        self.pos = np.zeros((n, 3), np.float32)
+        self.color = np.zeros((n, 3), np.float32)
+        self.weight = np.zeros(n, np.float32)
+        self.count = np.zeros(n, np.uint32)
+        self.last_seen = np.zeros(n, np.int64)
+        self.clip = np.zeros((n, clip_dim), np.float16) if clip_dim else None
+        self.clip_w = np.zeros(n, np.float32)
+        self.dino = np.zeros((n, dino_dim), np.float16) if dino_dim else None
+        self.dino_w = np.zeros(n, np.float32)
+
+    def copy(self) -> _Block:
+        new = _Block.__new__(_Block)
+        for name in _Block.__slots__:
+            value = getattr(self, name)
+            setattr(new, name, None if value is None else value.copy())
+        return new
+
+
+@dataclass(frozen=True)
+class MapSnapshot:
+    """An immutable view of the map at one moment. Flat arrays are built on first use."""
+
+    blocks: tuple  # tuple of _Block, never written after publication
+    voxel_size: float
+    n_voxels: int
+    version: int  # increases with every integration
+    stamp_ns: int  # newest observation stamp in the map (0: empty)
+    clip_dim: int
+    dino_dim: int
+    gravity: np.ndarray | None = None  # (3,) in the map frame, None when unknown
+    frame: str = ''
+
+    @property
+    def empty(self) -> bool:
+        return self.n_voxels == 0
+
+    def _gather(self, name: str) -> np.ndarray:
+        parts = [getattr(b, name)[b.valid] for b in self.blocks]
+        if not parts:
+            return np.zeros(0)
+        return np.concatenate(parts)
+
+    @cached_property
+    def keys(self) -> np.ndarray:  # (N,) int64
+        return self._gather('keys')
+
+    @cached_property
+    def positions(self) -> np.ndarray:  # (N, 3) float32 metres
+        return self._gather('pos').reshape(-1, 3).astype(np.float32)
+
+    @cached_property
+    def colors(self) -> np.ndarray:  # (N, 3) uint8
+        return np.clip(np.rint(self._gather('color').reshape(-1, 3)), 0, 255).astype(np.uint8)
+
+    @cached_property
+    def weights(self) -> np.ndarray:  # (N,) float32
+        return self._gather('weight').astype(np.float32)
+
+    @cached_property
+    def counts(self) -> np.ndarray:  # (N,) uint32
+        return self._gather('count').astype(np.uint32)
+
+    @cached_property
+    def last_seen_ns(self) -> np.ndarray:  # (N,) int64
+        return self._gather('last_seen').astype(np.int64)
+
+    @cached_property
+    def clip_weights(self) -> np.ndarray:  # (N,) float32, 0 where no feature was fused
+        return self._gather('clip_w').astype(np.float32)
+
+    def features(self, kind: str) -> np.ndarray | None:
+        """(N, F) fp16 'clip' or 'dino' features in voxel order (a copy), None when absent."""
+        dim = self.clip_dim if kind == 'clip' else self.dino_dim
+        if not dim:
+            return None
+        parts = [getattr(b, kind)[b.valid] for b in self.blocks]
+        return np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
+
+    def feature_rows(self, kind: str, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), F) float32 features of selected voxels (indices into the flat order)."""
+        dim = self.clip_dim if kind == 'clip' else self.dino_dim
+        if not dim:
+            return None
+        out = np.zeros((len(rows), dim), np.float32)
+        start = 0
+        for b in self.blocks:
+            idx = np.flatnonzero(b.valid)
+            sel = (rows >= start) & (rows < start + len(idx))
+            if sel.any():
+                out[sel] = getattr(b, kind)[idx[rows[sel] - start]]
+            start += len(idx)
+        return out
+
+    def cosine(self, E: np.ndarray, kind: str = 'clip') -> np.ndarray:
+        """(N, T) cosine similarity of every voxel's feature with T unit embeddings E (T, F).
+
+        Computed block by block so that no full fp32 copy of the features is ever made. Voxels
+        without a fused feature get similarity 0.
+        """
+        E = np.asarray(E, dtype=np.float32)
+        out = np.zeros((self.n_voxels, len(E)), np.float32)
+        start = 0
+        for b in self.blocks:
+            F = getattr(b, kind)
+            if F is None:
+                continue
+            f = F[b.valid].astype(np.float32)  # (n_b, F)
+            norm = np.linalg.norm(f, axis=1)
+            sims = f @ E.T
+            np.divide(sims, norm[:, None], out=sims, where=norm[:, None] > 1e-12)
+            sims[norm <= 1e-12] = 0.0
+            out[start:start + len(f)] = sims
+            start += len(f)
+        return out
+
+
+class SemanticVoxelMap:
+    """The writable map (one writer thread); readers use :meth:`snapshot`."""
+
+    def __init__(self, cfg: MappingConfig, clip_dim: int = 0, dino_dim: int = 0,
+                 gravity: np.ndarray | None = None, frame: str = '') -> None:
+        self.cfg = cfg
+        self.voxel_size = float(cfg.voxel_size_m)
+        self.clip_dim = int(clip_dim)
+        self.dino_dim = int(dino_dim) if cfg.fuse_dino else 0
+        self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float64)
+        self.frame = frame
+        self._blocks: list[_Block] = []
+        self._shared: set[int] = set()  # blocks referenced by the published snapshot
+        self._index_keys = np.zeros(0, np.int64)  # sorted
+        self._index_slots = np.zeros(0, np.int64)
+        self._free = np.zeros(0, np.int64)  # free slots, reused first
+        self._n_slots = 0  # slots handed out so far (free ones included)
+        self._version = 0
+        self._stamp_ns = 0
+        self._lock = threading.Lock()  # guards publication only; one writer is assumed
+        self.evicted_total = 0
+        self._snapshot = self._publish()
+
+    # ---------------------------------------------------------------------------- properties
+    @property
+    def n_voxels(self) -> int:
+        return int(len(self._index_keys))
+
+    def snapshot(self) -> MapSnapshot:
+        """The latest published snapshot (never blocks on an integration in progress)."""
+        return self._snapshot
+
+    # --------------------------------------------------------------------------- integration
+    def integrate(self, X_W: np.ndarray, C: np.ndarray, rgb: np.ndarray, stamp_ns: int,
+                  cells: np.ndarray | None = None, S_clip: np.ndarray | None = None,
+                  S_dino: np.ndarray | None = None) -> int:
+        """Fuse points into the map and publish a new snapshot; returns the points fused.
+
+        X_W: (N, 3) world points; C: (N,) confidences (points below mapping.min_confidence and
+        non-finite points are skipped); rgb: (N, 3) uint8; cells: (N,) index of each point's
+        feature cell in S_clip (M, Fc) / S_dino (M, Fd), -1 for none.
+        """
+        X_W = np.asarray(X_W, dtype=np.float32).reshape(-1, 3)
+        C = np.asarray(C, dtype=np.float32).reshape(-1)
+        rgb = np.asarray(rgb).reshape(-1, 3)
+        if not (len(X_W) == len(C) == len(rgb)):
+            raise ValueError(f'integrate: X_W, C and rgb lengths differ: {len(X_W)}, {len(C)}, '
+                             f'{len(rgb)}')
+        if S_clip is not None and self.clip_dim and S_clip.shape[-1] != self.clip_dim:
+            raise ValueError(f'CLIP features have {S_clip.shape[-1]} channels but the map holds '
+                             f'{self.clip_dim}; the text encoder and backend must agree')
+        if S_dino is not None and self.dino_dim == 0 and self.cfg.fuse_dino:
+            self._enable_dino(S_dino.shape[-1])
+        if S_dino is not None and self.dino_dim and S_dino.shape[-1] != self.dino_dim:
+            raise ValueError(f'DINO features have {S_dino.shape[-1]} channels, the map holds '
+                             f'{self.dino_dim}')
+        ijk = np.floor(X_W / self.voxel_size)
+        ok = np.isfinite(C) & (C >= self.cfg.min_confidence) & np.isfinite(ijk).all(-1)
+        ok &= (np.abs(ijk) < _OFFSET - 2).all(-1)
+        n_ok = int(ok.sum())
+        if n_ok == 0:
+            return 0
+        X, w, col = X_W[ok], C[ok].astype(np.float64), rgb[ok].astype(np.float64)
+        keys = pack_keys(ijk[ok])
+        ukeys, inv = np.unique(keys, return_inverse=True)
+        inv = inv.reshape(-1)
+        U = len(ukeys)
+        wsum = np.bincount(inv, w, U)
+        psum = np.stack([np.bincount(inv, w * X[:, k], U) for k in range(3)], -1)
+        csum = np.stack([np.bincount(inv, w * col[:, k], U) for k in range(3)], -1)
+        clip_sum = clip_wsum = dino_sum = dino_wsum = None
+        if cells is not None and (S_clip is not None or S_dino is not None):
+            cell = np.asarray(cells).reshape(-1)[ok]
+            has = cell >= 0
+            S_any = S_clip if S_clip is not None else S_dino
+            M = int(np.prod(S_any.shape[:-1]))  # feature cells
+            A = coo_matrix((w[has], (inv[has], cell[has])), shape=(U, M)).tocsr()  # (U, M)
+            fw = np.asarray(A.sum(axis=1)).reshape(-1)
+            if S_clip is not None and self.clip_dim:
+                clip_sum, clip_wsum = A @ S_clip.reshape(M, -1).astype(np.float32), fw
+            if S_dino is not None and self.dino_dim:
+                dino_sum, dino_wsum = A @ S_dino.reshape(M, -1).astype(np.float32), fw
+
+        pos = np.searchsorted(self._index_keys, ukeys)
+        found = np.zeros(U, bool)
+        inside = pos < len(self._index_keys)
+        found[inside] = self._index_keys[pos[inside]] == ukeys[inside]
+        old_slots = self._index_slots[pos[found]]
+        new_rows = np.flatnonzero(~found)
+        new_rows = self._make_room(new_rows, wsum, old_slots)
+        new_slots = self._allocate(len(new_rows))
+
+        batch = (wsum, psum, csum, clip_sum, clip_wsum, dino_sum, dino_wsum)
+        self._update(old_slots, np.flatnonzero(found), ukeys, stamp_ns, batch, fresh=False)
+        self._update(new_slots, new_rows, ukeys, stamp_ns, batch, fresh=True)
+        if len(new_rows):
+            order = np.argsort(ukeys[new_rows])
+            nk, ns = ukeys[new_rows][order], new_slots[order]
+            at = np.searchsorted(self._index_keys, nk)
+            self._index_keys = np.insert(self._index_keys, at, nk)
+            self._index_slots = np.insert(self._index_slots, at, ns)
+        self._stamp_ns = max(self._stamp_ns, int(stamp_ns))
+        self._version += 1
+        self._snapshot = self._publish()
+        return n_ok
+
+    def _make_room(self, new_rows: np.ndarray, wsum: np.ndarray, old_slots: np.ndarray
+                   ) -> np.ndarray:
+        """Evict least recently seen voxels so that the new ones fit under max_voxels.
+
+        Voxels observed in the current batch are never evicted; if the batch alone overflows the
+        map, its lightest new voxels are dropped instead. Returns the new rows that fit.
+        """
+        cap = self.cfg.max_voxels
+        excess = self.n_voxels + len(new_rows) - cap
+        if excess <= 0:
+            return new_rows
+        slots = self._index_slots
+        evictable = ~np.isin(slots, old_slots)
+        n_evict = min(excess, int(evictable.sum()))
+        if n_evict:
+            last = self._field_at(slots, 'last_seen')
+            wt = self._field_at(slots, 'weight')
+            # least recently seen first; among equals the lighter one
+            order_key = np.where(evictable, last + 0.5 * np.tanh(wt), np.inf)
+            victims = np.argpartition(order_key, n_evict - 1)[:n_evict]
+            self._evict(slots[victims])
+        room = cap - self.n_voxels
+        if len(new_rows) > room:
+            keep = np.argsort(-wsum[new_rows], kind='stable')[:room]
+            new_rows = np.sort(new_rows[keep])
+        return new_rows
+
+    def _evict(self, slots: np.ndarray) -> None:
+        if len(slots) == 0:
+            return
+        for b, rows, _ in self._group(slots):
+            blk = self._writable(b)
+            blk.valid[rows] = False
+            blk.weight[rows] = 0
+            blk.clip_w[rows] = 0
+            blk.dino_w[rows] = 0
+        keep = ~np.isin(self._index_slots, slots)
+        self._index_keys = self._index_keys[keep]
+        self._index_slots = self._index_slots[keep]
+        self._free = np.concatenate([self._free, np.sort(slots)])
+        self.evicted_total += len(slots)
+
+    def _allocate(self, n: int) -> np.ndarray:
+        take = min(n, len(self._free))
+        slots = self._free[:take]
+        self._free = self._free[take:]
+        fresh = np.arange(self._n_slots, self._n_slots + n - take, dtype=np.int64)
+        self._n_slots += n - take
+        while len(self._blocks) * BLOCK_SIZE < self._n_slots:
+            self._blocks.append(_Block(self.clip_dim, self.dino_dim))
+        return np.concatenate([slots, fresh])
+
+    def _group(self, slots: np.ndarray):
+        """Yield (block index, row indices) for slots, one group per touched block."""
+        if len(slots) == 0:
+            return
+        order = np.argsort(slots, kind='stable')
+        s = slots[order]
+        blocks = s // BLOCK_SIZE
+        cuts = np.flatnonzero(np.diff(blocks)) + 1
+        for grp_order, grp in zip(np.split(order, cuts), np.split(s, cuts)):
+            yield int(grp[0] // BLOCK_SIZE), grp % BLOCK_SIZE, grp_order
+
+    def _writable(self, b: int) -> _Block:
+        if b in self._shared:
+            self._blocks[b] = self._blocks[b].copy()
+            self._shared.discard(b)
+        return self._blocks[b]
+
+    def _field_at(self, slots: np.ndarray, name: str) -> np.ndarray:
+        out = np.zeros(len(slots), np.float64)
+        for b, rows, order in self._group(slots):
+            out[order] = getattr(self._blocks[b], name)[rows]
+        return out
+
+    def _update(self, slots: np.ndarray, sel: np.ndarray, ukeys: np.ndarray, stamp_ns: int,
+                batch: tuple, fresh: bool) -> None:
+        """Fold batch rows `sel` (voxel sums) into the voxels at `slots` (same order)."""
+        wsum, psum, csum, clip_sum, clip_wsum, dino_sum, dino_wsum = batch
+        for b, rows, order in self._group(slots):
+            blk = self._writable(b)
+            src = sel[order]  # batch rows for these block rows
+            w_add = wsum[src]
+            if fresh:
+                blk.keys[rows] = ukeys[src]
+                blk.valid[rows] = True
+                blk.weight[rows] = 0
+                blk.count[rows] = 0
+                blk.clip_w[rows] = 0
+                blk.dino_w[rows] = 0
+            w_old = blk.weight[rows].astype(np.float64)
+            w_new = w_old + w_add
+            blk.pos[rows] = (w_old[:, None] * blk.pos[rows] + psum[src]) / w_new[:, None]
+            blk.color[rows] = (w_old[:, None] * blk.color[rows] + csum[src]) / w_new[:, None]
+            blk.weight[rows] = w_new
+            blk.count[rows] += 1
+            blk.last_seen[rows] = stamp_ns
+            features = ((clip_sum, clip_wsum, 'clip', 'clip_w'),
+                        (dino_sum, dino_wsum, 'dino', 'dino_w'))
+            for fsum_all, fw_all, arr_name, w_name in features:
+                arr = getattr(blk, arr_name)
+                if fsum_all is None or arr is None:
+                    continue
+                fw = fw_all[src]
+                has = fw > 0
+                if not has.any():
+                    continue
+                r, s_has = rows[has], src[has]
+                fw_old = getattr(blk, w_name)[r]
+                fw_new = (fw_old + fw[has]).astype(np.float32)
+                # float32 is plenty for a running mean stored as fp16
+                mean = arr[r].astype(np.float32)
+                mean *= (fw_old / fw_new)[:, None]
+                mean += fsum_all[s_has] / fw_new[:, None]
+                arr[r] = mean
+                getattr(blk, w_name)[r] = fw_new
+
+    def _enable_dino(self, dim: int) -> None:
+        self.dino_dim = int(dim)
+        for b in range(len(self._blocks)):
+            blk = self._writable(b)
+            blk.dino = np.zeros((BLOCK_SIZE, dim), np.float16)
+
+    def _publish(self) -> MapSnapshot:
+        with self._lock:
+            self._shared = set(range(len(self._blocks)))
+            return MapSnapshot(blocks=tuple(self._blocks), voxel_size=self.voxel_size,
+                               n_voxels=self.n_voxels, version=self._version,
+                               stamp_ns=self._stamp_ns, clip_dim=self.clip_dim,
+                               dino_dim=self.dino_dim, gravity=self.gravity, frame=self.frame)
+
+    # ------------------------------------------------------------------------ whole-map ops
+    def clear(self) -> None:
+        """Forget every voxel (the published snapshot stays valid for its readers)."""
+        self._blocks = []
+        self._shared = set()
+        self._index_keys = np.zeros(0, np.int64)
+        self._index_slots = np.zeros(0, np.int64)
+        self._free = np.zeros(0, np.int64)
+        self._n_slots = 0
+        self._stamp_ns = 0
+        self._version += 1
+        self._snapshot = self._publish()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The map's content as flat arrays (the persistence format)."""
+        snap = self._snapshot
+        out = {'keys': snap.keys, 'positions': snap.positions,
+               'colors': snap._gather('color').reshape(-1, 3).astype(np.float32),
+               'weights': snap.weights, 'counts': snap.counts, 'last_seen_ns': snap.last_seen_ns,
+               'clip_weights': snap.clip_weights,
+               'dino_weights': snap._gather('dino_w').astype(np.float32)}
+        if self.clip_dim:
+            out['clip'] = snap.features('clip')
+        if self.dino_dim:
+            out['dino'] = snap.features('dino')
+        return out
+
+    @classmethod
+    def from_arrays(cls, cfg: MappingConfig, arrays: dict[str, np.ndarray], clip_dim: int,
+                    dino_dim: int, stamp_ns: int, gravity: np.ndarray | None = None,
+                    frame: str = '') -> SemanticVoxelMap:
+        """Rebuild a map from :meth:`arrays` output (already validated by the caller)."""
+        m = cls(cfg, clip_dim=clip_dim, dino_dim=dino_dim, gravity=gravity, frame=frame)
+        keys = arrays['keys']
+        n = len(keys)
+        if n > cfg.max_voxels:
+            raise ValueError(f'the map file holds {n} voxels but mapping.max_voxels is '
+                             f'{cfg.max_voxels}; raise mapping.max_voxels to load it')
+        slots = m._allocate(n)
+        for b, rows, order in m._group(slots):
+            blk = m._blocks[b]
+            blk.keys[rows] = keys[order]
+            blk.valid[rows] = True
+            blk.pos[rows] = arrays['positions'][order]
+            blk.color[rows] = arrays['colors'][order]
+            blk.weight[rows] = arrays['weights'][order]
+            blk.count[rows] = arrays['counts'][order]
+            blk.last_seen[rows] = arrays['last_seen_ns'][order]
+            blk.clip_w[rows] = arrays['clip_weights'][order]
+            blk.dino_w[rows] = arrays['dino_weights'][order]
+            if blk.clip is not None:
+                blk.clip[rows] = arrays['clip'][order]
+            if blk.dino is not None:
+                blk.dino[rows] = arrays['dino'][order]
+        order = np.argsort(keys)
+        m._index_keys = keys[order].astype(np.int64)
+        m._index_slots = slots[order]
+        m._stamp_ns = int(stamp_ns)
+        m._version = 1
+        m._snapshot = m._publish()
+        return m

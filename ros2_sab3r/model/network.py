@@ -1,0 +1,223 @@
+"""The SAB3R network: MASt3R's AsymmetricMASt3R (Siamese ViT encoder with RoPE2D, two cross-
+attending decoders, 'catmlp+dpt' heads) plus optional CLIP/DINO feature heads.
+
+Staged use, matching the two exported graphs (encoder; decoder + heads)::
+
+    a, b = net.encode(img_a), net.encode(img_b)   # once per frame
+    out = net.decode(a, b)                        # per ordered pair -> PairOutput
+
+``net(img1, img2)`` is the same computation with both images in one encoder batch.
+Module and parameter names equal the official ones, so official state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ros2_sab3r.model.arch import NetworkConfig
+from ros2_sab3r.model.heads import FeatureHead, PointDescHead
+from ros2_sab3r.model.layers import DecoderBlock, EncoderBlock, rope_tables
+from ros2_sab3r.model.outputs import EncodedImage, PairOutput, ViewOutput, ViewTokens
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_MODULES = ('patch_embed', 'enc_blocks', 'enc_norm', 'decoder_embed', 'dec_blocks',
+                    'dec_norm', 'dec_blocks2')
+
+
+class PatchEmbed(nn.Module):
+    """Plain 16x16 patch projection (the official inference path; no norm, no position table)."""
+
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.proj(img)  # (B, C, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C), n = y * w + x
+
+
+class Sab3rNet(nn.Module):
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        enc, dec = cfg.enc_embed_dim, cfg.dec_embed_dim
+        # Unused at inference (a CroCo pre-training leftover) but part of official checkpoints.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec))
+        self.patch_embed = PatchEmbed(cfg.patch_size, enc)
+        self.enc_blocks = nn.ModuleList([
+            EncoderBlock(enc, cfg.enc_num_heads, cfg.mlp_ratio, cfg.norm_eps)
+            for _ in range(cfg.enc_depth)])
+        self.enc_norm = nn.LayerNorm(enc, eps=cfg.norm_eps)
+        self.decoder_embed = nn.Linear(enc, dec)
+        self.dec_blocks = nn.ModuleList([self._decoder_block() for _ in range(cfg.dec_depth)])
+        self.dec_norm = nn.LayerNorm(dec, eps=cfg.norm_eps)  # shared by both views
+        self.dec_blocks2 = nn.ModuleList([self._decoder_block() for _ in range(cfg.dec_depth)])
+        self.downstream_head1 = PointDescHead(cfg)
+        self.downstream_head2 = PointDescHead(cfg)
+        for head in cfg.feature_heads:
+            setattr(self, f'{head.name}_head1', FeatureHead(cfg, head))
+            setattr(self, f'{head.name}_head2', FeatureHead(cfg, head))
+        self.reset_parameters()
+
+    def _decoder_block(self) -> DecoderBlock:
+        c = self.cfg
+        return DecoderBlock(c.dec_embed_dim, c.dec_num_heads, c.mlp_ratio, c.norm_eps,
+                            c.norm_im2_in_dec)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official-style initialisation (xavier linears, zero biases); relevant only for random
+        weights, which must still give finite outputs through the exp post-processing."""
+        if self.mask_token.device.type == 'meta':
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    def set_backbone_dtype(self, dtype: torch.dtype) -> Sab3rNet:
+        """Run encoder and decoders in ``dtype`` (fp16/bf16); heads stay float32."""
+        for name in BACKBONE_MODULES:
+            getattr(self, name).to(dtype)
+        return self
+
+    def feature_head(self, name: str, view: int) -> FeatureHead | None:
+        return getattr(self, f'{name}_head{view}', None)
+
+    # ---------------------------------------------------------------- stages
+    def encode(self, img: torch.Tensor) -> EncodedImage:
+        """Encode images (B, 3, H, W) in [-1, 1], H and W multiples of the patch size."""
+        tracing = torch.jit.is_tracing()
+        if not tracing and (img.ndim != 4 or img.shape[1] != 3):
+            raise ValueError(f'encode expects (B, 3, H, W) images, got {tuple(img.shape)}')
+        # Image sizes are static by design (ints, constants in an exported graph).
+        big_h, big_w = int(img.shape[2]), int(img.shape[3])
+        p = self.cfg.patch_size
+        if big_h % p or big_w % p:
+            raise ValueError(f'image size {big_h}x{big_w} is not a multiple of the patch size {p}')
+        grid = (big_h // p, big_w // p)
+        x = self.patch_embed(img.to(self.backbone_dtype))  # (B, N, enc)
+        rope = rope_tables(grid, self.cfg.enc_head_dim, self.cfg.rope_base, x.device, x.dtype)
+        for block in self.enc_blocks:
+            x = block(x, rope)
+        return EncodedImage(tokens=self.enc_norm(x), grid=grid, image_size=(big_h, big_w))
+
+    def decode_tokens(self, a: EncodedImage, b: EncodedImage) -> tuple[ViewTokens, ViewTokens]:
+        """Run both decoders; view 1 (a) uses dec_blocks, view 2 (b) dec_blocks2."""
+        if not torch.jit.is_tracing() and a.tokens.shape[0] != b.tokens.shape[0]:
+            raise ValueError(
+                f'batch sizes differ: {a.tokens.shape[0]} and {b.tokens.shape[0]}')
+        c = self.cfg
+        dtype = self.backbone_dtype
+        ta, tb = a.tokens.to(dtype), b.tokens.to(dtype)
+        rope_a = rope_tables(a.grid, c.dec_head_dim, c.rope_base, ta.device, dtype)
+        rope_b = rope_tables(b.grid, c.dec_head_dim, c.rope_base, tb.device, dtype)
+        f1, f2 = self.decoder_embed(ta), self.decoder_embed(tb)  # (B, N, dec)
+        layers1, layers2 = [ta], [tb]
+        for block1, block2 in zip(self.dec_blocks, self.dec_blocks2):
+            # Both branches read the previous layer's pair (simultaneous update).
+            f1, f2 = block1(f1, f2, rope_a, rope_b), block2(f2, f1, rope_b, rope_a)
+            layers1.append(f1)
+            layers2.append(f2)
+        layers1[-1] = self.dec_norm(layers1[-1])
+        layers2[-1] = self.dec_norm(layers2[-1])
+        return (ViewTokens(tuple(layers1), a.grid, a.image_size),
+                ViewTokens(tuple(layers2), b.grid, b.image_size))
+
+    def run_heads(self, tokens: ViewTokens, view: int) -> ViewOutput:
+        """Heads of view 1 or 2 on that view's token list, in float32."""
+        if view not in (1, 2):
+            raise ValueError(f'view must be 1 or 2, got {view}')
+        layers = tuple(t.float() for t in tokens.layers)
+        head: PointDescHead = getattr(self, f'downstream_head{view}')
+        pts3d, conf, desc, desc_conf = head(layers, tokens.grid)
+        features = {}
+        for fh in self.cfg.feature_heads:
+            features[fh.name] = self.feature_head(fh.name, view)(layers, tokens.grid)
+        return ViewOutput(pts3d=pts3d, conf=conf, desc=desc, desc_conf=desc_conf, **features)
+
+    def decode(self, a: EncodedImage, b: EncodedImage) -> PairOutput:
+        """Decoder + heads of the ordered pair (a, b); view 2's points are in view 1's frame."""
+        t1, t2 = self.decode_tokens(a, b)
+        return PairOutput(view1=self.run_heads(t1, 1), view2=self.run_heads(t2, 2))
+
+    def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> PairOutput:
+        if img1.shape == img2.shape:
+            # One encoder batch for both views (Siamese): same numbers, better throughput.
+            both = self.encode(torch.cat([img1, img2], dim=0))
+            n = img1.shape[0]
+            a = EncodedImage(both.tokens[:n], both.grid, both.image_size)
+            b = EncodedImage(both.tokens[n:], both.grid, both.image_size)
+        else:
+            a, b = self.encode(img1), self.encode(img2)
+        return self.decode(a, b)
+
+
+class EncoderGraph(nn.Module):
+    """Export wrapper: images (B, 3, H, W) -> encoder tokens (B, N, enc_dim)."""
+
+    output_names = ('tokens',)
+
+    def __init__(self, net: Sab3rNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net.encode(img).tokens
+
+
+class DecoderGraph(nn.Module):
+    """Export wrapper: (tokens1, tokens2) -> flat tuple of per-view outputs, in
+    :attr:`output_names` order. Image sizes are fixed at construction (static shapes)."""
+
+    def __init__(self, net: Sab3rNet, image_size1: tuple[int, int],
+                 image_size2: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.net = net
+        p = net.cfg.patch_size
+        self.image_size1 = tuple(image_size1)
+        self.image_size2 = tuple(image_size2 or image_size1)
+        self.grid1 = (self.image_size1[0] // p, self.image_size1[1] // p)
+        self.grid2 = (self.image_size2[0] // p, self.image_size2[1] // p)
+        names = []
+        for v in (1, 2):
+            pts = 'pts3d_1' if v == 1 else 'pts3d_in_other_view_2'
+            names += [pts, f'conf_{v}', f'desc_{v}', f'desc_conf_{v}']
+            names += [f'{h.name}_{v}' for h in net.cfg.feature_heads]
+        self.output_names = tuple(names)
+
+    def forward(self, tokens1: torch.Tensor, tokens2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net.decode(EncodedImage(tokens1, self.grid1, self.image_size1),
+                              EncodedImage(tokens2, self.grid2, self.image_size2))
+        flat: list[torch.Tensor] = []
+        for view in (out.view1, out.view2):
+            flat += [view.pts3d, view.conf, view.desc, view.desc_conf]
+            flat += [getattr(view, h.name) for h in self.net.cfg.feature_heads]
+        return tuple(flat)
+
+
+def create_network(cfg: NetworkConfig | str, device: torch.device | str = 'cpu') -> Sab3rNet:
+    """Build a network from a config or a shipped config name, randomly initialised, in eval mode.
+
+    ``device='meta'`` builds it without allocating weights (shape checks, deferred loading).
+    """
+    if isinstance(cfg, str):
+        from ros2_sab3r.model.arch import load_config
+        cfg = load_config(cfg)
+    with torch.device(device):
+        net = Sab3rNet(cfg)
+    return net.eval()

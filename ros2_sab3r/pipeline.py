@@ -1,0 +1,423 @@
+"""The perception pipeline without ROS: frames in, posed keyframes and a semantic map out.
+
+    Pipeline(config, backend, text_encoder).step(frame) -> StepResult
+
+Order of work per frame (the one place where it is written down):
+
+1. Unposed mode (``frames.pose_source == 'none'``): decode the frame against the latest keyframe,
+   measure the overlap (share of reciprocal descriptor matches) and register the frame to that
+   keyframe (confidence-weighted Umeyama between the keyframe's canonical pointmap and its points
+   as seen from the frame). When the overlap drops below ``keyframes.min_overlap`` the frame
+   becomes a keyframe: it is also decoded against the next most recent window keyframes, its pose
+   and per-pair scales are refined jointly, and its pointmap is fused into the map.
+2. Posed mode (``'tf'``): the pose comes with the frame; a frame becomes a keyframe after enough
+   motion, is decoded against recent keyframes only then, and each pair's scale is solved against
+   the metric poses (the first keyframe's scale is fixed once the camera has moved).
+
+The first keyframe is decoded against itself to get its own pointmap (a self-pair, as for a single
+image); in unposed mode its pointmap defines the map's scale and its camera the map frame.
+
+Threading: one writer (the worker calling step/reset/load) and any number of readers (snapshot,
+locate, save) which only read the latest immutable MapSnapshot and never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from ros2_sab3r.config import PerceptionConfig
+from ros2_sab3r.frames.keyframes import (
+    KeyframeWindow,
+    WindowKeyframe,
+    needs_keyframe_by_overlap,
+    needs_keyframe_by_pose,
+)
+from ros2_sab3r.geometry.focal import estimate_focal, intrinsics_from_focal
+from ros2_sab3r.geometry.matching import overlap_ratio
+from ros2_sab3r.geometry.refine import PairConstraint, refine_keyframe
+from ros2_sab3r.geometry.registration import (
+    RegistrationError,
+    bootstrap_scale_posed,
+    confident_sample,
+    pair_scale_posed,
+    register_to_keyframe,
+    similarity_to_T,
+)
+from ros2_sab3r.geometry.transforms import apply, is_rigid
+from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
+from ros2_sab3r.mapping.semantic_map import MapSnapshot, SemanticVoxelMap
+from ros2_sab3r.query.engine import QueryEngine
+from ros2_sab3r.types import (
+    CameraFrame,
+    LocateQuery,
+    LocateResult,
+    PairPrediction,
+    PosedKeyframe,
+    StepResult,
+    TextEncoder,
+    ViewPrediction,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the pipeline needs from an inference backend."""
+
+    name: str
+    device: str
+    input_size: tuple[int, int]  # (H, W) of the network input
+
+    def encode(self, frame: CameraFrame) -> Any: ...
+
+    def decode(self, a: Any, b: Any) -> PairPrediction: ...
+
+
+class PredictionError(ValueError):
+    """A backend output that cannot be used (wrong shapes, no finite points)."""
+
+
+def network_view(image_hw: tuple[int, int], net_hw: tuple[int, int]) -> tuple[float, int, int]:
+    """(scale, x0, y0): the image is scaled by `scale` to cover the network input, then cropped
+    at (x0, y0) to (H, W) about its centre (the preprocessing of spec §3 for the same aspect)."""
+    H, W = image_hw
+    h, w = net_hw
+    scale = max(h / H, w / W)
+    return scale, int(round((W * scale - w) / 2)), int(round((H * scale - h) / 2))
+
+
+def resample_to_network(image: np.ndarray, net_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) image -> (h, w, 3) at network resolution (nearest pixel; only for colours)."""
+    if image.shape[:2] == tuple(net_hw):
+        return image
+    scale, x0, y0 = network_view(image.shape[:2], net_hw)
+    ys = np.clip(((np.arange(net_hw[0]) + y0 + 0.5) / scale).astype(np.int64), 0,
+                 image.shape[0] - 1)
+    xs = np.clip(((np.arange(net_hw[1]) + x0 + 0.5) / scale).astype(np.int64), 0,
+                 image.shape[1] - 1)
+    return image[ys[:, None], xs[None, :]]
+
+
+def intrinsics_to_network(K: np.ndarray, image_hw: tuple[int, int], net_hw: tuple[int, int]
+                          ) -> np.ndarray:
+    scale, x0, y0 = network_view(image_hw, net_hw)
+    K2 = np.asarray(K, dtype=np.float64).copy()
+    K2[:2] *= scale
+    K2[0, 2] -= x0
+    K2[1, 2] -= y0
+    return K2
+
+
+def sanitize_view(v: ViewPrediction, hw: tuple[int, int], what: str) -> ViewPrediction:
+    """Check shapes; zero the confidence of non-finite points/descriptors instead of failing."""
+    H, W = hw
+    if v.X.shape != (H, W, 3) or v.C.shape != (H, W):
+        raise PredictionError(f'{what}: X {v.X.shape} / C {v.C.shape} do not match the network '
+                              f'input {(H, W)}; the backend output is malformed')
+    ok = np.isfinite(v.X).all(-1) & np.isfinite(v.C) & (v.C > 0)
+    if not ok.any():
+        raise PredictionError(f'{what}: no finite, confident point in the pointmap (all NaN or '
+                              'zero confidence); the frame is skipped')
+    D_ok = np.isfinite(v.D).all(-1)
+    if ok.all() and D_ok.all():
+        return v
+    return dataclasses.replace(
+        v, X=np.where(ok[..., None], v.X, 0.0).astype(np.float32),
+        C=np.where(ok, v.C, 0.0).astype(np.float32),
+        D=np.where(D_ok[..., None], v.D, 0.0).astype(np.float32),
+        D_conf=np.where(D_ok, v.D_conf, 0.0).astype(np.float32))
+
+
+def _median_depth(X: np.ndarray, C: np.ndarray, min_conf: float) -> float:
+    z = X[..., 2][(C >= min_conf) & np.isfinite(X[..., 2])]
+    return float(np.median(np.abs(z))) if len(z) else 1.0
+
+
+class Pipeline:
+    """Keyframes, poses and the semantic map from a stream of CameraFrames (module docstring)."""
+
+    def __init__(self, config: PerceptionConfig, backend: Backend, text_encoder: TextEncoder
+                 ) -> None:
+        self.cfg = config.validate()
+        self.backend = backend
+        self.text_encoder = text_encoder
+        self.posed = self.cfg.frames.pose_source == 'tf'
+        self.window = KeyframeWindow(self.cfg.keyframes.window_size)
+        self.map = self._new_map()
+        self.query = QueryEngine(self.cfg.query, text_encoder)
+        self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
+        self._cells_cache: dict[tuple, np.ndarray] = {}
+        self.frames_processed = 0
+        self.frames_skipped = 0
+
+    def _new_map(self) -> SemanticVoxelMap:
+        gravity = np.asarray(self.cfg.mapping.gravity_in_map, float) if self.posed else None
+        return SemanticVoxelMap(self.cfg.mapping, clip_dim=self.text_encoder.dim,
+                                gravity=gravity, frame=self.cfg.frames.map_frame)
+
+    # --------------------------------------------------------------------------- readers
+    def snapshot(self) -> MapSnapshot:
+        """The latest immutable map snapshot (never blocks)."""
+        return self.map.snapshot()
+
+    def locate(self, query: LocateQuery) -> LocateResult:
+        """Answer a Locate request on the latest snapshot (raises LocateError on bad input)."""
+        return self.query.locate(self.map.snapshot(), query)
+
+    def save(self, path) -> None:
+        """Write the latest snapshot of the map to `path` atomically (npz + JSON metadata)."""
+        save_map(self.map, path, extra={'pose_source': self.cfg.frames.pose_source,
+                                        'backend': getattr(self.backend, 'name', '')})
+
+    # --------------------------------------------------------------------------- writers
+    def load(self, path) -> None:
+        """Replace the map by the one in `path`; on any error the current map is kept.
+
+        In unposed mode the loaded map's frame is the camera frame of its first keyframe, so new
+        frames (which start a new trajectory) are not registered against it: loading is for
+        querying. In posed mode new frames keep extending it.
+        """
+        mf = read_map(path, self.cfg.mapping, self.text_encoder.dim)
+        new_map = map_from_file(mf, self.cfg.mapping, frame=self.cfg.frames.map_frame)
+        with self._write_lock:
+            self.map = new_map
+            self.window.clear()
+        if not self.posed:
+            log.warning('loaded map %s in unposed mode: new frames start a new trajectory and are '
+                        'not relocalised against it', path)
+
+    def reset(self) -> None:
+        """Forget keyframes and map (e.g. after the robot was carried elsewhere)."""
+        with self._write_lock:
+            self.window.clear()
+            self.map.clear()
+            self.frames_processed = 0
+            self.frames_skipped = 0
+
+    def step(self, frame: CameraFrame) -> StepResult:
+        """Process one frame; never raises for bad data (the result says what was skipped)."""
+        if not isinstance(frame, CameraFrame):
+            raise TypeError(f'Pipeline.step takes a CameraFrame, got {type(frame).__name__}')
+        with self._write_lock:
+            t0 = time.perf_counter()
+            lat: dict[str, float] = {}
+            try:
+                result = (self._step_posed if self.posed else self._step_unposed)(frame, lat)
+            except (RegistrationError, PredictionError) as exc:
+                result = self._skipped(frame, str(exc))
+            except ValueError as exc:
+                # Backend input errors (wrong size, unknown frame) are data problems, not bugs.
+                result = self._skipped(frame, f'{type(exc).__name__}: {exc}')
+            self.frames_processed += 1
+            if result.status == 'skipped':
+                self.frames_skipped += 1
+                log.debug('frame %d skipped: %s', frame.stamp_ns, result.reason)
+            lat['total'] = 1e3 * (time.perf_counter() - t0)
+            return dataclasses.replace(
+                result, latency_ms=lat, keyframes_in_window=len(self.window),
+                keyframes_total=self.window.total, voxels=self.map.n_voxels)
+
+    # ------------------------------------------------------------------------- internals
+    def _skipped(self, frame: CameraFrame, reason: str) -> StepResult:
+        return StepResult(stamp_ns=frame.stamp_ns, status='skipped', reason=reason)
+
+    def _timed(self, lat: dict, stage: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        lat[stage] = lat.get(stage, 0.0) + 1e3 * (time.perf_counter() - t)
+        return out
+
+    def _decode(self, lat: dict, a, b) -> PairPrediction:
+        pred = self._timed(lat, 'decode', self.backend.decode, a, b)
+        hw = tuple(pred.image_size)
+        return dataclasses.replace(pred, view1=sanitize_view(pred.view1, hw, 'view 1'),
+                                   view2=sanitize_view(pred.view2, hw, 'view 2'))
+
+    def _intrinsics(self, frame: CameraFrame, X: np.ndarray, C: np.ndarray
+                    ) -> tuple[np.ndarray, bool]:
+        H, W = X.shape[:2]
+        if frame.K is not None:
+            return intrinsics_to_network(frame.K, frame.image.shape[:2], (H, W)), False
+        f = estimate_focal(X, mask=C >= self.cfg.geometry.min_confidence)
+        return intrinsics_from_focal(f, W, H), True
+
+    def _make_keyframe(self, frame: CameraFrame, T_WC: np.ndarray, X: np.ndarray,
+                       view: ViewPrediction) -> PosedKeyframe:
+        K, estimated = self._intrinsics(frame, X, view.C)
+        return PosedKeyframe(
+            keyframe_id=self.window.total, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
+            T_WC=T_WC, K=K, X=X.astype(np.float32), C=view.C,
+            rgb=resample_to_network(frame.image, X.shape[:2]), S_clip=view.S_clip,
+            S_dino=view.S_dino, focal_estimated=estimated)
+
+    def _step_unposed(self, frame: CameraFrame, lat: dict) -> StepResult:
+        g = self.cfg.geometry
+        tokens = self._timed(lat, 'encode', self.backend.encode, frame)
+        latest = self.window.latest()
+        if latest is None:
+            pred = self._decode(lat, tokens, tokens)
+            kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
+            self._insert(kf, tokens, lat)
+            return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason='first keyframe',
+                              T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
+        pred = self._decode(lat, tokens, latest.tokens)
+        overlap = self._timed(lat, 'match', overlap_ratio, pred.view1.D, pred.view2.D,
+                              self.cfg.keyframes.match_stride, pred.view1.D_conf,
+                              pred.view2.D_conf, g.min_confidence)
+        kf_latest = latest.keyframe
+        sim = self._timed(lat, 'pose', register_to_keyframe, pred.view2.X, pred.view2.C,
+                          kf_latest.X, kf_latest.C, g.min_confidence, g.min_points,
+                          g.max_points_per_pair)
+        depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
+        if sim.rmse > g.max_registration_rmse * depth:
+            raise RegistrationError(
+                f'registration to keyframe {kf_latest.keyframe_id} is inconsistent (RMS '
+                f'{sim.rmse:.3f} m at depth {depth:.2f} m, above geometry.max_registration_rmse)')
+        T_WC = kf_latest.T_WC @ similarity_to_T(sim)
+        if not needs_keyframe_by_overlap(overlap, self.cfg.keyframes):
+            return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC,
+                              overlap=overlap)
+        edges = [(latest, pred, sim.s)]
+        for other in self.window.recent(self.cfg.keyframes.pairs_per_keyframe)[1:]:
+            p = self._decode(lat, tokens, other.tokens)
+            try:
+                s = self._timed(lat, 'pose', register_to_keyframe, p.view2.X, p.view2.C,
+                                other.keyframe.X, other.keyframe.C, g.min_confidence,
+                                g.min_points, g.max_points_per_pair)
+            except RegistrationError as exc:
+                log.debug('pair with keyframe %d not used: %s', other.keyframe.keyframe_id, exc)
+                continue
+            edges.append((other, p, s.s))
+        scale = sim.s
+        if g.refine_iterations > 0:
+            T_WC, scales = self._timed(lat, 'refine', self._refine, T_WC, edges, depth)
+            scale = float(scales[0])
+        kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
+        self._insert(kf, tokens, lat)
+        return StepResult(stamp_ns=frame.stamp_ns, status='keyframe',
+                          reason=f'overlap {overlap:.2f} < {self.cfg.keyframes.min_overlap}',
+                          T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
+
+    def _refine(self, T_WC: np.ndarray, edges, depth: float):
+        g = self.cfg.geometry
+        per_pair = max(g.max_points_per_pair // (2 * len(edges)), 50)
+        constraints = []
+        for wk, p, s in edges:
+            kf = wk.keyframe
+            idx = confident_sample(np.minimum(p.view2.C, kf.C), g.min_confidence, per_pair,
+                                   p.view2.X, kf.X)
+            Y = apply(kf.T_WC, kf.X.reshape(-1, 3)[idx].astype(np.float64))
+            w = p.view2.C.reshape(-1)[idx] * kf.C.reshape(-1)[idx]
+            constraints.append(PairConstraint(p.view2.X.reshape(-1, 3)[idx], Y, w, s))
+        res = refine_keyframe(T_WC, constraints, g.refine_iterations, 0.01 * depth)
+        return res.T_WC, res.scales
+
+    def _step_posed(self, frame: CameraFrame, lat: dict) -> StepResult:
+        g = self.cfg.geometry
+        if frame.T_WC is None:
+            return self._skipped(frame, "no pose with the frame (frames.pose_source is 'tf'); "
+                                        'check TF between the map and camera frames')
+        T_WC = np.asarray(frame.T_WC, dtype=np.float64)
+        if not is_rigid(T_WC):
+            return self._skipped(frame, 'the frame pose is not a finite rigid transform')
+        latest = self.window.latest()
+        if latest is None:
+            tokens = self._timed(lat, 'encode', self.backend.encode, frame)
+            pred = self._decode(lat, tokens, tokens)
+            kf = self._make_keyframe(frame, T_WC, pred.view1.X, pred.view1)
+            # Its scale is unknown until the camera moves: kept in the window, fused later.
+            self.window.insert(WindowKeyframe(kf, tokens, metric=False))
+            return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', T_WC=T_WC,
+                              keyframe_id=kf.keyframe_id,
+                              reason='first keyframe; map waits for motion to fix the scale')
+        new, why = needs_keyframe_by_pose(T_WC, latest.keyframe.T_WC, self.cfg.keyframes)
+        if not new:
+            return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC)
+        tokens = self._timed(lat, 'encode', self.backend.encode, frame)
+        partners = self.window.recent(self.cfg.keyframes.pairs_per_keyframe)
+        scaled_X = []
+        for wk in partners:
+            p = self._decode(lat, tokens, wk.tokens)
+            kf = wk.keyframe
+            args = (p.view2.X, p.view2.C, kf.X, kf.C, T_WC, kf.T_WC, g.min_confidence,
+                    g.min_points, g.max_points_per_pair)
+            try:
+                if wk.metric:
+                    s = self._timed(lat, 'pose', pair_scale_posed, *args)
+                else:
+                    s, k = self._timed(lat, 'pose', bootstrap_scale_posed, *args,
+                                       g.min_baseline_m)
+                    fixed = dataclasses.replace(kf, X=(kf.X / k).astype(np.float32))
+                    self.window.replace_latest(WindowKeyframe(fixed, wk.tokens, metric=True))
+                    self._integrate(fixed, lat)
+            except RegistrationError as exc:
+                if not wk.metric:
+                    raise
+                log.debug('pair with keyframe %d not used: %s', kf.keyframe_id, exc)
+                continue
+            if not scaled_X:
+                view1 = p.view1  # the newest partner's pair gives the keyframe its own points
+            scaled_X.append(p.view1.X / s)
+        if not scaled_X:
+            raise RegistrationError('no window keyframe shares enough confident points with this '
+                                    'frame to fix its scale')
+        kf = self._make_keyframe(frame, T_WC, scaled_X[0], view1)
+        self._insert(kf, tokens, lat)
+        return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason=why, T_WC=T_WC,
+                          keyframe_id=kf.keyframe_id)
+
+    def _insert(self, kf: PosedKeyframe, tokens, lat: dict) -> None:
+        self.window.insert(WindowKeyframe(kf, tokens, metric=True))
+        self._integrate(kf, lat)
+
+    def _cells(self, hw: tuple[int, int], fhw: tuple[int, int]) -> np.ndarray:
+        """(H*W,) index of the feature cell that covers each pixel (cached per resolution)."""
+        key = (hw, fhw)
+        if key not in self._cells_cache:
+            H, W = hw
+            h, w = fhw
+            ys = np.arange(H) * h // H
+            xs = np.arange(W) * w // W
+            self._cells_cache[key] = (ys[:, None] * w + xs[None, :]).reshape(-1)
+        return self._cells_cache[key]
+
+    @staticmethod
+    def _edge_filtered_cells(Z: np.ndarray, cells: np.ndarray, fhw: tuple[int, int],
+                             tol: float) -> np.ndarray:
+        """Drop the feature of pixels whose depth differs from their cell centre's by > tol.
+
+        A feature cell covers several pixels; where it straddles a depth edge (an object in front
+        of a wall) its feature belongs to the surface at its centre, and spreading it over the
+        pixels behind would paint a halo of the object's class onto the wall.
+        """
+        H, W = Z.shape
+        h, w = fhw
+        cy = ((np.arange(h) + 0.5) * H / h).astype(np.int64)
+        cx = ((np.arange(w) + 0.5) * W / w).astype(np.int64)
+        z_cell = Z[cy[:, None], cx[None, :]].reshape(-1)  # (h*w,)
+        z = Z.reshape(-1)
+        zc = z_cell[cells]
+        far = np.abs(z - zc) > tol * np.maximum(np.abs(zc), 1e-6)
+        return np.where(far, -1, cells)
+
+    def _integrate(self, kf: PosedKeyframe, lat: dict) -> None:
+        t = time.perf_counter()
+        S = kf.S_clip if kf.S_clip is not None else kf.S_dino
+        cells = None
+        if S is not None:
+            cells = self._cells(kf.X.shape[:2], S.shape[:2])
+            tol = self.cfg.mapping.feature_edge_tolerance
+            if tol > 0 and S.shape[:2] != kf.X.shape[:2]:
+                cells = self._edge_filtered_cells(kf.X[..., 2], cells, S.shape[:2], tol)
+        X_W = apply(kf.T_WC, kf.X.reshape(-1, 3))
+        self.map.integrate(
+            X_W, kf.C.reshape(-1), kf.rgb.reshape(-1, 3), kf.stamp_ns, cells,
+            None if kf.S_clip is None else kf.S_clip.reshape(-1, kf.S_clip.shape[-1]),
+            None if kf.S_dino is None else kf.S_dino.reshape(-1, kf.S_dino.shape[-1]))
+        lat['integrate'] = lat.get('integrate', 0.0) + 1e3 * (time.perf_counter() - t)

@@ -1,0 +1,259 @@
+"""Locate: open-vocabulary object queries against a map snapshot.
+
+text -> embedding (the TextEncoder applies its prompt ensemble; results are cached here)
+     -> cosine similarity of every voxel's fused CLIP feature with the query and the negatives
+     -> LERF-style relevancy: min over negatives of softmax([q, neg] / temperature)[q]
+     -> voxels above min_score -> instances by voxel adjacency (26-neighbourhood), with edges
+        between voxels of dissimilar DINO features cut when DINO features exist
+     -> oriented boxes (upright when gravity is known, PCA otherwise) -> ranked objects.
+
+"Not found" is an answer: a query with no instance above min_score returns one NOT_FOUND entry,
+never a best guess.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+import logging
+import threading
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ros2_sab3r.config import QueryConfig
+from ros2_sab3r.geometry.boxes import fit_box
+from ros2_sab3r.mapping.semantic_map import MapSnapshot, key_offset
+from ros2_sab3r.types import (
+    STATUS_AMBIGUOUS,
+    STATUS_FOUND,
+    STATUS_NOT_FOUND,
+    LocatedObject,
+    LocateQuery,
+    LocateResult,
+    TextEncoder,
+)
+
+log = logging.getLogger(__name__)
+
+# Half of the 26-neighbourhood: each undirected adjacency is found once.
+_NEIGHBOUR_OFFSETS = np.array([
+    key_offset(di, dj, dk) for di in (-1, 0, 1) for dj in (-1, 0, 1) for dk in (-1, 0, 1)
+    if (di, dj, dk) > (0, 0, 0)], dtype=np.int64)
+
+
+class LocateError(ValueError):
+    """A Locate request that cannot be answered (bad input, empty map); the message says why."""
+
+
+class QueryEngine:
+    """Answers LocateQuery requests on MapSnapshots. Thread-safe; keeps a text-embedding cache."""
+
+    def __init__(self, cfg: QueryConfig, text_encoder: TextEncoder) -> None:
+        self.cfg = cfg
+        self.text_encoder = text_encoder
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------------------- embeddings
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, F) float32 unit embeddings, from the cache where possible (one encoder call)."""
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            E = np.asarray(self.text_encoder.encode(missing), dtype=np.float32)
+            if E.shape != (len(missing), self.text_encoder.dim) or not np.isfinite(E).all():
+                raise LocateError(
+                    f'text encoder returned {E.shape} (finite: {bool(np.isfinite(E).all())}) for '
+                    f'{len(missing)} texts; expected ({len(missing)}, {self.text_encoder.dim})')
+            E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+            with self._lock:
+                for t, e in zip(missing, E):
+                    self._cache[t] = e
+                    self._cache.move_to_end(t)
+                fresh = {t: e for t, e in zip(missing, E)}
+                while len(self._cache) > self.cfg.embedding_cache_size:
+                    self._cache.popitem(last=False)
+        else:
+            fresh = {}
+        with self._lock:
+            return np.stack([fresh[t] if t in fresh else self._cache[t] for t in texts])
+
+    # ----------------------------------------------------------------------------- validate
+    def validate(self, query: LocateQuery) -> LocateQuery:
+        """Check a request; returns it with stripped strings. Raises LocateError."""
+        cfg = self.cfg
+
+        def clean(values, what: str) -> tuple[str, ...]:
+            if isinstance(values, str) or not isinstance(values, (list, tuple)):
+                raise LocateError(f'{what} must be a list of strings, got {type(values).__name__}')
+            out = []
+            for i, v in enumerate(values):
+                if not isinstance(v, str):
+                    raise LocateError(f'{what}[{i}] must be a string, got {type(v).__name__}')
+                try:
+                    v.encode('utf-8')
+                except UnicodeEncodeError as exc:
+                    raise LocateError(f'{what}[{i}] is not valid UTF-8 text: {exc}') from None
+                v = ' '.join(v.split())
+                if not v:
+                    raise LocateError(f'{what}[{i}] is empty; give a word or phrase')
+                if len(v) > cfg.max_query_chars:
+                    raise LocateError(
+                        f'{what}[{i}] has {len(v)} characters, more than query.max_query_chars='
+                        f'{cfg.max_query_chars}')
+                out.append(v)
+            return tuple(out)
+
+        queries = clean(query.queries, 'queries')
+        if not queries:
+            raise LocateError('no queries given; ask for at least one thing, e.g. ["chair"]')
+        if len(queries) > cfg.max_queries:
+            raise LocateError(f'{len(queries)} queries in one request, more than '
+                              f'query.max_queries={cfg.max_queries}; split the request')
+        negatives = clean(query.negatives, 'negatives')
+        if len(negatives) > cfg.max_queries:
+            raise LocateError(f'{len(negatives)} negatives, more than query.max_queries='
+                              f'{cfg.max_queries}')
+        labels = tuple(query.labels)
+        if labels and len(labels) != len(queries):
+            raise LocateError(f'labels has {len(labels)} entries for {len(queries)} queries; give '
+                              'one per query or none')
+        if not isinstance(query.top_k, (int, np.integer)) or not 0 <= query.top_k <= 1000:
+            raise LocateError(f'top_k={query.top_k!r} must be an integer in [0, 1000]')
+        if not (np.isfinite(query.min_score) and 0.0 <= query.min_score <= 1.0):
+            raise LocateError(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
+        return LocateQuery(queries=queries, negatives=negatives, top_k=int(query.top_k),
+                           min_score=float(query.min_score), labels=labels)
+
+    # ------------------------------------------------------------------------------- locate
+    def locate(self, snapshot: MapSnapshot, query: LocateQuery) -> LocateResult:
+        """Answer a request on one snapshot (see the module docstring)."""
+        q = self.validate(query)
+        if snapshot.empty:
+            raise LocateError('the map is empty: no keyframe has been fused yet (or it was '
+                              'reset); wait for the camera to move or load a map')
+        if not snapshot.clip_dim:
+            raise LocateError('the map has no semantic features: the backend provides no CLIP '
+                              'features, so it cannot be queried by text')
+        cfg = self.cfg
+        top_k = q.top_k or cfg.default_top_k
+        min_score = q.min_score or cfg.default_min_score
+        negatives = [n for n in dict.fromkeys(tuple(cfg.canonical_negatives) + q.negatives)]
+        texts = list(dict.fromkeys(q.queries)) + negatives
+        E = self.embed(texts)
+        sims = snapshot.cosine(E)  # (N, T)
+        has_feature = snapshot.clip_weights > 0
+        col = {t: i for i, t in enumerate(texts)}
+        objects: list[LocatedObject] = []
+        for i, text in enumerate(q.queries):
+            label = q.labels[i] if q.labels else text
+            neg_cols = [col[n] for n in negatives if n != text]
+            s_q = sims[:, col[text]]
+            relevancy = self._relevancy(s_q, sims[:, neg_cols])
+            relevancy[~has_feature] = 0.0
+            member = self._members(s_q, relevancy, has_feature, min_score)
+            found = self._instances(snapshot, member)
+            objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, min_score))
+        n_found = sum(o.status != STATUS_NOT_FOUND for o in objects)
+        return LocateResult(objects=tuple(objects), map_stamp_ns=snapshot.stamp_ns,
+                            frame=snapshot.frame,
+                            message=f'{len(q.queries)} queries, {n_found} objects, map of '
+                                    f'{snapshot.n_voxels} voxels')
+
+    def _relevancy(self, s_q: np.ndarray, s_neg: np.ndarray) -> np.ndarray:
+        """(N,) min over negatives of exp(q/T) / (exp(q/T) + exp(neg/T)).
+
+        The minimum over negatives of that pairwise softmax is the one against the most similar
+        negative, so only the max negative similarity is needed.
+        """
+        if s_neg.shape[1] == 0:
+            return np.ones_like(s_q)
+        margin = (s_q - s_neg.max(axis=1)) / self.cfg.temperature
+        return 1.0 / (1.0 + np.exp(-np.clip(margin, -50, 50)))
+
+    def _members(self, s_q: np.ndarray, relevancy: np.ndarray, has_feature: np.ndarray,
+                 min_score: float) -> np.ndarray:
+        """(N,) bool: voxels that belong to the query.
+
+        Relevancy against the negatives says whether a voxel resembles the query at all; it
+        saturates, so a voxel on an object's border whose feature is a mixture of the object and
+        the floor also passes. A voxel must therefore also be mostly the query: its similarity
+        at least a fraction `membership_fraction` of the way from the map's typical similarity
+        (median) to the similarity of the query's clearest voxels (95th percentile of the
+        relevant ones). The cut adapts to the model's similarity range (raw CLIP cosines are
+        compressed, ~0.2-0.3).
+        """
+        relevant = relevancy >= min_score
+        if not relevant.any():
+            return relevant
+        s_top = float(np.percentile(s_q[relevant], 95))
+        s_typ = float(np.median(s_q[has_feature]))
+        cut = s_typ + self.cfg.membership_fraction * max(s_top - s_typ, 0.0)
+        return relevant & (s_q >= cut)
+
+    def _instances(self, snap: MapSnapshot, member: np.ndarray):
+        cand = np.flatnonzero(member)
+        if len(cand) < self.cfg.min_instance_voxels:
+            return []
+        keys = snap.keys[cand]
+        order = np.argsort(keys)
+        keys_sorted = keys[order]
+        src, dst = [], []
+        for off in _NEIGHBOUR_OFFSETS:
+            nb = keys_sorted + off
+            at = np.searchsorted(keys_sorted, nb)
+            at_c = np.minimum(at, len(keys_sorted) - 1)
+            hit = keys_sorted[at_c] == nb
+            src.append(np.flatnonzero(hit))
+            dst.append(at_c[hit])
+        src = np.concatenate(src)
+        dst = np.concatenate(dst)
+        if snap.dino_dim and len(src):
+            Fd = snap.feature_rows('dino', cand[order])
+            Fd /= np.maximum(np.linalg.norm(Fd, axis=1, keepdims=True), 1e-12)
+            similar = (Fd[src] * Fd[dst]).sum(-1) >= self.cfg.dino_split_similarity
+            src, dst = src[similar], dst[similar]
+        n = len(keys_sorted)
+        graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
+        n_comp, comp = connected_components(graph, directed=False)
+        sizes = np.bincount(comp, minlength=n_comp)
+        rows_sorted = cand[order]  # flat voxel index of each sorted candidate
+        keep = np.flatnonzero(sizes >= self.cfg.min_instance_voxels)
+        by_comp = np.argsort(comp, kind='stable')
+        cuts = np.cumsum(sizes)[:-1]
+        groups = np.split(rows_sorted[by_comp], cuts)
+        return [groups[c] for c in keep]
+
+    def _rank(self, snap: MapSnapshot, text: str, label: str, relevancy: np.ndarray,
+              instances: list[np.ndarray], top_k: int, min_score: float) -> list[LocatedObject]:
+        """Objects of one query, best first, all carrying the query's status."""
+        if not instances:
+            return [LocatedObject(query=text, label=label, status=STATUS_NOT_FOUND, score=0.0)]
+        scores = np.array([float(relevancy[rows].mean()) for rows in instances])
+        # Rank by evidence (relevancy summed over voxels): a fragment of a few voxels with a
+        # saturated relevancy must not beat the whole object.
+        mass = np.array([float(relevancy[rows].sum()) for rows in instances])
+        order = np.argsort(-mass, kind='stable')
+        best = scores[order[0]]
+        margin = self.cfg.ambiguity_margin
+        # Ambiguous: barely relevant, or a comparable second instance (at least half the
+        # evidence) scoring almost as well, e.g. two chairs for 'the chair'.
+        ambiguous = best < min_score + margin or (
+            len(order) > 1 and mass[order[1]] >= 0.5 * mass[order[0]]
+            and best - scores[order[1]] < margin)
+        status = STATUS_AMBIGUOUS if ambiguous else STATUS_FOUND
+        out = []
+        for k in order[:top_k]:
+            rows = instances[k]
+            P = snap.positions[rows]
+            # Unweighted: each voxel is a patch of observed surface; fused weights say how often
+            # a patch was seen, which would pull the centre towards the most viewed side.
+            centroid = P.astype(np.float64).mean(axis=0)
+            box = fit_box(P, snap.gravity, min_size=snap.voxel_size)
+            out.append(LocatedObject(
+                query=text, label=label, status=status, score=float(scores[k]),
+                centroid=centroid, box=box, points=P.copy(), colors=snap.colors[rows].copy(),
+                last_seen_ns=int(snap.last_seen_ns[rows].max())))
+        return out

@@ -1,0 +1,49 @@
+"""The two export graphs (encoder; decoder + heads) trace to ONNX opset 17 and match torch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_sab3r.model.network import DecoderGraph, EncoderGraph
+from tests.model.helpers import random_images
+
+pytestmark = [pytest.mark.model, pytest.mark.export]
+
+ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnx')
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names, output_names) -> bytes:
+    buf = io.BytesIO()
+    try:
+        torch.onnx.export(module, args, buf, opset_version=17, input_names=list(input_names),
+                          output_names=list(output_names), dynamo=False)
+    except (ImportError, ModuleNotFoundError) as exc:  # exporter dependencies absent
+        pytest.skip(f'ONNX exporter unavailable: {exc}')
+    return buf.getvalue()
+
+
+def test_encoder_and_decoder_graphs_match_torch(tiny_cd_net):
+    img1, img2 = random_images(1, 48, 80, 30), random_images(1, 48, 80, 31)  # 3x5 tokens
+    enc = EncoderGraph(tiny_cd_net).eval()
+    dec = DecoderGraph(tiny_cd_net, (48, 80)).eval()
+    with torch.no_grad():
+        tok1, tok2 = enc(img1), enc(img2)
+        ref = dec(tok1, tok2)
+        enc_onnx = _export(enc, (img1,), ['image'], enc.output_names)
+        dec_onnx = _export(dec, (tok1, tok2), ['tokens1', 'tokens2'], dec.output_names)
+    enc_sess = ort.InferenceSession(enc_onnx, providers=['CPUExecutionProvider'])
+    dec_sess = ort.InferenceSession(dec_onnx, providers=['CPUExecutionProvider'])
+    t1 = enc_sess.run(None, {'image': img1.numpy()})[0]
+    t2 = enc_sess.run(None, {'image': img2.numpy()})[0]
+    np.testing.assert_allclose(t1, tok1.numpy(), rtol=1e-4, atol=1e-5)
+    outs = dec_sess.run(None, {'tokens1': t1, 'tokens2': t2})
+    assert len(outs) == len(dec.output_names)
+    for name, got, want in zip(dec.output_names, outs, ref):
+        scale = float(want.abs().max()) + 1e-6
+        err = float(np.abs(got - want.numpy()).max()) / scale
+        assert err < 1e-4, f'{name}: max error {err:.2e} of the output range'
