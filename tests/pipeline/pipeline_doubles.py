@@ -3,34 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-import hashlib
 
 import numpy as np
 
+from ros2_sab3r.eval.standin import HashTextEncoderStandIn
 
-class HashTextEncoderDouble:
-    """A TextEncoder test double: a fixed pseudo-random unit vector per string.
 
-    Distinct strings get near-orthogonal embeddings (cosine ~ N(0, 1/sqrt(dim))), which is what the
-    pipeline tests need: a real text tower with random weights would not separate class names.
+class HashTextEncoderDouble(HashTextEncoderStandIn):
+    """The package's hashing text-encoder stand-in, counting its encode() calls (caching tests).
+
+    Distinct strings get near-orthogonal embeddings, which is what the pipeline tests need: a
+    real text tower with random weights would not separate class names.
     """
 
     def __init__(self, dim: int = 512) -> None:
-        self._dim = dim
-        self.calls = 0  # encode() calls, to check caching
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+        super().__init__(dim)
+        self.calls = 0
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         self.calls += 1
-        out = np.empty((len(texts), self._dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'little')
-            v = np.random.default_rng(seed).standard_normal(self._dim)
-            out[i] = v / np.linalg.norm(v)
-        return out
+        return super().encode(texts)
 
 
 class CorruptingBackendDouble:
