@@ -151,3 +151,53 @@ def test_save_reset_load_answers_the_same(ros_node, replayed, tmp_path):
     assert a.score == pytest.approx(b.score, abs=1e-4)
     assert (a.centroid.x, a.centroid.y, a.centroid.z) == pytest.approx(
         (b.centroid.x, b.centroid.y, b.centroid.z), abs=1e-4)
+
+
+POSED_OVERLAY = OVERLAY.replace('    publish:', """    frames:
+      pose_source: 'tf'
+    publish:""")
+
+
+def test_posed_mode_maps_in_the_tf_world_frame(ros_node, tmp_path):
+    """Camera poses from /tf at the image stamps: answers come back in world coordinates."""
+    from std_msgs.msg import Header
+    from tf2_msgs.msg import TFMessage
+
+    node_proc = NodeProcess(tmp_path, POSED_OVERLAY)
+    try:
+        scene, frames = SceneSpec.parse(SCENE).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        image_pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam/image_raw', 10)
+        tf_pub = ros_node.create_publisher(TFMessage, '/tf', 100)
+        assert spin_until(ros_node, lambda: image_pub.get_subscription_count() > 0
+                          and tf_pub.get_subscription_count() > 0
+                          and status and status[-1].backend, timeout=60), node_proc.log()
+        for i, f in enumerate(frames):
+            header = Header(stamp=messages.stamp_from_ns(f.stamp_ns), frame_id='map')
+            tf_pub.publish(TFMessage(transforms=[
+                messages.transform_from_matrix(header, 'cam_optical', f.T_WC)]))
+            spin_until(ros_node, lambda: False, timeout=0.02)
+            img = Image(encoding='rgb8')
+            img.header = Header(stamp=header.stamp, frame_id='cam_optical')
+            img.height, img.width, img.step, img.data = rgb_to_image_fields(f.rgb)
+            image_pub.publish(img)
+            assert spin_until(ros_node, lambda i=i: status[-1].frames_processed
+                              + status[-1].frames_dropped >= i + 1, timeout=60), node_proc.log()
+        assert status[-1].map_ready, node_proc.log()
+        truth = {o.label: o for o in scene.objects}
+        label = scene.labels[0]
+        res = call(ros_node, Locate, f'{node_proc.name}/locate', Locate.Request(queries=[label]))
+        assert res.success, res.message
+        best = res.objects[0]
+        assert best.status != LocatedObject.STATUS_NOT_FOUND
+        c = np.array([best.centroid.x, best.centroid.y, best.centroid.z])
+        # the map can only hold the observed surface; the box centre of the object is within
+        # half its size of it
+        assert np.linalg.norm(c - truth[label].centroid) < 0.5 * np.linalg.norm(
+            truth[label].box.size), (c, truth[label].centroid)
+        ros_node.destroy_subscription(sub)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    assert 'Traceback' not in node_proc.log()
