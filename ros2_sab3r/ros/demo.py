@@ -31,9 +31,10 @@ _STATUS_NAMES = {LocatedObject.STATUS_FOUND: 'FOUND', LocatedObject.STATUS_NOT_F
 
 
 def _params_file() -> Path:
-    for candidate in (ROOT / 'config' / 'perception.yaml',):
-        if candidate.is_file():
-            return candidate
+    """The checkout's config/perception.yaml, else the installed package's."""
+    checkout = ROOT / 'config' / 'perception.yaml'
+    if checkout.is_file():
+        return checkout
     from ament_index_python.packages import get_package_share_directory
 
     return Path(get_package_share_directory('ros2_sab3r')) / 'config' / 'perception.yaml'

@@ -6,10 +6,13 @@ with numpy structured arrays here; tests round-trip them through :func:`cloud_to
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Pose, PoseArray, PoseStamped, TransformStamped, Vector3
 from nav_msgs.msg import Path
 import numpy as np
+from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
@@ -88,15 +91,26 @@ def cloud_to_arrays(msg: PointCloud2) -> dict[str, np.ndarray]:
     return out
 
 
-def pose_from_matrix(T: np.ndarray) -> Pose:
-    from scipy.spatial.transform import Rotation
-
-    x, y, z, w = Rotation.from_matrix(np.asarray(T, np.float64)[:3, :3]).as_quat()
+def _pose(position: np.ndarray, quat_xyzw: np.ndarray) -> Pose:
     pose = Pose()
-    pose.position = Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3]))
-    pose.orientation.x, pose.orientation.y = float(x), float(y)
-    pose.orientation.z, pose.orientation.w = float(z), float(w)
+    pose.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
+    x, y, z, w = (float(v) for v in quat_xyzw)
+    pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = x, y, z, w
     return pose
+
+
+def pose_from_matrix(T: np.ndarray) -> Pose:
+    T = np.asarray(T, np.float64)
+    return _pose(T[:3, 3], Rotation.from_matrix(T[:3, :3]).as_quat())
+
+
+def matrix_from_transform(tf: TransformStamped) -> np.ndarray:
+    """(4, 4) T_PC of a TransformStamped (parent = header.frame_id, child = child_frame_id)."""
+    t, q = tf.transform.translation, tf.transform.rotation
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix()
+    T[:3, 3] = (t.x, t.y, t.z)
+    return T
 
 
 def transform_from_matrix(header: Header, child: str, T: np.ndarray) -> TransformStamped:
@@ -110,10 +124,6 @@ def transform_from_matrix(header: Header, child: str, T: np.ndarray) -> Transfor
 
 def transform_located(obj: types.LocatedObject, T_TM: np.ndarray) -> types.LocatedObject:
     """Express a located object in another frame: T_TM maps map points into the target frame."""
-    from dataclasses import replace
-
-    from scipy.spatial.transform import Rotation
-
     R, t = T_TM[:3, :3], T_TM[:3, 3]
     box = obj.box
     if box is not None:
@@ -135,10 +145,7 @@ def located_to_msg(obj: types.LocatedObject, header: Header) -> LocatedObject:
         c = obj.centroid
         msg.centroid = Point(x=float(c[0]), y=float(c[1]), z=float(c[2]))
     if obj.box is not None:
-        T = np.eye(4)
-        T[:3, :3] = obj.box.rotation()
-        T[:3, 3] = obj.box.center
-        msg.box_center = pose_from_matrix(T)
+        msg.box_center = _pose(obj.box.center, obj.box.quat_xyzw)
         s = obj.box.size
         msg.box_size = Vector3(x=float(s[0]), y=float(s[1]), z=float(s[2]))
     msg.point_count = obj.point_count

@@ -342,13 +342,10 @@ class PerceptionNode(LifecycleNode):
 
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for tf in msg.transforms:
-            t, q = tf.transform.translation, tf.transform.rotation
-            T = np.eye(4)
-            T[:3, :3] = _quat_to_matrix(q.x, q.y, q.z, q.w)
-            T[:3, 3] = (t.x, t.y, t.z)
             try:
                 self._tf.set_transform(tf.header.frame_id, tf.child_frame_id,
-                                       messages.ns_from_stamp(tf.header.stamp), T, static)
+                                       messages.ns_from_stamp(tf.header.stamp),
+                                       messages.matrix_from_transform(tf), static)
             except ValueError as err:
                 self._error_throttled(f'TF {tf.header.frame_id} -> {tf.child_frame_id} '
                                       f'ignored: {err}')
@@ -572,12 +569,6 @@ class PerceptionNode(LifecycleNode):
             msg.frames_processed = self._processed
             msg.frames_dropped = self._dropped
         self._status_pub.publish(msg)
-
-
-def _quat_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_quat([x, y, z, w]).as_matrix()
 
 
 def _decode_compressed(data: bytes) -> np.ndarray:

@@ -103,3 +103,12 @@ def test_pose_matrix_round_trip():
                             p.orientation.w]).as_matrix()
     np.testing.assert_allclose(R, T[:3, :3], atol=1e-12)
     assert len(path.poses) == 2 and path.poses[0].header.frame_id == 'map'
+
+
+def test_transform_round_trip():
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_euler('xyz', [5, 40, -70], degrees=True).as_matrix()
+    T[:3, 3] = [-1, 0.5, 2]
+    tf = messages.transform_from_matrix(Header(frame_id='map'), 'cam', T)
+    assert tf.child_frame_id == 'cam'
+    np.testing.assert_allclose(messages.matrix_from_transform(tf), T, atol=1e-12)
