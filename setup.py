@@ -45,6 +45,10 @@ setup(
             'sab3r-demo = ros2_sab3r.ros.demo:main',
             'sab3r-infer = ros2_sab3r.model.cli:main',
             'sab3r-convert-checkpoint = ros2_sab3r.model.cli:convert_main',
+            'sab3r-eval = ros2_sab3r.eval.cli:main',
+            'sab3r-convert = ros2_sab3r.eval.convert:main',
+            'sab3r-export = ros2_sab3r.inference.export:main',
+            'sab3r-build-engine = ros2_sab3r.inference.trt_engine:main',
         ],
     },
 )

@@ -5,6 +5,7 @@
         image_topics:=/front/image_raw,/wrist/image_raw \
         camera_info_topics:=/front/camera_info,/wrist/camera_info \
         backend:=onnxruntime checkpoint:=/models/sab3r_512.onnx
+    ros2 launch ros2_sab3r perception.launch.py rviz:=true   # also opens config/perception.rviz
 
 Every node parameter lives in params_file (default: the package's config/perception.yaml); the
 arguments below override the few that change from robot to robot. Run
@@ -12,11 +13,12 @@ arguments below override the few that change from robot to robot. Run
 """
 
 import os
+import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import LifecycleNode
+from launch_ros.actions import LifecycleNode, Node
 
 from launch import LaunchDescription
 
@@ -33,13 +35,31 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(',') if item.strip()]
 
 
+def _true(text: str) -> bool:
+    return text.lower() in ('true', '1', 'yes')
+
+
+def rviz_config_for(namespace: str) -> str:
+    """The package's RViz layout with the node's topics moved into `namespace`."""
+    path = os.path.join(get_package_share_directory('ros2_sab3r'), 'config', 'perception.rviz')
+    ns = namespace.strip('/')
+    if not ns:
+        return path
+    with open(path, encoding='utf-8') as f:
+        text = f.read().replace('Value: /perception_node/', f'Value: /{ns}/perception_node/')
+    fd, out = tempfile.mkstemp(prefix=f'perception_{ns.replace("/", "_")}_', suffix='.rviz')
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        f.write(text)
+    return out
+
+
 def _node(context):
     value = {name: LaunchConfiguration(name).perform(context) for name in (
         'params_file', 'namespace', 'image_topics', 'camera_info_topics', 'use_sim_time',
-        'log_level', 'autostart', *_OVERRIDES)}
+        'log_level', 'autostart', 'rviz', *_OVERRIDES)}
     overrides = {
-        'use_sim_time': value['use_sim_time'].lower() in ('true', '1', 'yes'),
-        'node.autostart': value['autostart'].lower() in ('true', '1', 'yes'),
+        'use_sim_time': _true(value['use_sim_time']),
+        'node.autostart': _true(value['autostart']),
     }
     for arg, param in _OVERRIDES.items():
         if value[arg]:
@@ -48,7 +68,7 @@ def _node(context):
         overrides['camera.image_topics'] = _split_list(value['image_topics'])
     if value['camera_info_topics']:
         overrides['camera.camera_info_topics'] = _split_list(value['camera_info_topics'])
-    return [LifecycleNode(
+    actions = [LifecycleNode(
         package='ros2_sab3r',
         executable='perception_node',
         name='perception_node',
@@ -58,6 +78,12 @@ def _node(context):
         parameters=[value['params_file'], overrides],
         arguments=['--ros-args', '--log-level', value['log_level']],
     )]
+    if _true(value['rviz']):
+        actions.append(Node(
+            package='rviz2', executable='rviz2', name='rviz2', output='screen',
+            arguments=['-d', rviz_config_for(value['namespace'])],
+            parameters=[{'use_sim_time': overrides['use_sim_time']}]))
+    return actions
 
 
 def generate_launch_description():
@@ -97,6 +123,10 @@ def generate_launch_description():
             'autostart', default_value='true',
             description='configure and activate the lifecycle node at once; false when a '
                         'lifecycle manager drives it'),
+        DeclareLaunchArgument(
+            'rviz', default_value='false',
+            description='also start rviz2 with config/perception.rviz (map, located objects, '
+                        'relevancy, keyframes, trajectory)'),
         DeclareLaunchArgument(
             'log_level', default_value='info',
             description='debug, info, warn, error or fatal'),

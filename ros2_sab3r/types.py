@@ -184,3 +184,6 @@ class LocateResult:
     map_stamp_ns: int  # stamp of the newest observation in the snapshot that was queried
     frame: str = ''  # frame of all geometry (the map frame)
     message: str = ''
+    # (N,) per voxel of the queried snapshot (its row order), the highest relevancy over the
+    # queries; None when no map was queried. For display (the node's ~/relevancy cloud).
+    relevancy: np.ndarray | None = field(default=None, repr=False, compare=False)

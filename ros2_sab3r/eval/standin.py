@@ -10,14 +10,21 @@ with the same stamp. Nothing produced this way says anything about SAB3R's quali
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import hashlib
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.eval.groundtruth_backend import GroundTruthBackend
-from ros2_sab3r.eval.synthetic import SyntheticFrame, SyntheticScene, make_scene
+from ros2_sab3r.eval.synthetic import (
+    NYU40,
+    NYU40_ID,
+    SyntheticFrame,
+    SyntheticScene,
+    make_scene,
+)
 
 
 class HashTextEncoderStandIn:
@@ -90,3 +97,65 @@ class SyntheticSceneBackend(GroundTruthBackend):
         backend.scene, backend.spec = scene, spec
         backend.text_encoder = backend._text
         return backend
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Deliberate errors for the evaluation's own tests: parsed from 'pose_noise_deg=3,swap=a:b'.
+
+    ``pose_noise_deg``: each pair's view-2 points are turned about view 1's camera by a random
+    rotation of this many degrees (fixed per pair), so registration yields wrong relative poses;
+    ``swap``: two class names whose semantic features are exchanged ('chair:sofa').
+    """
+
+    pose_noise_deg: float = 0.0
+    swap: tuple[str, str] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Perturbation:
+        values: dict = {}
+        for item in filter(None, (p.strip() for p in text.split(','))):
+            key, _, value = item.partition('=')
+            if key == 'pose_noise_deg':
+                values[key] = float(value)
+            elif key == 'swap' and value.count(':') == 1:
+                values[key] = tuple(value.split(':'))
+            else:
+                raise ValueError(f'bad perturbation {item!r}; expected pose_noise_deg=DEG or '
+                                 'swap=CLASS:CLASS')
+        return cls(**values)
+
+
+class PerturbedSceneBackend(SyntheticSceneBackend):
+    """The stand-in with deliberate errors (:class:`Perturbation`), to check that evaluation
+    metrics fall when they should. ``model.checkpoint`` is the scene, ';', the perturbation:
+    ``synthetic:seed=0,frames=40;pose_noise_deg=3,swap=chair:sofa``.
+    """
+
+    name = 'groundtruth PERTURBED (stand-in, synthetic scenes only)'
+    perturbation = Perturbation()
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> PerturbedSceneBackend:
+        scene_text, _, perturb_text = (model.checkpoint or 'synthetic:').partition(';')
+        backend = super().from_config(ModelConfig(backend=model.backend, checkpoint=scene_text))
+        backend.perturbation = Perturbation.parse(perturb_text)
+        return backend
+
+    def decode(self, a, b):
+        pred = super().decode(a, b)
+        deg = self.perturbation.pose_noise_deg
+        if deg <= 0 or a.stamp_ns == b.stamp_ns:
+            return pred
+        rng = np.random.default_rng([self._seed, 7, a.stamp_ns, b.stamp_ns])
+        axis = rng.standard_normal(3)
+        R = Rotation.from_rotvec(np.radians(deg) * axis / np.linalg.norm(axis)).as_matrix()
+        X2 = (pred.view2.X @ R.T.astype(np.float32)).astype(np.float32)
+        return replace(pred, view2=replace(pred.view2, X=X2))
+
+    def _class_embedding(self, class_id: int) -> np.ndarray:
+        swap = self.perturbation.swap
+        name = NYU40[class_id - 1] if 1 <= class_id <= len(NYU40) else ''
+        if swap and name in swap:
+            class_id = NYU40_ID[swap[1] if name == swap[0] else swap[0]]
+        return super()._class_embedding(class_id)

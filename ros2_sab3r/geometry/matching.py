@@ -1,9 +1,17 @@
-"""Reciprocal nearest-neighbour matching of local descriptors (spec §7), on a pixel grid.
+"""Reciprocal nearest-neighbour matching of local descriptors on a pixel grid (overlap measure).
 
 Used to measure the overlap of a frame with the latest keyframe. Seeds and candidates both lie on
 a grid of spacing `stride`, which keeps the brute-force dot products small (a (h*w, h*w) matrix at
 stride 8 is ~3k x 3k for 512x384) while measuring the same thing as the full-resolution walk:
 the share of image 1 that has a mutual best match in image 2.
+
+Why not :func:`ros2_sab3r.model.matching.fast_reciprocal_nns` (spec §7): that matcher walks from
+grid seeds over *all* pixels of the other image, to find dense correspondences; here candidates
+are grid points too, and then the walk is unnecessary. A walk from seed i ends at a reciprocal
+pair (i', j') whose i' is itself a grid point, and seed i' finds that pair directly; so the
+unique pairs the walk returns are exactly the pairs (i, nn12(i)) that are mutual nearest
+neighbours, found with one matrix product, a row argmax and a column max (no full column
+argmax, the slow reduction). It also keeps torch out of the per-frame geometry.
 """
 
 from __future__ import annotations
@@ -23,41 +31,28 @@ def grid_descriptors(D: np.ndarray, stride: int, border: int = 3) -> tuple[np.nd
     return d, np.stack([xx.reshape(-1), yy.reshape(-1)], -1)
 
 
-def reciprocal_matches(D1: np.ndarray, D2: np.ndarray, stride: int = 8, max_iter: int = 10
+def reciprocal_matches(D1: np.ndarray, D2: np.ndarray, stride: int = 8
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Reciprocal dot-product matches between two (H, W, F) unit descriptor maps.
-
-    Every seed of image 1 walks to its nearest neighbour in image 2 and back until the round trip
-    is stable; converged pairs are kept once each. Returns ((M, 2), (M, 2)) pixel (x, y) arrays.
-    Non-finite descriptors never match.
+    """Mutual nearest-neighbour (dot product) matches between two (H, W, F) unit descriptor maps,
+    on the seed grid of each (module docstring). Returns ((M, 2), (M, 2)) pixel (x, y) arrays,
+    each grid point of image 1 at most once. Non-finite descriptors never match.
     """
     d1, xy1 = grid_descriptors(D1, stride)
     d2, xy2 = grid_descriptors(D2, stride)
     ok1 = np.isfinite(d1).all(-1)
     ok2 = np.isfinite(d2).all(-1)
-    d1 = np.where(ok1[:, None], d1, 0.0)
-    d2 = np.where(ok2[:, None], d2, 0.0)
     if not ok1.any() or not ok2.any():
         return np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64)
+    d1 = np.where(ok1[:, None], d1, 0.0)
+    d2 = np.where(ok2[:, None], d2, 0.0)
     sim = d1 @ d2.T  # (N1, N2); small enough on a grid to hold at once
-    sim[~ok1] = -np.inf
     sim[:, ~ok2] = -np.inf
     nn12 = np.argmax(sim, axis=1)  # (N1,)
-    nn21 = np.argmax(sim, axis=0)  # (N2,)
-    i1 = np.arange(len(d1))
-    active = ok1.copy()
-    for _ in range(max_iter):
-        j = nn12[i1]
-        back = nn21[j]
-        converged = back == i1
-        moving = active & ~converged
-        if not moving.any():
-            break
-        i1 = np.where(moving, back, i1)
-    j = nn12[i1]
-    good = active & (nn21[j] == i1)
-    pairs = np.unique(np.stack([i1[good], j[good]], -1), axis=0)
-    return xy1[pairs[:, 0]], xy2[pairs[:, 1]]
+    best12 = sim[np.arange(len(d1)), nn12]
+    col_max = sim.max(axis=0)  # (N2,) best similarity of each point of image 2
+    # i is matched when it is (one of) the best of its own nearest neighbour's column
+    mutual = ok1 & (best12 >= col_max[nn12])
+    return xy1[mutual], xy2[nn12[mutual]]
 
 
 def overlap_ratio(D1: np.ndarray, D2: np.ndarray, stride: int = 8,

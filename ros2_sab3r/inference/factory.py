@@ -1,40 +1,194 @@
-"""Backend selection from ``model.*`` parameters; the pipeline and node never know which runs."""
+"""Backend selection from ``model.*`` parameters; the pipeline and node never know which runs.
+
+``load_model(ModelConfig) -> LoadedModel`` builds
+
+- ``torch``: :class:`~ros2_sab3r.inference.torch_backend.TorchBackend` from ``model.checkpoint``
+  (checkpoint file, directory or Hugging Face repo id);
+- ``onnxruntime``: :class:`~ros2_sab3r.inference.ort_backend.OnnxRuntimeBackend` from an
+  ``sab3r-export`` directory in ``model.checkpoint``;
+- ``tensorrt``: :class:`~ros2_sab3r.inference.trt_backend.TensorRTBackend` from the same export
+  directory (engines built on first use and cached, see ``sab3r-build-engine``);
+- ``'package.module:Class'``: ``Class.from_config(model)`` (the package's stand-ins);
+
+plus the CLIP text encoder. Every failure is a :class:`BackendUnavailable` saying what to set;
+nothing here downloads.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 import importlib
+import logging
+from pathlib import Path
 from typing import Any
 
 from ros2_sab3r.config import ModelConfig
+from ros2_sab3r.inference.base import Backend, BackendUnavailable
 from ros2_sab3r.types import TextEncoder
 
+log = logging.getLogger(__name__)
+
 BUILTIN_BACKENDS = ('torch', 'onnxruntime', 'tensorrt')
-
-
-class BackendUnavailable(RuntimeError):
-    """The configured backend cannot be created; the message says why and what to set."""
+CLIP_MODEL = 'ViT-B-16'
+# Text tower weights looked for beside the checkpoint / in the export directory.
+TEXT_WEIGHT_PATTERNS = ('open_clip*.safetensors', 'open_clip*.bin', 'text_encoder*.safetensors',
+                        'text_encoder*.bin', 'text_encoder*.pt', 'text_encoder*.pth')
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    backend: Any  # implements ros2_sab3r.pipeline.Backend
+    backend: Backend
     text_encoder: TextEncoder
     description: str  # for logs and PerceptionStatus.backend
 
 
-def _import_class(path: str):
+def _import_class(path: str, what: str = 'model.backend'):
     module_name, _, attr = path.partition(':')
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise BackendUnavailable(f'model.backend={path!r}: cannot import {module_name}: {err}'
+        raise BackendUnavailable(f'{what}={path!r}: cannot import {module_name}: {err}'
                                  ) from err
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        raise BackendUnavailable(f'model.backend={path!r}: {module_name} has no {attr!r}'
-                                 ) from err
+        raise BackendUnavailable(f'{what}={path!r}: {module_name} has no {attr!r}') from err
+
+
+def _plugin(model: ModelConfig) -> LoadedModel:
+    cls = _import_class(model.backend)
+    factory = getattr(cls, 'from_config', None)
+    if factory is None:
+        raise BackendUnavailable(
+            f'model.backend={model.backend!r} has no from_config(model_config) class method')
+    try:
+        backend = factory(model)
+    except (ValueError, OSError) as err:
+        raise BackendUnavailable(f'model.backend={model.backend!r}: {err}') from err
+    text = getattr(backend, 'text_encoder', None)
+    if text is None:
+        raise BackendUnavailable(
+            f'model.backend={model.backend!r} brings no text encoder; set model.text_encoder')
+    return LoadedModel(backend, text, f'{getattr(backend, "name", model.backend)} '
+                                      f'({getattr(backend, "device", "cpu")})')
+
+
+def _cached_open_clip_weights(tag: str) -> Path | None:
+    """The local Hugging Face cache file of an open_clip pretrained tag, or None (no download)."""
+    from huggingface_hub import try_to_load_from_cache
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, tag) or {}
+    hub = cfg.get('hf_hub', '').strip('/')
+    if not hub:
+        return None
+    parts = hub.split('/')
+    repo_id = '/'.join(parts[:2])
+    # 'org/repo/' names the default files; 'org/repo/file.bin' one file.
+    names = (['/'.join(parts[2:])] if len(parts) > 2 else
+             ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin'])
+    for name in names:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
+                      ) -> TextEncoder:
+    """The text encoder named by ``model.text_encoder`` (see its parameter description)."""
+    spec = model.text_encoder.strip()
+    if ':' in spec and not Path(spec).expanduser().exists():
+        cls = _import_class(spec, 'model.text_encoder')
+        encoder = cls(dim=clip_dim) if clip_dim else cls()
+    else:
+        path = None
+        if not spec:
+            candidates = [] if search_dir is None else sorted(
+                {p for pat in TEXT_WEIGHT_PATTERNS for p in search_dir.glob(pat)})
+            if len(candidates) != 1:
+                where = search_dir or 'the checkpoint directory'
+                found = f' (found {[c.name for c in candidates]})' if candidates else ''
+                raise BackendUnavailable(
+                    f'no CLIP text encoder: model.text_encoder is empty and {where} holds no '
+                    f'single open_clip*/text_encoder* weights file{found}. On a connected '
+                    f'machine get the open_clip {CLIP_MODEL} weights the SAB3R CLIP head was '
+                    'distilled from (e.g. open_clip_pytorch_model.bin of '
+                    'laion/CLIP-ViT-B-16-laion2B-s34B-b88K) and set model.text_encoder to the '
+                    'file or put it beside the checkpoint')
+            path = candidates[0]
+        elif Path(spec).expanduser().is_file():
+            path = Path(spec).expanduser()
+        elif '/' in spec or Path(spec).suffix:
+            raise BackendUnavailable(
+                f'model.text_encoder={spec!r}: no such file; give the local path of the open_clip '
+                f'{CLIP_MODEL} weights')
+        else:
+            try:
+                path = _cached_open_clip_weights(spec)
+            except Exception as exc:  # noqa: BLE001 - unknown tag, hub library missing
+                raise BackendUnavailable(
+                    f'model.text_encoder={spec!r} is not a known open_clip {CLIP_MODEL} '
+                    f'pretrained tag ({exc})') from None
+            if path is None:
+                raise BackendUnavailable(
+                    f'model.text_encoder={spec!r}: the open_clip {CLIP_MODEL} weights of this '
+                    'tag are not in the local Hugging Face cache and nothing is downloaded at run '
+                    'time; download them on a connected machine (open_clip.create_model('
+                    f"'{CLIP_MODEL}', pretrained='{spec}')) or set model.text_encoder to a file")
+        from ros2_sab3r.model.text import ClipTextEncoder, TextEncoderError
+
+        try:
+            encoder = ClipTextEncoder.from_pretrained(str(path), CLIP_MODEL,
+                                                      device=model.device)
+        except TextEncoderError as exc:
+            raise BackendUnavailable(f'text encoder: {exc}') from None
+    if clip_dim and encoder.dim != clip_dim:
+        raise BackendUnavailable(
+            f'text encoder dimension {encoder.dim} does not match the CLIP head ({clip_dim}); '
+            'model.text_encoder must be the CLIP model the head was distilled into')
+    return encoder
+
+
+def _checkpoint_dir(model: ModelConfig) -> Path | None:
+    path = Path(model.checkpoint).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    return None  # a Hugging Face repo id
+
+
+def _torch_backend(model: ModelConfig):
+    try:
+        import torch
+
+        from ros2_sab3r.inference.torch_backend import TorchBackend
+        from ros2_sab3r.model.checkpoint import CheckpointError, load_network
+    except ImportError as exc:
+        raise BackendUnavailable(f'the torch backend needs torch: {exc}') from None
+    if model.cpu_threads:
+        torch.set_num_threads(model.cpu_threads)
+    try:
+        net = load_network(model.checkpoint, device='cpu')
+    except CheckpointError as exc:
+        raise BackendUnavailable(f'model.checkpoint: {exc}') from None
+    return TorchBackend(net, (model.image_height, model.image_width), model.device, model.dtype,
+                        model.cuda_graphs)
+
+
+def _ort_backend(model: ModelConfig):
+    from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+
+    opts = OrtOptions(device=model.device, dtype=model.dtype, threads=model.cpu_threads,
+                      optimization=model.ort_optimization)
+    return OnnxRuntimeBackend(model.checkpoint, (model.image_height, model.image_width), opts)
+
+
+def _trt_backend(model: ModelConfig):
+    from ros2_sab3r.inference.trt_backend import TensorRTBackend
+
+    return TensorRTBackend.from_config(model)
 
 
 def load_model(model: ModelConfig) -> LoadedModel:
@@ -44,26 +198,21 @@ def load_model(model: ModelConfig) -> LoadedModel:
     ``Class.from_config(model)`` and may carry its own ``text_encoder`` (stand-ins do).
     """
     if ':' in model.backend:
-        cls = _import_class(model.backend)
-        factory = getattr(cls, 'from_config', None)
-        if factory is None:
-            raise BackendUnavailable(
-                f'model.backend={model.backend!r} has no from_config(model_config) class method')
-        try:
-            backend = factory(model)
-        except (ValueError, OSError) as err:
-            raise BackendUnavailable(f'model.backend={model.backend!r}: {err}') from err
-        text = getattr(backend, 'text_encoder', None)
-        if text is None:
-            raise BackendUnavailable(
-                f'model.backend={model.backend!r} brings no text encoder; set '
-                'model.text_encoder')
-        return LoadedModel(backend, text, f'{getattr(backend, "name", model.backend)} '
-                                          f'({getattr(backend, "device", "cpu")})')
+        return _plugin(model)
+    if model.backend not in BUILTIN_BACKENDS:
+        raise BackendUnavailable(f'model.backend={model.backend!r} is not one of '
+                                 f'{", ".join(BUILTIN_BACKENDS)} nor a module:Class path')
     if not model.checkpoint:
         raise BackendUnavailable(
-            'no model loaded: model.checkpoint is empty (give a SAB3R/MASt3R checkpoint, a '
-            'Hugging Face repo id or an ONNX/engine directory)')
-    raise BackendUnavailable(
-        f'the {model.backend!r} inference backend is not part of this build yet; '
-        f'model.checkpoint={model.checkpoint!r} was not loaded')
+            'no model loaded: model.checkpoint is empty (give a SAB3R/MASt3R checkpoint or '
+            'Hugging Face repo id for torch, an sab3r-export directory for onnxruntime and '
+            'tensorrt)')
+    for name, value in (('model.image_height', model.image_height),
+                        ('model.image_width', model.image_width)):
+        if value % 16:
+            raise BackendUnavailable(f'{name}={value} must be a multiple of 16 (the patch size)')
+    make = {'torch': _torch_backend, 'onnxruntime': _ort_backend, 'tensorrt': _trt_backend}
+    backend: Any = make[model.backend](model)
+    text = load_text_encoder(model, backend.clip_dim, _checkpoint_dir(model))
+    log.info('loaded %s at %dx%d', backend.name, *backend.input_size)
+    return LoadedModel(backend, text, f'{backend.name} ({backend.device})')

@@ -24,7 +24,7 @@ from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 FORMAT = 'ros2_sab3r.semantic_map'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CLIP features as bfloat16 bit patterns ('clip_bf16', uint16)
 
 # name -> (dtype, trailing shape; None: the feature dimension from the metadata)
 _ARRAYS = {
@@ -114,7 +114,7 @@ def read_map(path: str | os.PathLike, cfg: MappingConfig, clip_dim: int) -> MapF
     n = int(meta.get('n_voxels', -1))
     expected = dict(_ARRAYS)
     if clip_dim:
-        expected['clip'] = (np.float16, (clip_dim,))
+        expected['clip_bf16'] = (np.uint16, (clip_dim,))
     dino_dim = int(meta.get('dino_dim', 0) or 0)
     if dino_dim and cfg.fuse_dino:
         expected['dino'] = (np.float16, (dino_dim,))

@@ -47,6 +47,57 @@ class LocateError(ValueError):
     """A Locate request that cannot be answered (bad input, empty map); the message says why."""
 
 
+def validate_query(query: LocateQuery, config: QueryConfig) -> LocateQuery:
+    """Check a Locate request; returns it with whitespace-normalised strings.
+
+    Raises LocateError naming the field and the fix. Shared by QueryEngine and the node (which
+    rejects a bad request before it reaches the pipeline).
+    """
+    cfg = config
+
+    def clean(values, what: str) -> tuple[str, ...]:
+        if isinstance(values, str) or not isinstance(values, (list, tuple)):
+            raise LocateError(f'{what} must be a list of strings, got {type(values).__name__}')
+        out = []
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise LocateError(f'{what}[{i}] must be a string, got {type(v).__name__}')
+            try:
+                v.encode('utf-8')
+            except UnicodeEncodeError as exc:
+                raise LocateError(f'{what}[{i}] is not valid UTF-8 text: {exc}') from None
+            v = ' '.join(v.split())
+            if not v:
+                raise LocateError(f'{what}[{i}] is empty; give a word or phrase')
+            if len(v) > cfg.max_query_chars:
+                raise LocateError(
+                    f'{what}[{i}] has {len(v)} characters, more than query.max_query_chars='
+                    f'{cfg.max_query_chars}')
+            out.append(v)
+        return tuple(out)
+
+    queries = clean(query.queries, 'queries')
+    if not queries:
+        raise LocateError('no queries given; ask for at least one thing, e.g. ["chair"]')
+    if len(queries) > cfg.max_queries:
+        raise LocateError(f'{len(queries)} queries in one request, more than '
+                          f'query.max_queries={cfg.max_queries}; split the request')
+    negatives = clean(query.negatives, 'negatives')
+    if len(negatives) > cfg.max_queries:
+        raise LocateError(f'{len(negatives)} negatives, more than query.max_queries='
+                          f'{cfg.max_queries}')
+    labels = tuple(query.labels)
+    if labels and len(labels) != len(queries):
+        raise LocateError(f'labels has {len(labels)} entries for {len(queries)} queries; give '
+                          'one per query or none')
+    if not isinstance(query.top_k, (int, np.integer)) or not 0 <= query.top_k <= 1000:
+        raise LocateError(f'top_k={query.top_k!r} must be an integer in [0, 1000]')
+    if not (np.isfinite(query.min_score) and 0.0 <= query.min_score <= 1.0):
+        raise LocateError(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
+    return LocateQuery(queries=queries, negatives=negatives, top_k=int(query.top_k),
+                       min_score=float(query.min_score), labels=labels)
+
+
 class QueryEngine:
     """Answers LocateQuery requests on MapSnapshots. Thread-safe; keeps a text-embedding cache."""
 
@@ -82,50 +133,8 @@ class QueryEngine:
 
     # ----------------------------------------------------------------------------- validate
     def validate(self, query: LocateQuery) -> LocateQuery:
-        """Check a request; returns it with stripped strings. Raises LocateError."""
-        cfg = self.cfg
-
-        def clean(values, what: str) -> tuple[str, ...]:
-            if isinstance(values, str) or not isinstance(values, (list, tuple)):
-                raise LocateError(f'{what} must be a list of strings, got {type(values).__name__}')
-            out = []
-            for i, v in enumerate(values):
-                if not isinstance(v, str):
-                    raise LocateError(f'{what}[{i}] must be a string, got {type(v).__name__}')
-                try:
-                    v.encode('utf-8')
-                except UnicodeEncodeError as exc:
-                    raise LocateError(f'{what}[{i}] is not valid UTF-8 text: {exc}') from None
-                v = ' '.join(v.split())
-                if not v:
-                    raise LocateError(f'{what}[{i}] is empty; give a word or phrase')
-                if len(v) > cfg.max_query_chars:
-                    raise LocateError(
-                        f'{what}[{i}] has {len(v)} characters, more than query.max_query_chars='
-                        f'{cfg.max_query_chars}')
-                out.append(v)
-            return tuple(out)
-
-        queries = clean(query.queries, 'queries')
-        if not queries:
-            raise LocateError('no queries given; ask for at least one thing, e.g. ["chair"]')
-        if len(queries) > cfg.max_queries:
-            raise LocateError(f'{len(queries)} queries in one request, more than '
-                              f'query.max_queries={cfg.max_queries}; split the request')
-        negatives = clean(query.negatives, 'negatives')
-        if len(negatives) > cfg.max_queries:
-            raise LocateError(f'{len(negatives)} negatives, more than query.max_queries='
-                              f'{cfg.max_queries}')
-        labels = tuple(query.labels)
-        if labels and len(labels) != len(queries):
-            raise LocateError(f'labels has {len(labels)} entries for {len(queries)} queries; give '
-                              'one per query or none')
-        if not isinstance(query.top_k, (int, np.integer)) or not 0 <= query.top_k <= 1000:
-            raise LocateError(f'top_k={query.top_k!r} must be an integer in [0, 1000]')
-        if not (np.isfinite(query.min_score) and 0.0 <= query.min_score <= 1.0):
-            raise LocateError(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
-        return LocateQuery(queries=queries, negatives=negatives, top_k=int(query.top_k),
-                           min_score=float(query.min_score), labels=labels)
+        """Check a request against this engine's config (see :func:`validate_query`)."""
+        return validate_query(query, self.cfg)
 
     # ------------------------------------------------------------------------------- locate
     def locate(self, snapshot: MapSnapshot, query: LocateQuery) -> LocateResult:
@@ -143,16 +152,18 @@ class QueryEngine:
         negatives = [n for n in dict.fromkeys(tuple(cfg.canonical_negatives) + q.negatives)]
         texts = list(dict.fromkeys(q.queries)) + negatives
         E = self.embed(texts)
-        sims = snapshot.cosine(E)  # (N, T)
+        sims = snapshot.cosine(E)  # (T, N)
         has_feature = snapshot.clip_weights > 0
         col = {t: i for i, t in enumerate(texts)}
         objects: list[LocatedObject] = []
+        best = np.zeros(snapshot.n_voxels, dtype=np.float32)  # (N,) max relevancy over queries
         for i, text in enumerate(q.queries):
             label = q.labels[i] if q.labels else text
-            neg_cols = [col[n] for n in negatives if n != text]
-            s_q = sims[:, col[text]]
-            relevancy = self._relevancy(s_q, sims[:, neg_cols])
+            neg_rows = [col[n] for n in negatives if n != text]
+            s_q = sims[col[text]]
+            relevancy = self._relevancy(s_q, sims, neg_rows)
             relevancy[~has_feature] = 0.0
+            np.maximum(best, relevancy, out=best, casting='unsafe')
             member = self._members(s_q, relevancy, has_feature, min_score)
             found = self._instances(snapshot, member)
             objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, min_score))
@@ -160,18 +171,25 @@ class QueryEngine:
         return LocateResult(objects=tuple(objects), map_stamp_ns=snapshot.stamp_ns,
                             frame=snapshot.frame,
                             message=f'{len(q.queries)} queries, {n_found} objects, map of '
-                                    f'{snapshot.n_voxels} voxels')
+                                    f'{snapshot.n_voxels} voxels', relevancy=best)
 
-    def _relevancy(self, s_q: np.ndarray, s_neg: np.ndarray) -> np.ndarray:
-        """(N,) min over negatives of exp(q/T) / (exp(q/T) + exp(neg/T)).
+    def _relevancy(self, s_q: np.ndarray, sims: np.ndarray, neg_rows: list[int]) -> np.ndarray:
+        """(N,) min over negatives (rows of sims (T, N)) of exp(q/T) / (exp(q/T) + exp(neg/T)).
 
         The minimum over negatives of that pairwise softmax is the one against the most similar
         negative, so only the max negative similarity is needed.
         """
-        if s_neg.shape[1] == 0:
+        if not neg_rows:
             return np.ones_like(s_q)
-        margin = (s_q - s_neg.max(axis=1)) / self.cfg.temperature
-        return 1.0 / (1.0 + np.exp(-np.clip(margin, -50, 50)))
+        margin = sims[neg_rows[0]].copy()
+        for r in neg_rows[1:]:
+            np.maximum(margin, sims[r], out=margin)
+        np.subtract(s_q, margin, out=margin)
+        margin *= -1.0 / self.cfg.temperature
+        np.clip(margin, -50, 50, out=margin)
+        np.exp(margin, out=margin)
+        margin += 1.0
+        return np.reciprocal(margin, out=margin)
 
     def _members(self, s_q: np.ndarray, relevancy: np.ndarray, has_feature: np.ndarray,
                  min_score: float) -> np.ndarray:
@@ -197,7 +215,7 @@ class QueryEngine:
         cand = np.flatnonzero(member)
         if len(cand) < self.cfg.min_instance_voxels:
             return []
-        keys = snap.keys[cand]
+        keys = snap.take('keys', cand)
         order = np.argsort(keys)
         keys_sorted = keys[order]
         src, dst = [], []
@@ -247,13 +265,14 @@ class QueryEngine:
         out = []
         for k in order[:top_k]:
             rows = instances[k]
-            P = snap.positions[rows]
+            P = snap.take('pos', rows)  # (n, 3) float32
             # Unweighted: each voxel is a patch of observed surface; fused weights say how often
             # a patch was seen, which would pull the centre towards the most viewed side.
             centroid = P.astype(np.float64).mean(axis=0)
             box = fit_box(P, snap.gravity, min_size=snap.voxel_size)
             out.append(LocatedObject(
                 query=text, label=label, status=status, score=float(scores[k]),
-                centroid=centroid, box=box, points=P.copy(), colors=snap.colors[rows].copy(),
-                last_seen_ns=int(snap.last_seen_ns[rows].max())))
+                centroid=centroid, box=box, points=P,
+                colors=np.clip(np.rint(snap.take('color', rows)), 0, 255).astype(np.uint8),
+                last_seen_ns=int(snap.take('last_seen', rows).max())))
         return out

@@ -191,3 +191,12 @@ def poses_to_msgs(header: Header, T_WCs: list[np.ndarray]) -> tuple[PoseArray, P
     poses = [pose_from_matrix(T) for T in T_WCs]
     path = Path(header=header, poses=[PoseStamped(header=header, pose=p) for p in poses])
     return PoseArray(header=header, poses=poses), path
+
+
+def relevancy_colors(relevancy: np.ndarray) -> np.ndarray:
+    """(N,) relevancy in [0, 1] -> (N, 3) uint8 colours of matplotlib's 'turbo' map (blue: not
+    relevant, red: most relevant)."""
+    from matplotlib import colormaps  # imported on the first Locate, not at node start
+
+    rgba = colormaps['turbo'](np.clip(np.nan_to_num(relevancy), 0.0, 1.0))
+    return (rgba[:, :3] * 255.0 + 0.5).astype(np.uint8)

@@ -15,6 +15,7 @@ from rcl_interfaces.msg import (
     ParameterDescriptor,
     ParameterType,
 )
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -61,11 +62,24 @@ def descriptor_for(info: ParamInfo) -> ParameterDescriptor:
     return d
 
 
-def declare_parameters(node: Node) -> None:
-    """Declare every configuration parameter on the node (overrides come from --params-file)."""
+def declare_parameters(node: Node) -> list[str]:
+    """Declare every configuration parameter on the node (overrides come from --params-file).
+
+    A value from the params file or the command line that breaks its declared type or range
+    would make rclpy raise out of the constructor, killing the node with a traceback. Such a
+    parameter is declared with its default instead and the problem returned, so the node stays
+    up and refuses to configure with a message naming the parameter.
+    """
+    problems = []
     for info in param_infos():
         default = list(info.default) if isinstance(info.default, tuple) else info.default
-        node.declare_parameter(info.name, default, descriptor_for(info))
+        descriptor = descriptor_for(info)
+        try:
+            node.declare_parameter(info.name, default, descriptor)
+        except (InvalidParameterTypeException, InvalidParameterValueException) as err:
+            problems.append(f'{info.name}: {err}')
+            node.declare_parameter(info.name, default, descriptor, ignore_override=True)
+    return problems
 
 
 def read_config(node: Node, overrides: dict[str, Any] | None = None) -> PerceptionConfig:

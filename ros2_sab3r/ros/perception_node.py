@@ -38,7 +38,7 @@ from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
-from ros2_sab3r.query.engine import LocateError
+from ros2_sab3r.query.engine import LocateError, validate_query
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
@@ -53,26 +53,6 @@ _STATE_NAMES = {
     StateMsg.PRIMARY_STATE_ACTIVE: 'active',
     StateMsg.PRIMARY_STATE_FINALIZED: 'finalized',
 }
-
-
-def check_locate_request(queries: list[str], negatives: list[str], top_k: int,
-                         min_score: float, max_queries: int) -> str | None:
-    """Why a Locate request cannot be answered as asked, or None when it is well-formed."""
-    if not queries:
-        return 'queries is empty: give at least one text query, e.g. ["dresser"]'
-    if len(queries) > max_queries:
-        return (f'{len(queries)} queries in one request; at most {max_queries} '
-                '(parameter query.max_queries)')
-    blank = [i for i, q in enumerate(queries) if not q.strip()]
-    if blank:
-        return f'queries {blank} are blank; every query needs some text'
-    if any(not n.strip() for n in negatives):
-        return 'negatives contains a blank phrase'
-    if top_k < 0:
-        return f'top_k={top_k} is negative; use 0 for the node default'
-    if not np.isfinite(min_score) or not 0.0 <= min_score <= 1.0:
-        return f'min_score={min_score} must be in [0, 1]; use 0 for the node default'
-    return None
 
 
 class _CameraInput:
@@ -90,7 +70,7 @@ class PerceptionNode(LifecycleNode):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        declare_parameters(self)
+        self._parameter_problems = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._cfg: PerceptionConfig | None = None
         self._lock = threading.Lock()  # guards the counters and camera buffers
@@ -134,6 +114,11 @@ class PerceptionNode(LifecycleNode):
 
     # ---- lifecycle --------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._parameter_problems:
+            self.get_logger().error(
+                'invalid parameters (the defaults stand in until fixed; see config/'
+                'perception.yaml for types and ranges): ' + '; '.join(self._parameter_problems))
+            return TransitionCallbackReturn.FAILURE
         try:
             self._cfg = read_config(self)
         except ValueError as err:
@@ -149,6 +134,7 @@ class PerceptionNode(LifecycleNode):
             'poses': self.create_publisher(PoseArray, '~/keyframe_poses', qos.LATCHED),
             'path': self.create_publisher(Path, '~/trajectory', qos.LATCHED),
             'markers': self.create_publisher(MarkerArray, '~/located_objects', qos.LATCHED),
+            'relevancy': self.create_publisher(PointCloud2, '~/relevancy', qos.LATCHED),
             'tf': self.create_publisher(TFMessage, '/tf', 10),
         }
         if cfg.publish.map_rate_hz > 0:
@@ -184,6 +170,7 @@ class PerceptionNode(LifecycleNode):
             self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
             self._backend_name = loaded.description
             self.get_logger().info(f'backend: {loaded.description}')
+            self._warm_up(loaded.backend)
             self._stop.clear()
             self._worker = threading.Thread(target=self._work, name='sab3r-pipeline',
                                             daemon=True)
@@ -216,6 +203,19 @@ class PerceptionNode(LifecycleNode):
         self._subscriptions_active = subs
         self.get_logger().info('active: listening on ' + ', '.join(s.topic_name for s in subs))
         return super().on_activate(state)
+
+    def _warm_up(self, backend) -> None:
+        """Built-in backends run one pair on a grey frame before the cameras are subscribed, so
+        the first real frame does not pay for lazy initialisation (stand-ins have no warm_up)."""
+        warm_up = getattr(backend, 'warm_up', None)
+        if warm_up is None:
+            return
+        try:
+            ms = warm_up()
+        except Exception as err:  # noqa: BLE001  a failed warm-up is reported, frames decide
+            self.get_logger().warning(f'warm-up failed: {type(err).__name__}: {err}')
+        else:
+            self.get_logger().info(f'warm-up: one pair in {ms:.0f} ms')
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._drop_subscriptions()
@@ -451,20 +451,22 @@ class PerceptionNode(LifecycleNode):
                    ) -> Locate.Response:
         cfg = self._cfg
         assert cfg is not None
-        problem = check_locate_request(list(request.queries), list(request.negatives),
-                                       request.top_k, request.min_score, cfg.query.max_queries)
-        if problem is not None:
+        try:
+            query = validate_query(
+                LocateQuery(queries=tuple(request.queries), negatives=tuple(request.negatives),
+                            top_k=request.top_k, min_score=float(request.min_score)),
+                cfg.query)
+        except LocateError as err:
             response.success = False
-            response.message = f'bad request: {problem}'
+            response.message = f'bad request: {err}'
             return response
         if not self._map_exists():
             response.success = False
             response.message = self._no_map_reason()
             return response
-        query = LocateQuery(queries=tuple(request.queries), negatives=tuple(request.negatives),
-                            top_k=request.top_k, min_score=float(request.min_score))
+        snapshot = self._pipeline.snapshot()
         try:
-            result = self._pipeline.locate(query)
+            result = self._pipeline.locate(query, snapshot)
         except LocateError as err:
             response.success = False
             response.message = str(err)
@@ -487,7 +489,18 @@ class PerceptionNode(LifecycleNode):
                             f'query(ies)') + f' in frame {frame!r}{note}'
         if 'markers' in self._pubs:
             self._pubs['markers'].publish(messages.located_markers(list(response.objects)))
+        self._publish_relevancy(snapshot, result)
         return response
+
+    def _publish_relevancy(self, snapshot, result) -> None:
+        """The queried map coloured by the answer's relevancy (map frame, the map's stamp)."""
+        pub = self._pubs.get('relevancy')
+        if pub is None or result.relevancy is None:
+            return
+        header = Header(stamp=messages.stamp_from_ns(snapshot.stamp_ns), frame_id=snapshot.frame)
+        pub.publish(messages.arrays_to_cloud(
+            header, snapshot.positions, messages.relevancy_colors(result.relevancy),
+            extra={'relevancy': result.relevancy}))
 
     def _on_save_map(self, request: SaveMap.Request, response: SaveMap.Response
                      ) -> SaveMap.Response:
@@ -568,6 +581,7 @@ class PerceptionNode(LifecycleNode):
             msg.frames_received = self._received
             msg.frames_processed = self._processed
             msg.frames_dropped = self._dropped
+            msg.frames_queued = sum(len(cam.frames) for cam in self._cameras)
         self._status_pub.publish(msg)
 
 

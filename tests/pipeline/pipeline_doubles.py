@@ -64,3 +64,23 @@ class CorruptingBackendDouble:
             v1 = dataclasses.replace(v1, X=X1)
             v2 = dataclasses.replace(v2, X=X2)
         return dataclasses.replace(pred, view1=v1, view2=v2)
+
+
+class FinerDinoBackendDouble(CorruptingBackendDouble):
+    """Wraps a backend and returns its DINO features on a grid twice as fine as the CLIP one
+    (real heads may differ in stride)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, set(), 'none')
+        self.name = f'finer-dino({inner.name})'
+
+    def decode(self, a, b):
+        import dataclasses
+
+        pred = self.inner.decode(a, b)
+
+        def finer(v):
+            S = v.S_dino.repeat(2, axis=0).repeat(2, axis=1)
+            return dataclasses.replace(v, S_dino=S)
+
+        return dataclasses.replace(pred, view1=finer(pred.view1), view2=finer(pred.view2))

@@ -17,10 +17,18 @@ from ros2_sab3r.frames.keyframes import KeyframeWindow, WindowKeyframe
 from ros2_sab3r.geometry.boxes import box_iou, fit_box
 from ros2_sab3r.geometry.focal import estimate_focal
 from ros2_sab3r.geometry.matching import overlap_ratio
+from ros2_sab3r.geometry.refine import PairConstraint, refine_keyframe
 from ros2_sab3r.geometry.registration import RegistrationError, umeyama
+from ros2_sab3r.geometry.transforms import make_T, pose_distance
 from ros2_sab3r.mapping.persistence import MapFileError, map_from_file, read_map, save_map
-from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap, pack_keys, unpack_keys
-from ros2_sab3r.query.engine import LocateError, QueryEngine
+from ros2_sab3r.mapping.semantic_map import (
+    SemanticVoxelMap,
+    bf16_decode,
+    bf16_encode,
+    pack_keys,
+    unpack_keys,
+)
+from ros2_sab3r.query.engine import LocateError, QueryEngine, validate_query
 from ros2_sab3r.types import CameraFrame, LocateQuery, OrientedBox
 
 pytestmark = pytest.mark.unit
@@ -229,3 +237,74 @@ def test_query_finds_a_labelled_blob_and_not_the_rest():
     assert np.allclose(mug.centroid, [0.5, 0.5, 0.5], atol=1e-5)
     assert np.allclose(np.sort(mug.box.size), [0.9, 0.9, 0.9], atol=1e-5)
     assert sofa.status == 'NOT_FOUND'
+
+
+def test_refinement_recovers_pose_and_pair_scales():
+    rng = np.random.default_rng(2)
+    T_true = make_T(Rotation.from_rotvec([0.1, -0.2, 0.05]).as_matrix(), [0.5, -0.2, 1.0])
+    pairs, scales = [], [0.7, 1.3, 2.0]
+    for s in scales:  # Q: points in the new camera at pair scale; Y: the same in the world
+        Y = rng.uniform(-2, 2, (300, 3)) + [0, 0, 4]
+        Q = (Y - T_true[:3, 3]) @ T_true[:3, :3] / s
+        pairs.append(PairConstraint(Q, Y, rng.uniform(1, 5, 300), s * 1.1))
+    Y_out = pairs[0].Y_W.copy()
+    Y_out[:20] += 1.0  # outliers: the Huber loss must keep them from pulling the pose
+    pairs[0] = PairConstraint(pairs[0].Q, Y_out, pairs[0].w, pairs[0].scale)
+    T0 = make_T(Rotation.from_rotvec([0.12, -0.17, 0.0]).as_matrix(), [0.6, -0.1, 0.9])
+    res = refine_keyframe(T0, pairs, 30, robust_scale=0.02)
+    dt, dr = pose_distance(res.T_WC, T_true)
+    assert dt < 1e-3 and dr < 0.05
+    assert np.allclose(res.scales, scales, rtol=1e-3)
+    assert res.iterations <= 30
+
+
+def test_bfloat16_features_and_cosine():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = bf16_decode(bf16_encode(x))
+    assert np.abs(y - x).max() <= np.abs(x).max() * 2 ** -8  # 8 mantissa bits, rounded
+    assert np.array_equal(bf16_decode(bf16_encode(y)), y)  # representable values are exact
+    # map cosine (bf16 product per block, stored norms) against a float64 reference
+    m = SemanticVoxelMap(MappingConfig(voxel_size_m=0.1, max_voxels=10_000), clip_dim=16)
+    X = rng.uniform(0, 5, (6000, 3)).astype(np.float32)
+    S = rng.normal(size=(50, 16)).astype(np.float32)
+    cells = rng.integers(-1, 50, 6000)  # -1: some points carry no feature
+    m.integrate(X, np.full(6000, 3.0, np.float32), np.zeros((6000, 3), np.uint8), 1, cells, S)
+    snap = m.snapshot()
+    E = rng.normal(size=(3, 16))
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    F = snap.features('clip').astype(np.float64)
+    norm = np.linalg.norm(F, axis=1)
+    ref = np.where(norm > 0, (F @ E.T).T / np.maximum(norm, 1e-12), 0.0)
+    sims = snap.cosine(E)
+    assert sims.shape == (3, snap.n_voxels)
+    assert np.abs(sims - ref).max() < 1e-2
+    assert (sims[:, snap.clip_weights == 0] == 0).all()
+    rows = np.array([5, 0, 17])
+    assert np.array_equal(snap.take('pos', rows), snap.positions[rows])
+
+
+def test_validate_query_is_shared_with_the_engine():
+    cfg = QueryConfig(max_queries=2)
+    q = validate_query(LocateQuery(queries=('  red   chair ',)), cfg)
+    assert q.queries == ('red chair',)
+    with pytest.raises(LocateError, match='query.max_queries=2'):
+        validate_query(LocateQuery(queries=('a', 'b', 'c')), cfg)
+    with pytest.raises(LocateError, match='empty'):
+        QueryEngine(cfg, HashTextEncoderDouble(8)).validate(LocateQuery(queries=(' ',)))
+
+
+def test_dino_and_clip_features_on_different_grids(scene, frames, text_encoder):
+    from conftest import make_backend, make_pipeline, run
+    from pipeline_doubles import FinerDinoBackendDouble
+
+    from ros2_sab3r.pipeline import resample_cells
+
+    S = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)
+    np.testing.assert_array_equal(resample_cells(S.repeat(2, 0).repeat(2, 1), (4, 6)), S)
+    backend = FinerDinoBackendDouble(make_backend(scene, frames[:8], text_encoder))
+    pipeline = make_pipeline(backend, text_encoder, posed=True)
+    results = run(pipeline, frames[:8], posed=True)
+    assert all(r.status != 'skipped' for r in results), [r.reason for r in results]
+    snap = pipeline.snapshot()
+    assert snap.n_voxels > 1000 and snap.features('dino') is not None

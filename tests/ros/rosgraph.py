@@ -20,7 +20,8 @@ PARAMS = ROOT / 'config' / 'perception.yaml'
 class NodeProcess:
     """The node started as `python -m ros2_sab3r.ros.perception_node --ros-args ...`."""
 
-    def __init__(self, tmp_path: Path, overlay: str, name: str = 'perception_node') -> None:
+    def __init__(self, tmp_path: Path, overlay: str, name: str = 'perception_node',
+                 env: dict[str, str] | None = None) -> None:
         self.ns = f'/t{uuid.uuid4().hex[:8]}'
         self.name = f'{self.ns}/{name}'
         overlay_file = tmp_path / 'overlay.yaml'
@@ -31,7 +32,15 @@ class NodeProcess:
             [sys.executable, '-m', 'ros2_sab3r.ros.perception_node', '--ros-args',
              '--params-file', str(PARAMS), '--params-file', str(overlay_file),
              '-r', f'__ns:={self.ns}'],
-            stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ), cwd=ROOT)
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=ROOT)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the node process (Linux /proc)."""
+        for line in Path(f'/proc/{self.proc.pid}/status').read_text().splitlines():
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError('VmRSS not found')
 
     def log(self) -> str:
         if not self._log.closed:

@@ -86,11 +86,12 @@ def test_locate_says_truthfully_that_there_is_no_map(ros_node, running):
 
 
 @pytest.mark.parametrize('request_kwargs, expected', [
-    ({'queries': []}, 'queries is empty'),
-    ({'queries': ['  ']}, 'blank'),
+    ({'queries': []}, 'no queries given'),
+    ({'queries': ['  ']}, 'queries[0] is empty'),
     ({'queries': ['chair'], 'min_score': 1.5}, 'min_score'),
     ({'queries': ['chair'], 'top_k': -1}, 'top_k'),
-    ({'queries': ['q'] * 65}, 'at most 64'),
+    ({'queries': ['q'] * 65}, 'more than query.max_queries=64'),
+    ({'queries': ['chair'], 'negatives': ['']}, 'negatives[0] is empty'),
 ])
 def test_bad_locate_requests_get_a_reason(ros_node, running, request_kwargs, expected):
     res = call(ros_node, Locate, f'{running.name}/locate', Locate.Request(**request_kwargs))
@@ -168,6 +169,22 @@ def test_invalid_parameters_fail_configure_but_keep_the_node_up(ros_node, tmp_pa
         assert node_proc.proc.poll() is None
     finally:
         assert node_proc.stop() == 0, node_proc.log()
+
+
+def test_out_of_range_parameter_keeps_the_node_up_and_names_it(ros_node, tmp_path):
+    bad = OVERLAY.replace("camera_info_topics: ['NS/cam/camera_info']",
+                          "camera_info_topics: ['NS/cam/camera_info']\n      queue_size: 500")
+    assert 'queue_size: 500' in bad
+    node_proc = NodeProcess(tmp_path, bad)
+    try:
+        assert spin_until(ros_node, lambda: 'invalid parameters' in node_proc.log()
+                          or node_proc.proc.poll() is not None, timeout=60), node_proc.log()
+        state = call(ros_node, GetState, f'{node_proc.name}/get_state', GetState.Request())
+        assert state.current_state.id == State.PRIMARY_STATE_UNCONFIGURED
+        assert 'camera.queue_size' in node_proc.log() and node_proc.proc.poll() is None
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    assert 'Traceback' not in node_proc.log()
 
 
 def test_lifecycle_driven_by_a_manager(ros_node, tmp_path):

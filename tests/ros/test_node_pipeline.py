@@ -15,6 +15,7 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scrip
 from geometry_msgs.msg import PoseArray  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from ros2_sab3r.eval.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
@@ -116,6 +117,40 @@ def test_locate_present_and_absent(ros_node, replayed):
         assert min(best.box_size.x, best.box_size.y, best.box_size.z) > 0
     assert [(o.status, o.score) for o in answers['refrigerator']] == [
         (LocatedObject.STATUS_NOT_FOUND, 0.0)], res.message
+
+
+def test_locate_publishes_markers_and_relevancy(ros_node, replayed):
+    node_proc, scene, _, status, *_ = replayed
+    markers: list[MarkerArray] = []
+    relevancy: list[PointCloud2] = []
+    subs = [ros_node.create_subscription(MarkerArray, f'{node_proc.name}/located_objects',
+                                         markers.append, qos.LATCHED),
+            ros_node.create_subscription(PointCloud2, f'{node_proc.name}/relevancy',
+                                         relevancy.append, qos.LATCHED)]
+    label = scene.labels[0]
+    res = call(ros_node, Locate, f'{node_proc.name}/locate', Locate.Request(queries=[label]))
+    assert res.success, res.message
+    best = res.objects[0]
+    # published before the response: they may be here already, after a latched older answer
+    assert spin_until(ros_node, lambda: markers and relevancy, timeout=20)
+    spin_until(ros_node, lambda: False, timeout=1.0)
+    for sub in subs:
+        ros_node.destroy_subscription(sub)
+    boxes = [m for m in markers[-1].markers if m.action == m.ADD]
+    assert boxes and all(m.header.frame_id == 'map' for m in boxes)
+    assert all(m.header.stamp == best.header.stamp for m in boxes)
+    cloud = relevancy[-1]
+    assert cloud.header.frame_id == 'map' and cloud.header.stamp == best.header.stamp
+    assert cloud.width == status[-1].voxels
+    fields = messages.cloud_to_arrays(cloud)
+    r = fields['relevancy']
+    assert ((r >= 0) & (r <= 1)).all() and r.max() >= best.score - 1e-6
+    # the located object's voxels are the relevant ones: those near its centroid score higher
+    # than the map as a whole
+    xyz = np.stack([fields['x'], fields['y'], fields['z']], 1)
+    c = np.array([best.centroid.x, best.centroid.y, best.centroid.z])
+    near = np.linalg.norm(xyz - c, axis=1) < 0.3
+    assert near.any() and r[near].mean() > r.mean() + 0.2
 
 
 def test_target_frame_without_tf_says_which_frame(ros_node, replayed):

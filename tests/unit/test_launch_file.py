@@ -34,16 +34,23 @@ class LaunchConfigurationDouble:
         return context[self.name]
 
 
+ROOT = LAUNCH_FILE.parents[1]
+
+
+def _share_directory(pkg: str) -> str:
+    # the source tree has the same launch/ and config/ layout as the installed share directory
+    return str(ROOT) if pkg == 'ros2_sab3r' else f'/opt/ros/share/{pkg}'
+
+
 def _install_launch_doubles(monkeypatch):
     modules = {
         'launch': {'LaunchDescription': _Recorder},
         'launch.actions': {'DeclareLaunchArgument': _Recorder, 'OpaqueFunction': _Recorder},
         'launch.substitutions': {'LaunchConfiguration': LaunchConfigurationDouble},
         'launch_ros': {},
-        'launch_ros.actions': {'LifecycleNode': _Recorder},
+        'launch_ros.actions': {'LifecycleNode': _Recorder, 'Node': _Recorder},
         'ament_index_python': {},
-        'ament_index_python.packages': {
-            'get_package_share_directory': lambda pkg: f'/opt/ros/share/{pkg}'},
+        'ament_index_python.packages': {'get_package_share_directory': _share_directory},
     }
     for name, attrs in modules.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
@@ -65,12 +72,12 @@ def _run(module, **overrides):
     context = {name: kw['default_value'] for name, kw in declared.items()}
     context.update(overrides)
     opaque = entities[-1]
-    (node,) = opaque.kwargs['function'](context)
-    return declared, node.kwargs
+    node, *others = opaque.kwargs['function'](context)
+    return declared, node.kwargs, [o.kwargs for o in others]
 
 
 def test_documented_arguments(launch_module):
-    declared, _ = _run(launch_module)
+    declared, _, _ = _run(launch_module)
     for name in ('params_file', 'namespace', 'image_topics', 'backend', 'checkpoint',
                  'use_sim_time', 'log_level'):
         assert name in declared, name
@@ -79,10 +86,10 @@ def test_documented_arguments(launch_module):
 
 
 def test_node_and_overrides(launch_module):
-    _, node = _run(launch_module, image_topics='/a/image, /b/image', backend='onnxruntime',
+    _, node, others = _run(launch_module, image_topics='/a/image, /b/image', backend='onnxruntime',
                    use_sim_time='true', namespace='robot1', log_level='debug')
     assert node['package'] == 'ros2_sab3r' and node['executable'] == 'perception_node'
-    assert node['namespace'] == 'robot1'
+    assert node['namespace'] == 'robot1' and others == []  # no rviz unless asked
     params_file, overrides = node['parameters']
     assert params_file.endswith('perception.yaml')
     assert overrides['camera.image_topics'] == ['/a/image', '/b/image']
@@ -94,6 +101,19 @@ def test_node_and_overrides(launch_module):
 
 
 def test_empty_arguments_leave_params_file_in_charge(launch_module):
-    _, node = _run(launch_module)
+    _, node, _ = _run(launch_module)
     overrides = node['parameters'][1]
     assert 'model.backend' not in overrides and 'camera.image_topics' not in overrides
+
+
+def test_rviz_follows_the_node_namespace(launch_module):
+    _, _, (rviz,) = _run(launch_module, rviz='true', namespace='robot1', use_sim_time='true')
+    assert (rviz['package'], rviz['executable']) == ('rviz2', 'rviz2')
+    assert rviz['parameters'] == [{'use_sim_time': True}]
+    flag, path = rviz['arguments']
+    text = Path(path).read_text(encoding='utf-8')
+    Path(path).unlink()
+    assert flag == '-d' and 'Value: /robot1/perception_node/semantic_map' in text
+    assert 'Value: /perception_node/' not in text
+    _, _, (rviz,) = _run(launch_module, rviz='true')
+    assert rviz['arguments'][1] == str(ROOT / 'config' / 'perception.rviz')

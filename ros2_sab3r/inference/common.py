@@ -1,0 +1,97 @@
+"""Pieces every backend shares: frame preprocessing, the token handle, outputs by name.
+
+The decoder graph's outputs carry the official MASt3R names (``pts3d_1``, ``conf_1``, ``desc_1``,
+``desc_conf_1``, ``clip_1``, ``dino_1``, ``pts3d_in_other_view_2``, ...); :func:`pair_from_named`
+turns them into the pipeline's :class:`PairPrediction`, whichever runtime produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from ros2_sab3r.model.preprocess import fixed_crop
+from ros2_sab3r.types import CameraFrame, PairPrediction, ViewPrediction
+
+# Decoder output name -> (view, ViewPrediction field).
+OUTPUT_FIELDS: dict[str, tuple[int, str]] = {
+    'pts3d_1': (1, 'X'), 'conf_1': (1, 'C'), 'desc_1': (1, 'D'), 'desc_conf_1': (1, 'D_conf'),
+    'clip_1': (1, 'S_clip'), 'dino_1': (1, 'S_dino'),
+    'pts3d_in_other_view_2': (2, 'X'), 'conf_2': (2, 'C'), 'desc_2': (2, 'D'),
+    'desc_conf_2': (2, 'D_conf'), 'clip_2': (2, 'S_clip'), 'dino_2': (2, 'S_dino'),
+}
+REQUIRED_OUTPUTS = ('pts3d_1', 'conf_1', 'desc_1', 'desc_conf_1', 'pts3d_in_other_view_2',
+                    'conf_2', 'desc_2', 'desc_conf_2')
+
+
+@dataclass(frozen=True)
+class FrameTokens:
+    """What ``Backend.encode`` returns: encoder tokens of one frame, kept for its pairs."""
+
+    tokens: Any  # (1, N, enc_dim): torch tensor (torch backend) or float32 numpy array
+    image_size: tuple[int, int]  # (H, W) network input the tokens come from
+    stamp_ns: int  # of the frame, for error messages
+    owner: int  # id() of the backend that made them: tokens do not travel between backends
+
+
+def frame_pixels(frame: CameraFrame, input_size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: the frame resized to cover the network input and centre-cropped, the
+    same geometry the pipeline uses for intrinsics and colours (model.preprocess.fixed_crop)."""
+    crop = fixed_crop(frame.image.shape[:2], input_size)
+    return crop.apply(PIL.Image.fromarray(frame.image))
+
+
+def check_pair(owner: object, a: FrameTokens, b: FrameTokens) -> None:
+    for what, t in (('a', a), ('b', b)):
+        if not isinstance(t, FrameTokens) or t.owner != id(owner):
+            raise ValueError(
+                f'decode({what}): tokens were not made by this backend ({type(t).__name__}); '
+                'encode every frame with the backend that decodes it')
+
+
+def pair_from_named(named: Mapping[str, np.ndarray], image_size: tuple[int, int],
+                    extras: dict | None = None) -> PairPrediction:
+    """Decoder outputs by official name, batch first ((1, H, W, ...)), -> PairPrediction."""
+    missing = [n for n in REQUIRED_OUTPUTS if n not in named]
+    if missing:
+        raise ValueError(f'decoder outputs lack {missing}; re-export the model')
+    views: dict[int, dict[str, np.ndarray]] = {1: {}, 2: {}}
+    for name, array in named.items():
+        if name in OUTPUT_FIELDS:
+            view, field = OUTPUT_FIELDS[name]
+            views[view][field] = np.ascontiguousarray(array[0], dtype=np.float32)
+    return PairPrediction(view1=ViewPrediction(**views[1]), view2=ViewPrediction(**views[2]),
+                          image_size=tuple(image_size), extras=dict(extras or {}))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x512' (H x W) -> (384, 512)."""
+    h, sep, w = text.lower().partition('x')
+    try:
+        size = (int(h), int(w))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) <= 0:
+        raise ValueError(f'image size {text!r} must be HEIGHTxWIDTH, e.g. 384x512')
+    return size
+
+
+def warm_up(backend, runs: int = 1) -> float:
+    """Run `runs` encode + self-pair decode on a grey frame at the network input size, so that
+    the first real frame does not pay for lazy initialisation (allocator, kernels, engine
+    contexts). Returns the last run's time in milliseconds."""
+    import time
+
+    H, W = backend.input_size
+    frame = CameraFrame(stamp_ns=0, frame_id='warm_up', image=np.full((H, W, 3), 128, np.uint8))
+    ms = 0.0
+    for _ in range(max(1, runs)):
+        t = time.perf_counter()
+        tokens = backend.encode(frame)
+        backend.decode(tokens, tokens)
+        ms = 1e3 * (time.perf_counter() - t)
+    return ms

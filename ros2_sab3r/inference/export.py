@@ -1,0 +1,325 @@
+"""``sab3r-export``: the network as two static-shape ONNX graphs per image size, checked.
+
+The MASt3R-SLAM split: the encoder graph (image -> tokens) runs once per frame, the decoder +
+heads graph (tokens1, tokens2 -> every per-view output) once per ordered pair. Each image size is
+its own pair of graphs with static shapes, because:
+
+- RoPE tables are built from the patch grid as Python integers, so they are constants in the
+  graph (no ``positions.max()``-sized tables, no data-dependent shapes TensorRT would reject);
+- the official curope CUDA kernel is not used at all (it cannot be exported);
+- no in-place operation is traced (the layers are written without them).
+
+After export every graph is checked with ``onnx.checker``, inspected for ops with data-dependent
+shapes, and run in ONNX Runtime with the session options the backend uses (rotary fusions
+disabled, see :mod:`ros2_sab3r.inference.ort_backend`); every output is compared with torch
+against :data:`PARITY_TOLERANCES` and the figures are printed and written to the manifest. An
+export that runs but differs fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+import hashlib
+import logging
+from pathlib import Path
+import sys
+import warnings
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ros2_sab3r.inference.common import parse_size
+from ros2_sab3r.inference.manifest import (
+    DECODER_INPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    MANIFEST_NAME,
+    ExportError,
+    ExportManifest,
+    GraphPair,
+    file_sha256,
+)
+from ros2_sab3r.model.network import DecoderGraph, EncoderGraph, Sab3rNet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+DEFAULT_SIZES = ((384, 512), (288, 512))
+# Largest |ORT - torch| allowed per output, relative to the largest |torch| value of that output
+# (fp32 on CPU; the encoder error reaches the decoder, whose inputs are ORT's own tokens).
+# Measured on random-weight tiny and full-size networks: ~1e-6 (tiny) to ~1e-5 (ViT-L).
+PARITY_TOLERANCES: dict[str, float] = {
+    'tokens': 1e-4, 'pts3d': 1e-3, 'conf': 1e-3, 'desc': 1e-3, 'desc_conf': 1e-3,
+    'clip': 1e-3, 'dino': 1e-3,
+}
+# Ops whose output shape depends on data (or that hide control flow): none may appear.
+DYNAMIC_OPS = frozenset({'NonZero', 'Unique', 'Loop', 'If', 'Scan', 'Compress', 'Range'})
+
+
+def tolerance_for(output: str) -> float:
+    """'pts3d_in_other_view_2' -> the 'pts3d' tolerance, 'desc_conf_1' -> 'desc_conf', ..."""
+    base = output.rsplit('_', 1)[0] if output[-1].isdigit() else output
+    base = 'pts3d' if base.startswith('pts3d') else base
+    if base not in PARITY_TOLERANCES:
+        raise KeyError(f'no parity tolerance written down for output {output!r}')
+    return PARITY_TOLERANCES[base]
+
+
+def weights_sha256(net: Sab3rNet) -> str:
+    """Hash of the weights (names, dtypes, shapes, bytes): identifies what was exported."""
+    digest = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        t = t.detach().to('cpu').contiguous()
+        digest.update(f'{name}|{t.dtype}|{tuple(t.shape)}'.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ParityFigure:
+    output: str
+    max_abs: float  # max |ORT - torch|
+    rel: float  # max_abs / max |torch|
+    tol: float  # allowed rel
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.rel)) and self.rel <= self.tol
+
+    def line(self) -> str:
+        return (f'{self.output:<24s} max|diff| {self.max_abs:.3e}  rel {self.rel:.3e}  '
+                f'tol {self.tol:.0e}  {"ok" if self.ok else "FAIL"}')
+
+
+def compare(output: str, got: np.ndarray, want: np.ndarray) -> ParityFigure:
+    if got.shape != want.shape:
+        return ParityFigure(output, float('inf'), float('inf'), tolerance_for(output))
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    return ParityFigure(output, max_abs, max_abs / max(scale, 1e-12), tolerance_for(output))
+
+
+def ort_session_options(level: str = 'all', threads: int = 0):
+    """Session options shared by the export check and the ONNX Runtime backend."""
+    import onnxruntime as ort
+
+    levels = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker, static input/output shapes, no data-dependent-shape ops."""
+    import onnx
+
+    onnx.checker.check_model(str(path))  # by path: works for > 2 GB models with external data
+    model = onnx.load(str(path), load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or any(d.dim_value <= 0 for d in dims):
+            raise ExportError(f'{path.name}: {value.name} has a non-static shape '
+                              f'{[d.dim_param or d.dim_value for d in dims]}')
+    ops = {node.op_type for node in model.graph.node}
+    bad = sorted(ops & DYNAMIC_OPS)
+    if bad:
+        raise ExportError(f'{path.name}: ops with data-dependent shapes {bad}; TensorRT would '
+                          'reject the graph (are RoPE tables built from tensor values?)')
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: Sequence[str],
+            outputs: Sequence[str], opset: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The TorchScript exporter: static shapes from the example inputs, constant folding turns
+    # the RoPE tables into initialisers, and models over 2 GB get external data automatically.
+    # Its deprecation notices and the tracer's "shape read as a Python int" warnings are
+    # expected: static shapes are the point of this export (the dynamo exporter needs onnxscript).
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        torch.onnx.export(module, args, str(path), opset_version=opset,
+                          input_names=list(inputs), output_names=list(outputs),
+                          do_constant_folding=True, dynamo=False)
+
+
+def _example_image(size: tuple[int, int], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # A smooth random image in [-1, 1] (pure noise would be an unusual input for a real model).
+    low = torch.rand(1, 3, max(size[0] // 16, 1), max(size[1] // 16, 1), generator=gen)
+    img = torch.nn.functional.interpolate(low, size=size, mode='bilinear', align_corners=False)
+    return img * 2 - 1  # (1, 3, H, W)
+
+
+def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, int],
+                 output_names: Sequence[str], level: str = 'all', threads: int = 0,
+                 seed: int = 0) -> list[ParityFigure]:
+    """Run both graphs in ONNX Runtime (CPU) on two images; compare every output with torch."""
+    import onnxruntime as ort
+
+    from ros2_sab3r.inference.ort_backend import DISABLED_OPTIMIZERS
+
+    img1, img2 = _example_image(size, seed), _example_image(size, seed + 1)
+    with torch.inference_mode():
+        ref1, ref2 = net.encode(img1).tokens, net.encode(img2).tokens
+        ref_out = DecoderGraph(net, size)(ref1, ref2)
+    providers = ['CPUExecutionProvider']
+    enc = ort.InferenceSession(str(encoder), ort_session_options(level, threads),
+                               providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
+    t1 = enc.run(None, {'image': img1.numpy()})[0]
+    t2 = enc.run(None, {'image': img2.numpy()})[0]
+    del enc
+    figures = [compare('tokens', t1, ref1.float().numpy()),
+               compare('tokens', t2, ref2.float().numpy())]
+    figures = [max(figures, key=lambda f: f.rel)]
+    dec = ort.InferenceSession(str(decoder), ort_session_options(level, threads),
+                               providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
+    outs = dec.run(list(output_names), {'tokens1': t1, 'tokens2': t2})
+    for name, got, want in zip(output_names, outs, ref_out):
+        figures.append(compare(name, got, want.float().numpy()))
+    return figures
+
+
+def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
+                   opset: int = DEFAULT_OPSET, source: str = '', check: bool = True,
+                   threads: int = 0, progress: bool = True) -> ExportManifest:
+    """Export ``net`` (fp32, CPU) for every size; check and compare; write the manifest.
+
+    Raises ExportError when a graph fails a check or an output exceeds its tolerance; the
+    manifest is only written when every size passed, so a directory with a manifest is good.
+    """
+    import onnx
+    import onnxruntime
+
+    if opset < 17:
+        raise ExportError(f'opset {opset} < 17: LayerNormalization needs opset 17; use >= 17')
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a half-done export has no manifest
+    net = net.float().to('cpu').eval()
+    p = net.cfg.patch_size
+    for h, w in sizes:
+        if h % p or w % p:
+            raise ExportError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+    graphs = []
+    steps = tqdm(total=len(sizes) * (4 if check else 2), desc='sab3r-export', unit='step',
+                 disable=not progress, file=sys.stderr)
+    for size in sizes:
+        h, w = size
+        enc_path, dec_path = out_dir / f'encoder_{h}x{w}.onnx', out_dir / f'decoder_{h}x{w}.onnx'
+        enc_graph, dec_graph = EncoderGraph(net).eval(), DecoderGraph(net, size).eval()
+        img = _example_image(size, 0)
+        with torch.inference_mode():
+            tokens = net.encode(img).tokens
+        steps.set_postfix_str(f'{h}x{w} encoder')
+        with torch.no_grad():
+            _export(enc_graph, (img,), enc_path, ENCODER_INPUTS, ENCODER_OUTPUTS, opset)
+        steps.update()
+        steps.set_postfix_str(f'{h}x{w} decoder + heads')
+        with torch.no_grad():
+            _export(dec_graph, (tokens.clone(), tokens.clone()), dec_path, DECODER_INPUTS,
+                    dec_graph.output_names, opset)
+        steps.update()
+        parity: dict[str, dict[str, float]] = {}
+        if check:
+            steps.set_postfix_str(f'{h}x{w} onnx.checker')
+            check_graph(enc_path)
+            check_graph(dec_path)
+            steps.update()
+            steps.set_postfix_str(f'{h}x{w} parity')
+            figures = parity_check(enc_path, dec_path, net, size, dec_graph.output_names,
+                                   threads=threads)
+            steps.update()
+            log.info('parity ONNX Runtime vs torch at %dx%d:\n  %s', h, w,
+                     '\n  '.join(f.line() for f in figures))
+            failed = [f for f in figures if not f.ok]
+            if failed:
+                raise ExportError(
+                    f'the {h}x{w} export runs but differs from torch: '
+                    + '; '.join(f.line() for f in failed))
+            parity = {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol}
+                      for f in figures}
+        graphs.append(GraphPair(
+            image_size=(h, w), encoder=enc_path.name, decoder=dec_path.name,
+            encoder_sha256=file_sha256(enc_path), decoder_sha256=file_sha256(dec_path),
+            token_shape=tuple(int(s) for s in tokens.shape),
+            output_names=tuple(dec_graph.output_names), parity=parity))
+    steps.close()
+    manifest = ExportManifest(
+        config_name=net.cfg.name, network_config=net.cfg.to_dict(), opset=opset,
+        weights_sha256=weights_sha256(net), source=source, graphs=tuple(graphs),
+        versions={'torch': torch.__version__, 'onnx': onnx.__version__,
+                  'onnxruntime': onnxruntime.__version__})
+    (out_dir / MANIFEST_NAME).write_text(manifest.to_json(), encoding='utf-8')
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog='sab3r-export',
+        description='Export the network as ONNX graphs (encoder; decoder + heads) per static '
+                    'image size, check them and compare every output with torch.')
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument('--checkpoint', help='official .pth, ros2_sab3r .safetensors, a directory '
+                                          'or a Hugging Face repo id')
+    src.add_argument('--random-weights', metavar='CONFIG',
+                     help='export a randomly initialised network of this architecture (tests, '
+                          'benchmarks), e.g. tiny_cd or sab3r_cd')
+    parser.add_argument('--config', default=None,
+                        help='architecture name or JSON overriding the stored one')
+    parser.add_argument('--out', required=True, help='export directory (manifest.json + .onnx)')
+    parser.add_argument('--size', action='append', metavar='HxW',
+                        help='static image size, repeatable (default: 384x512 and 288x512)')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET)
+    parser.add_argument('--seed', type=int, default=0, help='seed of --random-weights')
+    parser.add_argument('--no-check', action='store_true',
+                        help='skip onnx.checker and the parity check (not recommended)')
+    parser.add_argument('--threads', type=int, default=0, help='CPU threads (0: default)')
+    parser.add_argument('--trusted', action='store_true',
+                        help='allow full unpickling of a .pth you trust (can run code)')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        sizes = [parse_size(s) for s in (args.size or [])] or list(DEFAULT_SIZES)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ros2_sab3r.model.checkpoint import CheckpointError, load_network
+    from ros2_sab3r.model.network import create_network
+
+    try:
+        if args.random_weights:
+            torch.manual_seed(args.seed)
+            net = create_network(args.random_weights)
+            source = f'random weights {args.random_weights} (seed {args.seed})'
+        else:
+            net = load_network(args.checkpoint, config=args.config, trusted=args.trusted)
+            source = args.checkpoint
+        manifest = export_network(net, args.out, sizes, args.opset, source,
+                                  check=not args.no_check, threads=args.threads)
+    except (CheckpointError, ExportError) as exc:
+        print(f'sab3r-export: {exc}', file=sys.stderr)
+        return 2
+    for g in manifest.graphs:
+        print(f'{g.image_size[0]}x{g.image_size[1]}: {g.encoder}, {g.decoder}')
+        for name, fig in g.parity.items():
+            print(f'  {name:<24s} max|diff| {fig["max_abs"]:.3e}  rel {fig["rel"]:.3e}  '
+                  f'tol {fig["tol"]:.0e}')
+    print(f'wrote {Path(args.out) / MANIFEST_NAME} ({manifest.config_name}, opset '
+          f'{manifest.opset})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The manifest of an ONNX export directory (``manifest.json``), read without torch.
+
+An export directory holds, per static image size, an encoder graph and a decoder + heads graph::
+
+    manifest.json
+    encoder_384x512.onnx   decoder_384x512.onnx
+    encoder_288x512.onnx   decoder_288x512.onnx
+
+The manifest says what they are (architecture, image size, opset, input and output names, hash of
+the weights they were exported from, hash of each file) and how close they came to torch at export
+time (parity figures per output), so the ONNX Runtime and TensorRT backends know what they load
+and refuse a mismatch with a clear message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = 'manifest.json'
+FORMAT_NAME = 'ros2_sab3r-onnx'
+FORMAT_VERSION = 1
+ENCODER_INPUTS = ('image',)
+ENCODER_OUTPUTS = ('tokens',)
+DECODER_INPUTS = ('tokens1', 'tokens2')
+
+
+class ExportError(ValueError):
+    """An export directory is missing, incomplete, modified or does not fit the request."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file and, for ONNX with external data, of its '<name>.data' companion."""
+    digest = hashlib.sha256()
+    for p in (path, path.with_name(path.name + '.data')):
+        if p.is_file():
+            with open(p, 'rb') as fh:
+                while block := fh.read(chunk):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphPair:
+    """The two graphs exported for one static image size."""
+
+    image_size: tuple[int, int]  # (H, W) network input
+    encoder: str  # file name in the export directory
+    decoder: str
+    encoder_sha256: str
+    decoder_sha256: str
+    token_shape: tuple[int, int, int]  # (1, N, enc_dim) encoder output = decoder inputs
+    output_names: tuple[str, ...]  # decoder outputs, official names, in graph order
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> figures
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphPair:
+        return cls(image_size=tuple(d['image_size']), encoder=d['encoder'], decoder=d['decoder'],
+                   encoder_sha256=d['encoder_sha256'], decoder_sha256=d['decoder_sha256'],
+                   token_shape=tuple(d['token_shape']), output_names=tuple(d['output_names']),
+                   parity=dict(d.get('parity', {})))
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    config_name: str
+    network_config: dict[str, Any]  # NetworkConfig.to_dict() of the exported network
+    opset: int
+    weights_sha256: str  # of the state dict the graphs were exported from
+    source: str  # checkpoint path / repo id, or 'random weights (seed N)'
+    graphs: tuple[GraphPair, ...]
+    versions: dict[str, str] = field(default_factory=dict)  # torch, onnx, onnxruntime
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [g.image_size for g in self.graphs]
+
+    @property
+    def clip_dim(self) -> int:
+        """Output width of the CLIP feature head, 0 without one."""
+        for head in self.network_config.get('feature_heads', []):
+            if head.get('name') == 'clip':
+                return int(head['out_dim'])
+        return 0
+
+    def graph_for(self, image_size: tuple[int, int]) -> GraphPair:
+        for g in self.graphs:
+            if g.image_size == tuple(image_size):
+                return g
+        have = ', '.join(f'{h}x{w}' for h, w in self.image_sizes) or 'none'
+        raise ExportError(
+            f'the export has no graphs for image size {image_size[0]}x{image_size[1]} (HxW); it '
+            f'has {have}. Set model.image_height/model.image_width to one of them or export this '
+            f'size with sab3r-export --size {image_size[0]}x{image_size[1]}')
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + '\n'
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportManifest:
+        if d.get('format') != FORMAT_NAME:
+            raise ExportError(f'not an sab3r-export manifest (format {d.get("format")!r})')
+        if int(d.get('format_version', -1)) > FORMAT_VERSION:
+            raise ExportError(
+                f'manifest format version {d["format_version"]} is newer than this build reads '
+                f'({FORMAT_VERSION}); update ros2_sab3r or re-export')
+        return cls(config_name=d['config_name'], network_config=d['network_config'],
+                   opset=int(d['opset']), weights_sha256=d['weights_sha256'], source=d['source'],
+                   graphs=tuple(GraphPair.from_dict(g) for g in d['graphs']),
+                   versions=dict(d.get('versions', {})), format=d['format'],
+                   format_version=int(d['format_version']))
+
+
+def read_manifest(directory: str | Path) -> ExportManifest:
+    directory = Path(directory).expanduser()
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ExportError(
+            f'{directory} is not an sab3r-export directory (no {MANIFEST_NAME}); create one with '
+            'sab3r-export --checkpoint CKPT --out DIR')
+    try:
+        return ExportManifest.from_dict(json.loads(path.read_text(encoding='utf-8')))
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ExportError):
+            raise
+        raise ExportError(f'{path} is malformed ({type(exc).__name__}: {exc}); re-export'
+                          ) from None
+
+
+def verify_files(directory: str | Path, graph: GraphPair) -> tuple[Path, Path]:
+    """Paths of the graph pair after checking that both exist and are the exported bytes."""
+    directory = Path(directory).expanduser()
+    out = []
+    for name, digest in ((graph.encoder, graph.encoder_sha256),
+                         (graph.decoder, graph.decoder_sha256)):
+        path = directory / name
+        if not path.is_file():
+            raise ExportError(f'{path} is missing; the export directory is incomplete, re-export')
+        if file_sha256(path) != digest:
+            raise ExportError(
+                f'{path} differs from the file sab3r-export wrote (sha256 mismatch); it was '
+                'modified or belongs to another export: re-export the directory')
+        out.append(path)
+    return out[0], out[1]

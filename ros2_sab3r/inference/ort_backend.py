@@ -1,0 +1,162 @@
+"""ONNX Runtime backend: the exported graphs on CPU (the best CPU path) or CUDA / TensorRT EPs.
+
+No torch at run time: preprocessing is PIL + numpy, outputs come back as numpy.
+
+ONNX Runtime's rotary-embedding fusion assumes 1D positions; applied to our 2D RoPE (rows on the
+first half of each head, columns on the second) it would compute the wrong rotation. The core
+session optimisers of current releases do not include it, but the fusions named in
+:data:`DISABLED_OPTIMIZERS` are switched off whatever the release, and the export parity check runs
+with exactly these session options (so a fusion that corrupts outputs fails the export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+from pathlib import Path
+import time
+
+import numpy as np
+
+from ros2_sab3r.inference.base import BackendUnavailable
+from ros2_sab3r.inference.common import (
+    FrameTokens,
+    check_pair,
+    frame_pixels,
+    pair_from_named,
+    warm_up,
+)
+from ros2_sab3r.inference.manifest import (
+    ExportError,
+    ExportManifest,
+    GraphPair,
+    read_manifest,
+    verify_files,
+)
+from ros2_sab3r.model.preprocess import u8_to_array
+from ros2_sab3r.types import CameraFrame, PairPrediction
+
+log = logging.getLogger(__name__)
+
+DISABLED_OPTIMIZERS = ['RotaryEmbeddingFusion', 'GroupQueryAttentionFusion',
+                       'GroupQueryAttentionPreNormFusion', 'AttentionFusion']
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    device: str = 'cpu'  # 'cpu' or 'cuda'
+    dtype: str = 'fp32'  # 'fp16' only through the TensorRT execution provider
+    threads: int = 0  # intra-op threads; 0: ONNX Runtime's default
+    optimization: str = 'all'  # 'disable', 'basic', 'extended', 'all'
+    trt_cache_dir: str = ''  # TensorRT EP engine/timing cache; '' : <export>/ort_trt_cache
+
+
+def _providers(opts: OrtOptions, export_dir: Path) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if opts.device == 'cpu':
+        if opts.dtype != 'fp32':
+            raise BackendUnavailable(
+                f'onnxruntime on CPU runs fp32 graphs; model.dtype={opts.dtype!r} is not '
+                "available there: set model.dtype to 'fp32' (or use the torch backend for bf16)")
+        return ['CPUExecutionProvider']
+    providers: list = []
+    if 'TensorrtExecutionProvider' in available:
+        cache = Path(opts.trt_cache_dir or export_dir / 'ort_trt_cache')
+        cache.mkdir(parents=True, exist_ok=True)
+        providers.append(('TensorrtExecutionProvider', {
+            'trt_fp16_enable': opts.dtype == 'fp16', 'trt_bf16_enable': opts.dtype == 'bf16',
+            'trt_engine_cache_enable': True, 'trt_engine_cache_path': str(cache),
+            'trt_timing_cache_enable': True, 'trt_timing_cache_path': str(cache)}))
+    elif opts.dtype != 'fp32':
+        raise BackendUnavailable(
+            f'onnxruntime model.dtype={opts.dtype!r} needs the TensorRT execution provider, not '
+            f'in this onnxruntime ({", ".join(available)}); install onnxruntime-gpu with '
+            "TensorRT, set model.dtype 'fp32', or use model.backend 'tensorrt'")
+    if 'CUDAExecutionProvider' in available:
+        providers.append('CUDAExecutionProvider')
+    if not providers:
+        raise BackendUnavailable(
+            f'onnxruntime has no CUDA execution provider here ({", ".join(available)}); install '
+            "onnxruntime-gpu matching your CUDA, or set model.device 'cpu'")
+    return providers + ['CPUExecutionProvider']
+
+
+class OnnxRuntimeBackend:
+    """Backend protocol on the graphs of an sab3r-export directory."""
+
+    def __init__(self, export_dir: str | Path, input_size: tuple[int, int],
+                 options: OrtOptions = OrtOptions(), verify: bool = True) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f'onnxruntime is not installed ({exc}); pip install onnxruntime (CPU) or '
+                'onnxruntime-gpu') from None
+        from ros2_sab3r.inference.export import ort_session_options
+
+        self.export_dir = Path(export_dir).expanduser()
+        try:
+            self.manifest: ExportManifest = read_manifest(self.export_dir)
+            self.graph: GraphPair = self.manifest.graph_for(input_size)
+            enc_path, dec_path = (verify_files(self.export_dir, self.graph) if verify else
+                                  (self.export_dir / self.graph.encoder,
+                                   self.export_dir / self.graph.decoder))
+        except ExportError as exc:
+            raise BackendUnavailable(f'onnxruntime: {exc}') from None
+        self.options = options
+        self.input_size = tuple(input_size)
+        self.providers = _providers(options, self.export_dir)
+        sess_opts = ort_session_options(options.optimization, options.threads)
+        try:
+            self._encoder = ort.InferenceSession(str(enc_path), sess_opts,
+                                                 providers=self.providers,
+                                                 disabled_optimizers=DISABLED_OPTIMIZERS)
+            self._decoder = ort.InferenceSession(str(dec_path), sess_opts,
+                                                 providers=self.providers,
+                                                 disabled_optimizers=DISABLED_OPTIMIZERS)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types; report the file
+            raise BackendUnavailable(
+                f'onnxruntime cannot load {self.export_dir} ({type(exc).__name__}: {exc}); '
+                're-export with this onnxruntime') from None
+        used = self._encoder.get_providers()[0]
+        self.device = 'cpu' if used == 'CPUExecutionProvider' else options.device
+        if options.device == 'cuda' and used == 'CPUExecutionProvider':
+            raise BackendUnavailable(
+                "onnxruntime fell back to the CPU although model.device is 'cuda'; check the "
+                'CUDA/cuDNN libraries onnxruntime-gpu needs')
+        provider = used.replace('ExecutionProvider', '')
+        self.name = f'onnxruntime {self.manifest.config_name} {provider} {options.dtype}'
+
+        self._outputs = list(self.graph.output_names)
+        log.info('%s: %s and %s at %dx%d', self.name, enc_path.name, dec_path.name,
+                 *self.input_size)
+
+    @property
+    def clip_dim(self) -> int:
+        return self.manifest.clip_dim
+
+    def encode_array(self, image: np.ndarray) -> np.ndarray:
+        """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) tokens."""
+        return self._encoder.run(None, {'image': image})[0]
+
+    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw decoder outputs by official name (batch first)."""
+        outs = self._decoder.run(self._outputs, {'tokens1': tokens1, 'tokens2': tokens2})
+        return dict(zip(self._outputs, outs))
+
+    def warm_up(self) -> float:
+        """One encode + decode on a grey frame (see common.warm_up); returns milliseconds."""
+        return warm_up(self)
+
+    def encode(self, frame: CameraFrame) -> FrameTokens:
+        x = u8_to_array(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
+        return FrameTokens(self.encode_array(x), self.input_size, frame.stamp_ns, id(self))
+
+    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
+        check_pair(self, a, b)
+        t = time.perf_counter()
+        named = self.decode_arrays(a.tokens, b.tokens)
+        return pair_from_named(named, self.input_size, {
+            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})

@@ -1,0 +1,133 @@
+"""PyTorch backend: the network itself, on CPU or CUDA, in fp32, fp16 or bf16.
+
+fp16/bf16 apply to the backbone (encoder and decoders); the heads and their post-processing run
+in fp32 (``Sab3rNet.run_heads``), because ``expm1``/``exp`` of the depth and confidence overflow
+in fp16. All calls run under ``torch.inference_mode``. On CUDA, ``cuda_graphs`` captures the
+encoder and the decoder + heads as CUDA graphs for the static input size: one launch per stage
+instead of hundreds of kernels, with static input/output buffers that are copied in and out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import logging
+import time
+
+import torch
+
+from ros2_sab3r.inference.base import BackendUnavailable
+from ros2_sab3r.inference.common import (
+    FrameTokens,
+    check_pair,
+    frame_pixels,
+    pair_from_named,
+    warm_up,
+)
+from ros2_sab3r.model.network import DecoderGraph, Sab3rNet
+from ros2_sab3r.model.preprocess import u8_to_tensor
+from ros2_sab3r.types import CameraFrame, PairPrediction
+
+log = logging.getLogger(__name__)
+
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+class _CudaGraphStage:
+    """A function of static-shape CUDA tensors replayed as one captured CUDA graph."""
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]],
+                 example: tuple[torch.Tensor, ...], warmup: int = 3) -> None:
+        self._inputs = tuple(t.clone() for t in example)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(warmup):
+                fn(*self._inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._outputs = fn(*self._inputs)
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for static, value in zip(self._inputs, args):
+            static.copy_(value)
+        self._graph.replay()
+        # The next replay overwrites the static outputs: hand out copies.
+        return tuple(t.clone() for t in self._outputs)
+
+
+class TorchBackend:
+    """Backend protocol on a :class:`Sab3rNet` (checkpoint or random weights)."""
+
+    def __init__(self, net: Sab3rNet, input_size: tuple[int, int], device: str = 'cpu',
+                 dtype: str = 'fp32', cuda_graphs: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise BackendUnavailable(f'model.dtype={dtype!r} is not one of {", ".join(DTYPES)}')
+        if device == 'cuda' and not torch.cuda.is_available():
+            raise BackendUnavailable(
+                "model.device is 'cuda' but torch sees no CUDA device (torch "
+                f"{torch.__version__}); set model.device 'cpu' or install a CUDA build of torch")
+        if cuda_graphs and device != 'cuda':
+            raise BackendUnavailable("model.cuda_graphs needs model.device 'cuda'")
+        p = net.cfg.patch_size
+        if input_size[0] % p or input_size[1] % p:
+            raise BackendUnavailable(
+                f'network input {input_size[0]}x{input_size[1]} is not a multiple of the patch '
+                f'size {p}; set model.image_height/model.image_width to multiples of {p}')
+        self.net = net.to(device).eval()
+        self.net.set_backbone_dtype(DTYPES[dtype])
+        self.input_size = tuple(input_size)
+        self.device = device
+        self.dtype = dtype
+        self.name = f'torch {net.cfg.name} {device} {dtype}' + (' cuda-graphs' if cuda_graphs
+                                                                else '')
+        self._decoder = DecoderGraph(self.net, self.input_size)
+        self._outputs = self._decoder.output_names
+        self._encode_fn: Callable = self._encode_eager
+        self._decode_fn: Callable = self._decoder
+        if cuda_graphs:
+            self._capture()
+
+    @property
+    def clip_dim(self) -> int:
+        head = self.net.cfg.feature_head('clip')
+        return head.out_dim if head is not None else 0
+
+    def _encode_eager(self, img: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.net.encode(img).tokens,)
+
+    def _capture(self) -> None:
+        H, W = self.input_size
+        with torch.inference_mode():
+            img = torch.zeros(1, 3, H, W, device=self.device)
+            self._encode_fn = _CudaGraphStage(self._encode_eager, (img,))
+            tokens = self._encode_fn(img)[0]
+            self._decode_fn = _CudaGraphStage(self._decoder, (tokens, tokens))
+        log.info('%s: encoder and decoder captured as CUDA graphs', self.name)
+
+    def encode_tensor(self, img: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) tokens on the device."""
+        with torch.inference_mode():
+            return self._encode_fn(img.to(self.device))[0]
+
+    def decode_tensors(self, tokens1: torch.Tensor, tokens2: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """Raw decoder + head outputs by official name (batch first, float32)."""
+        with torch.inference_mode():
+            return dict(zip(self._outputs, self._decode_fn(tokens1, tokens2)))
+
+    def warm_up(self) -> float:
+        """One encode + decode on a grey frame (see common.warm_up); returns milliseconds."""
+        return warm_up(self)
+
+    def encode(self, frame: CameraFrame) -> FrameTokens:
+        img = u8_to_tensor(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
+        return FrameTokens(self.encode_tensor(img), self.input_size, frame.stamp_ns, id(self))
+
+    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
+        check_pair(self, a, b)
+        t = time.perf_counter()
+        named = self.decode_tensors(a.tokens, b.tokens)
+        arrays = {k: v.detach().to('cpu', torch.float32).numpy() for k, v in named.items()}
+        return pair_from_named(arrays, self.input_size, {
+            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})

@@ -1,0 +1,137 @@
+"""GPU backends: torch on CUDA (fp32/fp16/bf16, CUDA graphs), ONNX Runtime CUDA, TensorRT.
+
+Skipped without a CUDA GPU (and without tensorrt + pycuda for the TensorRT tests); on a GPU
+machine they fail on wrong results. Tolerances are relative to each output's largest |value|
+against torch fp32 on the CPU:
+- fp32 on the GPU: 1e-2 (TF32 matmuls, TensorRT's default for fp32 engines on Ampere and newer);
+- fp16/bf16 backbone, fp32 heads: 5e-2 for every output (bf16 keeps 8 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_sab3r.inference.torch_backend import TorchBackend
+from ros2_sab3r.types import CameraFrame
+
+pytestmark = [pytest.mark.gpu, pytest.mark.model]
+
+FIELDS = ('X', 'C', 'D', 'D_conf', 'S_clip', 'S_dino')
+TOL_FP32 = 1e-2
+TOL_REDUCED = 5e-2
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason='needs a CUDA GPU (torch.cuda.is_available() is False)')
+
+
+def _tensorrt_missing() -> str:
+    try:
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return f"needs tensorrt and pycuda (pip install 'ros2_sab3r[tensorrt]'): {exc}"
+    return ''
+
+
+needs_tensorrt = pytest.mark.skipif(not torch.cuda.is_available() or bool(_tensorrt_missing()),
+                                    reason=_tensorrt_missing() or 'needs a CUDA GPU')
+
+
+def _frame(stamp: int) -> CameraFrame:
+    rng = np.random.default_rng(stamp)
+    return CameraFrame(stamp, 'cam', rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+
+
+def _assert_close(got, want, tol: float, what: str) -> None:
+    for v in ('view1', 'view2'):
+        for f in FIELDS:
+            x, y = getattr(getattr(got, v), f), getattr(getattr(want, v), f)
+            assert x.shape == y.shape, f'{what} {v}.{f}'
+            assert np.isfinite(x).all(), f'{what} {v}.{f} has non-finite values'
+            err = float(np.abs(x - y).max() / np.abs(y).max())
+            assert err <= tol, f'{what} {v}.{f}: {err:.2e} > {tol:.0e}'
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_net):
+    cpu = TorchBackend(copy.deepcopy(tiny_net), (48, 64))
+    return cpu.decode(cpu.encode(_frame(1)), cpu.encode(_frame(2)))
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype, tol', [('fp32', TOL_FP32), ('fp16', TOL_REDUCED),
+                                        ('bf16', TOL_REDUCED)])
+@pytest.mark.parametrize('graphs', [False, True], ids=['eager', 'cuda-graphs'])
+def test_torch_cuda_matches_cpu(tiny_net, reference, dtype, tol, graphs):
+    be = TorchBackend(copy.deepcopy(tiny_net), (48, 64), 'cuda', dtype, cuda_graphs=graphs)
+    assert be.device == 'cuda'
+    a = be.encode(_frame(1))
+    a_copy = a.tokens.clone()
+    b = be.encode(_frame(2))  # a second replay must not overwrite the first frame's tokens
+    assert torch.equal(a.tokens, a_copy)
+    _assert_close(be.decode(a, b), reference, tol, f'torch cuda {dtype} graphs={graphs}')
+
+
+@needs_cuda
+def test_onnxruntime_cuda_matches_cpu(export_dir, reference):
+    ort = pytest.importorskip('onnxruntime')
+    if 'CUDAExecutionProvider' not in ort.get_available_providers():
+        pytest.skip('onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)')
+    from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+
+    out, _ = export_dir
+    be = OnnxRuntimeBackend(out, (48, 64), OrtOptions(device='cuda'))
+    _assert_close(be.decode(be.encode(_frame(1)), be.encode(_frame(2))), reference, TOL_FP32,
+                  'onnxruntime cuda')
+
+
+@needs_tensorrt
+@pytest.mark.parametrize('precision, tol', [('fp32', TOL_FP32), ('fp16', TOL_REDUCED),
+                                            ('bf16', TOL_REDUCED)])
+def test_tensorrt_engines_match_torch_and_are_cached(export_dir, reference, tmp_path,
+                                                     precision, tol):
+    from ros2_sab3r.inference.trt_backend import TensorRTBackend
+    from ros2_sab3r.inference.trt_engine import ensure_engines
+
+    out, manifest = export_dir
+    graph = manifest.graph_for((48, 64))
+    enc, dec = ensure_engines(out, graph, precision, tmp_path)
+    stamp = (enc.stat().st_mtime_ns, dec.stat().st_mtime_ns)
+    assert ensure_engines(out, graph, precision, tmp_path) == (enc, dec)  # cache hit
+    assert (enc.stat().st_mtime_ns, dec.stat().st_mtime_ns) == stamp
+    assert list(tmp_path.glob('timing_*.cache'))
+    be = TensorRTBackend(enc, dec, manifest, graph, precision)
+    try:
+        pred = be.decode(be.encode(_frame(1)), be.encode(_frame(2)))
+        _assert_close(pred, reference, tol, f'tensorrt {precision}')
+    finally:
+        be.close()
+
+
+@needs_tensorrt
+def test_tensorrt_through_load_model_and_the_pipeline(export_dir, tiny_net, tmp_path):
+    import dataclasses
+
+    from ros2_sab3r.config import ModelConfig, config_from_flat
+    from ros2_sab3r.eval.synthetic import make_scene
+    from ros2_sab3r.inference.factory import load_model
+    from ros2_sab3r.pipeline import Pipeline
+
+    out, _ = export_dir
+    model = dataclasses.replace(
+        ModelConfig(), backend='tensorrt', checkpoint=str(out), device='cuda', dtype='fp32',
+        image_height=48, image_width=64, engine_cache_dir=str(tmp_path),
+        text_encoder='ros2_sab3r.eval.standin:HashTextEncoderStandIn')
+    loaded = load_model(model)
+    frames = make_scene(seed=0).sequence(4, 128, 96)
+    statuses = []
+    for backend in (loaded.backend, TorchBackend(copy.deepcopy(tiny_net), (48, 64))):
+        pipeline = Pipeline(config_from_flat({'frames.pose_source': 'tf'}), backend,
+                            loaded.text_encoder)
+        statuses.append([pipeline.step(f.camera_frame(posed=True)).status for f in frames])
+    assert statuses[0] == statuses[1]
+    loaded.backend.close()

@@ -1,0 +1,22 @@
+"""Test doubles loaded by the node under test through ``model.backend: 'module:Class'``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ros2_sab3r.eval.standin import SyntheticSceneBackend
+
+
+class SlowBackendDouble(SyntheticSceneBackend):
+    """The synthetic-scene stand-in made deliberately slow, like a network on a weak CPU.
+
+    Each decode sleeps ``SAB3R_TEST_DECODE_DELAY_S`` seconds (default 0.25), so frames arrive
+    far faster than they are processed and the node must drop them instead of queueing.
+    """
+
+    name = 'slow stand-in (test double)'
+
+    def decode(self, a, b):
+        time.sleep(float(os.environ.get('SAB3R_TEST_DECODE_DELAY_S', '0.25')))
+        return super().decode(a, b)

@@ -1,0 +1,265 @@
+"""The node under the abuse a robot gives it: compressed streams with a corrupt frame, bursts
+from three cameras into a deliberately slow backend, Locate calls in parallel, and SIGINT while a
+map is being saved.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+
+from PIL import Image as PILImage
+import pytest
+
+rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
+
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from ros2_sab3r.eval.standin import SceneSpec  # noqa: E402
+from ros2_sab3r.mapping.persistence import MapFileError  # noqa: E402
+from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
+from ros2_sab3r.ros import messages, qos  # noqa: E402
+from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
+from ros2_sab3r.srv import Locate, SaveMap  # noqa: E402
+
+from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+
+def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.eval.standin:'
+             'SyntheticSceneBackend', queue_size: int = 2, compressed: bool = False) -> str:
+    images = ', '.join(f"'NS/cam{i}/image_raw'" for i in range(topics))
+    return f"""/**:
+  ros__parameters:
+    camera:
+      image_topics: [{images}]
+      camera_info_topics: [{', '.join("''" for _ in range(topics))}]
+      queue_size: {queue_size}
+      compressed: {str(compressed).lower()}
+    model:
+      backend: '{backend}'
+      checkpoint: '{scene}'
+    publish:
+      status_rate_hz: 20.0
+"""
+
+
+def _wait_ready(ros_node, node_proc, pubs, status) -> None:
+    assert spin_until(ros_node, lambda: all(p.get_subscription_count() > 0 for p in pubs)
+                      and status and status[-1].backend, timeout=90), node_proc.log()
+
+
+def _image(f, frame_id: str = 'cam_optical') -> Image:
+    img = Image(encoding='rgb8')
+    img.header.stamp = messages.stamp_from_ns(f.stamp_ns)
+    img.header.frame_id = frame_id
+    img.height, img.width, img.step, img.data = rgb_to_image_fields(f.rgb)
+    return img
+
+
+def _compressed(f, fmt: str) -> CompressedImage:
+    buf = io.BytesIO()
+    PILImage.fromarray(f.rgb).save(buf, format=fmt.upper(), quality=95)
+    msg = CompressedImage(format=fmt)
+    msg.header.stamp = messages.stamp_from_ns(f.stamp_ns)
+    msg.header.frame_id = 'cam_optical'
+    msg.data = buf.getvalue()
+    return msg
+
+
+def _feed(ros_node, node_proc, pub, msgs, status) -> None:
+    """Publish one message at a time, each after the node has dealt with the previous one.
+
+    Camera topics are best-effort: a message can be lost (most often the first, right after
+    discovery), so one that shows no effect within 5 s is sent again.
+    """
+    for msg in msgs:
+        done = status[-1].frames_processed + status[-1].frames_dropped
+        for _ in range(12):
+            pub.publish(msg)
+            if spin_until(ros_node, lambda done=done: status[-1].frames_processed
+                          + status[-1].frames_dropped > done, timeout=5):
+                break
+        else:
+            pytest.fail(f'the node never dealt with a frame sent 12 times:\n{node_proc.log()}')
+
+
+def _settled(status: list[PerceptionStatus]) -> bool:
+    s = status[-1]
+    return s.frames_queued == 0 and s.frames_received == s.frames_processed + s.frames_dropped
+
+
+def test_compressed_jpeg_and_png_with_a_corrupt_frame(ros_node, tmp_path):
+    scene_spec = 'synthetic:seed=1,frames=10,width=160,height=120'
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10, compressed=True))
+    try:
+        _, frames = SceneSpec.parse(scene_spec).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pub = ros_node.create_publisher(CompressedImage,
+                                        f'{node_proc.ns}/cam0/image_raw/compressed', 20)
+        _wait_ready(ros_node, node_proc, [pub], status)
+        msgs = [_compressed(f, 'jpeg' if i % 2 else 'png') for i, f in enumerate(frames)]
+        broken = _compressed(frames[4], 'jpeg')
+        broken.data = b'\xff\xd8 not really a jpeg'
+        _feed(ros_node, node_proc, pub, [*msgs[:5], broken, *msgs[5:]], status)
+        assert spin_until(ros_node, lambda: _settled(status), timeout=60), node_proc.log()
+        s = status[-1]
+        # (a frame resent after a loss counts twice, which _feed makes rare)
+        assert s.frames_dropped == 1 and s.frames_received >= len(frames) + 1, s
+        assert s.frames_processed == s.frames_received - 1 and s.map_ready, node_proc.log()
+        ros_node.destroy_subscription(sub)
+        ros_node.destroy_publisher(pub)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert 'compressed image could not be decoded' in log and 'Traceback' not in log, log
+
+
+def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
+    """3 cameras x 30 Hz for 3 s into a backend that needs 0.3 s per pair: buffers stay at
+    their capacity, everything received is either processed or counted as dropped, memory stays
+    flat, and Locate calls made in parallel during the burst all answer (a query never waits
+    for inference)."""
+    scene_spec = 'synthetic:seed=2,frames=90,width=320,height=240'
+    node_proc = NodeProcess(
+        tmp_path, _overlay(scene_spec, topics=3, backend='tests.ros.doubles:SlowBackendDouble'),
+        env={'SAB3R_TEST_DECODE_DELAY_S': '0.3'})
+    try:
+        _, frames = SceneSpec.parse(scene_spec).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pubs = [ros_node.create_publisher(Image, f'{node_proc.ns}/cam{c}/image_raw', 10)
+                for c in range(3)]
+        _wait_ready(ros_node, node_proc, pubs, status)
+        images = [_image(f, f'cam{c}_optical') for f in frames for c in range(3)]
+        # First keyframe in, so that Locate has a map to read during the burst.
+        for c in range(3):
+            pubs[c].publish(images[c])
+        assert spin_until(ros_node, lambda: status[-1].map_ready, timeout=60), node_proc.log()
+        # One query first: its lazy imports (torch for the similarity) are a one-off cost.
+        warm = call(ros_node, Locate, f'{node_proc.name}/locate', Locate.Request(queries=['bed']))
+        assert warm.success, warm.message
+        rss = [node_proc.rss_bytes()]
+        max_queued = 0
+        clients = [ros_node.create_client(Locate, f'{node_proc.name}/locate') for _ in range(3)]
+        assert all(c.wait_for_service(timeout_sec=20) for c in clients)
+        futures = []
+        t_start = time.monotonic()
+        for i in range(len(frames)):
+            for c in range(3):
+                pubs[c].publish(images[3 * i + c])
+            if i % 30 == 15:  # three Locate calls at once, three times during the burst
+                futures.extend(c.call_async(Locate.Request(queries=['chair', 'dresser']))
+                               for c in clients)
+            spin_until(ros_node, lambda: False, timeout=max(0.0, t_start + (i + 1) / 30.0
+                                                             - time.monotonic()))
+            max_queued = max(max_queued, status[-1].frames_queued)
+            if i % 30 == 29:
+                rss.append(node_proc.rss_bytes())
+        assert spin_until(ros_node, lambda: all(f.done() for f in futures), timeout=30)
+        answers = [(f.result().success, f.result().message) for f in futures]
+        assert spin_until(ros_node, lambda: _settled(status), timeout=60), node_proc.log()
+        s = status[-1]
+        ros_node.destroy_subscription(sub)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    assert 'Traceback' not in node_proc.log(), node_proc.log()
+    # The camera subscriptions keep only `queue_size` messages in DDS, so under load the
+    # middleware itself drops some (uncounted, by design of sensor-data QoS); what reached the
+    # node is all accounted for.
+    assert 30 <= s.frames_received <= len(images), s
+    assert s.frames_received == s.frames_processed + s.frames_dropped
+    assert s.frames_dropped > s.frames_received // 2, s  # the backend could not keep up
+    assert s.frames_processed >= 3 and s.map_ready
+    assert max_queued <= 3 * 2, max_queued  # cameras x queue_size
+    # 270 frames of 230 KB would be 62 MB if they were kept anywhere.
+    assert max(rss) - rss[0] < 40 * 2**20, [r / 2**20 for r in rss]
+    assert len(answers) == 9 and all(ok for ok, _ in answers), answers
+
+
+def test_concurrent_locate_calls_agree(ros_node, tmp_path):
+    scene_spec = 'synthetic:seed=0,frames=16,width=160,height=120'
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
+    try:
+        scene, frames = SceneSpec.parse(scene_spec).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 20)
+        _wait_ready(ros_node, node_proc, [pub], status)
+        _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
+        ros_node.destroy_subscription(sub)
+        request = Locate.Request(queries=[scene.labels[0], 'refrigerator'])
+        clients = [ros_node.create_client(Locate, f'{node_proc.name}/locate') for _ in range(8)]
+        assert all(c.wait_for_service(timeout_sec=20) for c in clients)
+        futures = [c.call_async(request) for c in clients]
+        assert spin_until(ros_node, lambda: all(f.done() for f in futures), timeout=60)
+        results = [f.result() for f in futures]
+        for c in clients:
+            ros_node.destroy_client(c)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    assert all(r.success for r in results), [r.message for r in results]
+
+    def key(res):
+        return [(o.query, o.status, round(o.score, 5), o.point_count) for o in res.objects]
+
+    assert all(key(r) == key(results[0]) for r in results)
+    by_query = {o.query: o for o in results[0].objects}
+    assert by_query[scene.labels[0]].status != LocatedObject.STATUS_NOT_FOUND
+    assert by_query['refrigerator'].status == LocatedObject.STATUS_NOT_FOUND
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGKILL], ids=['sigint', 'sigkill'])
+def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig):
+    from ros2_sab3r.config import MappingConfig
+    from ros2_sab3r.mapping.persistence import read_map
+
+    scene_spec = 'synthetic:seed=3,frames=24,width=320,height=240'
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
+    out = tmp_path / 'maps'
+    out.mkdir()
+    path = out / 'map.npz'
+    try:
+        _, frames = SceneSpec.parse(scene_spec).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 30)
+        _wait_ready(ros_node, node_proc, [pub], status)
+        _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
+        ros_node.destroy_subscription(sub)
+        first = call(ros_node, SaveMap, f'{node_proc.name}/save_map',
+                     SaveMap.Request(path=str(path)))
+        assert first.success, first.message
+        before = path.read_bytes()
+        client = ros_node.create_client(SaveMap, f'{node_proc.name}/save_map')
+        assert client.wait_for_service(timeout_sec=10)
+        client.call_async(SaveMap.Request(path=str(path)))
+        # Signal as soon as the second save has its temporary file open (or after 2 s if the
+        # save was too quick to be seen).
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not any(out.glob('.map.npz.*.tmp')):
+            rclpy.spin_once(ros_node, timeout_sec=0.0)
+        node_proc.proc.send_signal(sig)
+        node_proc.proc.wait(30)
+        ros_node.destroy_client(client)
+    finally:
+        code = node_proc.stop()
+    if sig == signal.SIGINT:
+        assert code == 0, node_proc.log()
+        assert 'Traceback' not in node_proc.log(), node_proc.log()
+    # Whatever the timing, the map file is either the old one or a complete new one.
+    after = path.read_bytes()
+    try:
+        read_map(path, MappingConfig(), 512)
+    except MapFileError as err:  # pragma: no cover - the failure this test exists for
+        pytest.fail(f'map file damaged by {sig.name}: {err}')
+    assert after == before or len(after) > 0.5 * len(before)
+    if sig == signal.SIGINT:  # an orderly exit leaves no temporary file behind
+        assert not list(out.glob('.map.npz.*.tmp'))
