@@ -247,6 +247,11 @@ class PublishConfig:
         max=30.0)
     status_rate_hz: float = param(1.0, 'PerceptionStatus publication rate', unit='Hz', min=0.1,
                                   max=50.0)
+    map_labels: tuple[str, ...] = param(
+        ('wall', 'floor', 'ceiling', 'door', 'window', 'table', 'chair', 'sofa', 'bed',
+         'cabinet', 'shelf', 'television', 'person', 'plant'),
+        "closed-set labels for the semantic map cloud's 'label' (index into this list, -1: no "
+        "CLIP feature) and 'score' fields, by CLIP similarity; empty: no such fields")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ros2_sab3r.eval.bag import BagData, BagFrame
 from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.inference.factory import LoadedModel
 from ros2_sab3r.pipeline import Pipeline, resample_to_network
+from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery, StepResult
 
 log = logging.getLogger(__name__)
@@ -320,20 +321,13 @@ class Evaluator:
         X, L = np.concatenate(Xs), np.concatenate(Ls)
         return (X, L, np.concatenate(Is)) if with_instance else (X, L)
 
-    def _voxel_labels(self, snap, names: dict[int, str]) -> np.ndarray:
-        """(N,) class id of each voxel by cosine with the class embeddings, -1 without feature."""
+    def _voxel_labels(self, snap, names: dict[int, str], pipeline: Pipeline) -> np.ndarray:
+        """(N,) class id of each voxel by cosine with the class embeddings, -1 without feature
+        (the same labelling as the node's map cloud: query.labels.label_voxels)."""
         ids = np.array(sorted(names))
-        E = np.asarray(self.model.text_encoder.encode([names[i] for i in ids]), np.float32)
-        F = snap.features('clip')  # (N, F) or None
-        if F is None:
-            return np.full(snap.n_voxels, -1)
-        labels = np.full(len(F), -1)
-        for start in range(0, len(F), 65536):  # bounded fp32 copies on large maps
-            f = np.asarray(F[start:start + 65536], np.float32)
-            norm = np.linalg.norm(f, axis=1)
-            best = ids[np.argmax(f @ E.T, axis=1)]
-            labels[start:start + len(f)] = np.where(norm > 1e-12, best, -1)
-        return labels
+        E = pipeline.query.embed([names[i] for i in ids])
+        idx, _ = label_voxels(snap, E, pipeline.cfg.query.temperature)
+        return np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
 
     def _map_metrics(self, pipeline: Pipeline, align: metrics.Similarity3,
                      frames: list[BagFrame], names: dict[int, str]) -> tuple[dict, dict]:
@@ -341,7 +335,7 @@ class Evaluator:
         if snap.empty:
             return {'error': 'the map is empty'}, {}
         P = align.points(snap.positions)
-        labels = self._voxel_labels(snap, names)
+        labels = self._voxel_labels(snap, names, pipeline)
         gt_X, gt_L = self._gt_points(frames)
         res = metrics.map_and_locate(P, labels, gt_X, gt_L, names)
         res['predicted_points'] = 'map voxels (aligned), labelled by nearest class embedding'

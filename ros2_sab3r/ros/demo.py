@@ -52,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
                         help='synthetic scene replayed as the camera')
     parser.add_argument('--queries', nargs='+', default=None,
                         help='Locate queries (default: two objects in the scene, one absent)')
+    parser.add_argument('--text-encoder', default='',
+                        help='model.text_encoder for --checkpoint (default: beside it)')
+    parser.add_argument('--param', action='append', default=[], metavar='NAME:=VALUE',
+                        help='extra node parameter, e.g. --param model.image_width:=512')
     parser.add_argument('--out', default='', help='folder for the saved map and the picture')
     args = parser.parse_args(argv)
+    for item in args.param:
+        if ':=' not in item:
+            parser.error(f'--param {item!r}: write NAME:=VALUE, e.g. model.dtype:=bf16')
     from ros2_sab3r.eval.standin import SceneSpec
 
     try:
@@ -78,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
            '-p', f'camera.camera_info_topics:=[{ns}/camera/camera_info]',
            '-p', f'model.backend:={backend}', '-p', f'model.checkpoint:={checkpoint}',
            '-p', 'camera.queue_size:=10']
+    if args.text_encoder:
+        cmd += ['-p', f'model.text_encoder:={args.text_encoder}']
+    for item in args.param:
+        cmd += ['-p', item]
     with open(node_log, 'w', encoding='utf-8') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     rclpy.init()

@@ -39,6 +39,7 @@ from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import LocateError, validate_query
+from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
@@ -436,7 +437,13 @@ class PerceptionNode(LifecycleNode):
             return
         self._published_map_version = snap.version
         header = Header(stamp=messages.stamp_from_ns(snap.stamp_ns), frame_id=snap.frame)
-        pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors))
+        extra = None
+        labels = self._cfg.publish.map_labels if self._cfg else ()
+        if labels:
+            label, score = label_voxels(snap, pipeline.query.embed(list(labels)),
+                                        self._cfg.query.temperature)
+            extra = {'label': label, 'score': score}
+        pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors, extra))
 
     # ---- services ---------------------------------------------------------------------------
     def _no_map_reason(self) -> str:

@@ -17,6 +17,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
+from ros2_sab3r.config import PerceptionConfig  # noqa: E402
 from ros2_sab3r.eval.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
@@ -101,6 +102,14 @@ def test_map_is_built_and_published(ros_node, replayed):
     assert poses[-1].header.frame_id == 'map' and len(poses[-1].poses) >= 2
     xyz = messages.cloud_to_arrays(cloud)
     assert np.isfinite(xyz['x']).all() and xyz['rgb'].shape == (cloud.width, 3)
+    # publish.map_labels: a closed-set label and its score per voxel; the scene's walls and
+    # floor are most of what the camera saw
+    labels = list(PerceptionConfig().publish.map_labels)
+    label, score = xyz['label'].astype(int), xyz['score']
+    assert set(np.unique(label)) <= set(range(-1, len(labels)))
+    assert ((score >= 0) & (score <= 1)).all()
+    counts = np.bincount(label[label >= 0], minlength=len(labels))
+    assert counts[labels.index('wall')] + counts[labels.index('floor')] > 0.3 * cloud.width
 
 
 def test_locate_present_and_absent(ros_node, replayed):
