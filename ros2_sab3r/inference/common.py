@@ -95,3 +95,37 @@ def warm_up(backend, runs: int = 1) -> float:
         backend.decode(tokens, tokens)
         ms = 1e3 * (time.perf_counter() - t)
     return ms
+
+
+class ArrayGraphBackend:
+    """encode/decode/warm_up for backends that run numpy arrays through the two exported graphs
+    (ONNX Runtime, TensorRT); a subclass sets name, device, input_size and provides
+    encode_array((1, 3, H, W) float32) -> tokens and decode_arrays(t1, t2) -> outputs by name."""
+
+    name: str
+    input_size: tuple[int, int]
+
+    def encode_array(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def warm_up(self) -> float:
+        """One encode + decode on a grey frame (see warm_up); returns milliseconds."""
+        return warm_up(self)
+
+    def encode(self, frame: CameraFrame) -> FrameTokens:
+        from ros2_sab3r.model.preprocess import u8_to_array
+
+        x = u8_to_array(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
+        return FrameTokens(self.encode_array(x), self.input_size, frame.stamp_ns, id(self))
+
+    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
+        import time
+
+        check_pair(self, a, b)
+        t = time.perf_counter()
+        named = self.decode_arrays(a.tokens, b.tokens)
+        return pair_from_named(named, self.input_size, {
+            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})

@@ -14,18 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 import logging
 from pathlib import Path
-import time
 
 import numpy as np
 
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import (
-    FrameTokens,
-    check_pair,
-    frame_pixels,
-    pair_from_named,
-    warm_up,
-)
+from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.inference.manifest import (
     ExportError,
     ExportManifest,
@@ -33,8 +26,6 @@ from ros2_sab3r.inference.manifest import (
     read_manifest,
     verify_files,
 )
-from ros2_sab3r.model.preprocess import u8_to_array
-from ros2_sab3r.types import CameraFrame, PairPrediction
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +74,7 @@ def _providers(opts: OrtOptions, export_dir: Path) -> list:
     return providers + ['CPUExecutionProvider']
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ArrayGraphBackend):
     """Backend protocol on the graphs of an sab3r-export directory."""
 
     def __init__(self, export_dir: str | Path, input_size: tuple[int, int],
@@ -145,18 +136,3 @@ class OnnxRuntimeBackend:
         """Raw decoder outputs by official name (batch first)."""
         outs = self._decoder.run(self._outputs, {'tokens1': tokens1, 'tokens2': tokens2})
         return dict(zip(self._outputs, outs))
-
-    def warm_up(self) -> float:
-        """One encode + decode on a grey frame (see common.warm_up); returns milliseconds."""
-        return warm_up(self)
-
-    def encode(self, frame: CameraFrame) -> FrameTokens:
-        x = u8_to_array(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
-        return FrameTokens(self.encode_array(x), self.input_size, frame.stamp_ns, id(self))
-
-    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
-        check_pair(self, a, b)
-        t = time.perf_counter()
-        named = self.decode_arrays(a.tokens, b.tokens)
-        return pair_from_named(named, self.input_size, {
-            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})

@@ -17,23 +17,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 import threading
-import time
 
 import numpy as np
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import (
-    FrameTokens,
-    check_pair,
-    frame_pixels,
-    pair_from_named,
-    warm_up,
-)
+from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.inference.manifest import ExportError, ExportManifest, GraphPair, read_manifest
 from ros2_sab3r.inference.trt_engine import ensure_engines, import_tensorrt
-from ros2_sab3r.model.preprocess import u8_to_array
-from ros2_sab3r.types import CameraFrame, PairPrediction
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +84,7 @@ class EngineRunner:
         self.device.clear()
 
 
-class TensorRTBackend:
+class TensorRTBackend(ArrayGraphBackend):
     """Backend protocol on TensorRT engines of an sab3r-export directory."""
 
     def __init__(self, encoder_engine: Path, decoder_engine: Path, manifest: ExportManifest,
@@ -154,21 +145,6 @@ class TensorRTBackend:
 
     def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
         return self._run(self._decoder, {'tokens1': tokens1, 'tokens2': tokens2})
-
-    def warm_up(self) -> float:
-        """One encode + decode on a grey frame (see common.warm_up); returns milliseconds."""
-        return warm_up(self)
-
-    def encode(self, frame: CameraFrame) -> FrameTokens:
-        x = u8_to_array(frame_pixels(frame, self.input_size))
-        return FrameTokens(self.encode_array(x), self.input_size, frame.stamp_ns, id(self))
-
-    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
-        check_pair(self, a, b)
-        t = time.perf_counter()
-        named = self.decode_arrays(a.tokens, b.tokens)
-        return pair_from_named(named, self.input_size, {
-            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})
 
     def close(self) -> None:
         """Free the GPU buffers (the node's deactivate); the backend is unusable afterwards.
