@@ -161,17 +161,19 @@ class PerceptionNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         assert cfg is not None
-        try:
-            loaded = load_model(cfg.model)
-        except BackendUnavailable as err:
-            self._no_model_reason = str(err)
-            self.get_logger().warning(
-                f'{err}; frames are received and validated, no map is built')
-        else:
-            self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
-            self._backend_name = loaded.description
-            self.get_logger().info(f'backend: {loaded.description}')
-            self._warm_up(loaded.backend)
+        if self._pipeline is None:  # a deactivate -> activate cycle keeps the model and map
+            try:
+                loaded = load_model(cfg.model)
+            except BackendUnavailable as err:
+                self._no_model_reason = str(err)
+                self.get_logger().warning(
+                    f'{err}; frames are received and validated, no map is built')
+            else:
+                self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
+                self._backend_name = loaded.description
+                self.get_logger().info(f'backend: {loaded.description}')
+                self._warm_up(loaded.backend)
+        if self._pipeline is not None:
             self._stop.clear()
             self._worker = threading.Thread(target=self._work, name='sab3r-pipeline',
                                             daemon=True)
@@ -265,7 +267,12 @@ class PerceptionNode(LifecycleNode):
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}
+        if self._pipeline is not None:
+            close = getattr(self._pipeline.backend, 'close', None)
+            if close is not None:  # TensorRT: GPU buffers and engines, now rather than at GC
+                close()
         self._pipeline = None  # frees the backend (and its GPU memory) with the last reference
+        self._backend_name = ''
         self._no_model_reason = 'the node is not configured'
         self._tf.clear()
         self._cfg = None

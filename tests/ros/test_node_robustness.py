@@ -263,3 +263,47 @@ def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig)
     assert after == before or len(after) > 0.5 * len(before)
     if sig == signal.SIGINT:  # an orderly exit leaves no temporary file behind
         assert not list(out.glob('.map.npz.*.tmp'))
+
+
+def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tmp_path):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    scene_spec = 'synthetic:seed=0,frames=8,width=160,height=120'
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
+    try:
+        scene, frames = SceneSpec.parse(scene_spec).render()
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 10)
+        _wait_ready(ros_node, node_proc, [pub], status)
+        _feed(ros_node, node_proc, pub, [_image(f) for f in frames[:4]], status)
+        query = Locate.Request(queries=[scene.labels[0]])
+        before = call(ros_node, Locate, f'{node_proc.name}/locate', query)
+        assert before.success, before.message
+
+        def change(transition: int) -> None:
+            res = call(ros_node, ChangeState, f'{node_proc.name}/change_state',
+                       ChangeState.Request(transition=Transition(id=transition)))
+            assert res.success, node_proc.log()
+
+        change(Transition.TRANSITION_DEACTIVATE)
+        change(Transition.TRANSITION_ACTIVATE)
+        after = call(ros_node, Locate, f'{node_proc.name}/locate', query)
+        assert after.success and [o.point_count for o in after.objects] == [
+            o.point_count for o in before.objects], after.message
+        # the worker runs again: more frames still reach the map
+        _feed(ros_node, node_proc, pub, [_image(f) for f in frames[4:]], status)
+        assert node_proc.log().count('backend: ') == 1  # loaded once
+        change(Transition.TRANSITION_DEACTIVATE)
+        change(Transition.TRANSITION_CLEANUP)  # frees model and map: a new start from zero
+        change(Transition.TRANSITION_CONFIGURE)
+        change(Transition.TRANSITION_ACTIVATE)
+        gone = call(ros_node, Locate, f'{node_proc.name}/locate', query)
+        assert not gone.success and 'no map yet' in gone.message
+        assert node_proc.log().count('backend: ') == 2
+        ros_node.destroy_subscription(sub)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    assert 'Traceback' not in node_proc.log()
