@@ -418,7 +418,12 @@ class PerceptionNode(LifecycleNode):
                 self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
                                           f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
             elif result.is_keyframe:
-                self._publish_poses(frame, result.T_WC)
+                try:
+                    self._publish_poses(frame, result.T_WC)
+                except Exception as err:  # noqa: BLE001  e.g. the context shut down meanwhile
+                    if not self._stop.is_set():
+                        self.get_logger().error(f'keyframe poses not published: {err}',
+                                                throttle_duration_sec=_THROTTLE_S)
 
     def _publish_poses(self, frame: CameraFrame, T_WC: np.ndarray | None) -> None:
         cfg, pipeline = self._cfg, self._pipeline
@@ -628,6 +633,10 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # The pipeline worker must finish its frame before the interpreter tears down: a daemon
+        # thread still inside numpy/torch at exit can crash the process (seen: SIGSEGV on SIGINT
+        # during a slow decode).
+        node._stop_worker()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

@@ -307,3 +307,26 @@ def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tm
     finally:
         assert node_proc.stop() == 0, node_proc.log()
     assert 'Traceback' not in node_proc.log()
+
+
+def test_a_bag_that_loops_resets_the_window_and_map(ros_node, tmp_path):
+    scene_spec = 'synthetic:seed=0,frames=12,width=160,height=120'
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
+    try:
+        _, frames = SceneSpec.parse(scene_spec).render()
+        assert frames[-1].stamp_ns - frames[0].stamp_ns > 1_500_000_000
+        status: list[PerceptionStatus] = []
+        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                           status.append, qos.STATUS)
+        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 10)
+        _wait_ready(ros_node, node_proc, [pub], status)
+        _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
+        assert spin_until(ros_node, lambda: status[-1].keyframes_total >= 2, timeout=10)
+        _feed(ros_node, node_proc, pub, [_image(frames[0])], status)  # the bag starts over
+        assert spin_until(ros_node, lambda: status[-1].keyframes_total == 1, timeout=10), (
+            status[-1], node_proc.log())
+        ros_node.destroy_subscription(sub)
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert 'time jumped back by' in log and 'keyframe window and map reset' in log, log

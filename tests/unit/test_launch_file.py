@@ -45,7 +45,10 @@ def _share_directory(pkg: str) -> str:
 def _install_launch_doubles(monkeypatch):
     modules = {
         'launch': {'LaunchDescription': _Recorder},
-        'launch.actions': {'DeclareLaunchArgument': _Recorder, 'OpaqueFunction': _Recorder},
+        'launch.actions': {name: _Recorder for name in (
+            'DeclareLaunchArgument', 'OpaqueFunction', 'ExecuteProcess',
+            'IncludeLaunchDescription', 'TimerAction')},
+        'launch.launch_description_sources': {'PythonLaunchDescriptionSource': _Recorder},
         'launch.substitutions': {'LaunchConfiguration': LaunchConfigurationDouble},
         'launch_ros': {},
         'launch_ros.actions': {'LifecycleNode': _Recorder, 'Node': _Recorder},
@@ -117,3 +120,45 @@ def test_rviz_follows_the_node_namespace(launch_module):
     assert 'Value: /perception_node/' not in text
     _, _, (rviz,) = _run(launch_module, rviz='true')
     assert rviz['arguments'][1] == str(ROOT / 'config' / 'perception.rviz')
+
+
+@pytest.fixture
+def replay_module(monkeypatch):
+    _install_launch_doubles(monkeypatch)
+    spec = importlib.util.spec_from_file_location('replay_launch', ROOT / 'launch' /
+                                                  'replay.launch.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _replay(module, **overrides):
+    entities = module.generate_launch_description().args[0]
+    declared = {e.args[0]: e.kwargs for e in entities if isinstance(e, _Recorder) and e.args}
+    context = {name: kw['default_value'] for name, kw in declared.items()}
+    context.update(overrides)
+    return declared, entities[-1].kwargs['function'](context)
+
+
+def test_replay_plays_the_bag_on_sim_time_into_the_node(replay_module, launch_module):
+    declared, (include, timer) = _replay(replay_module, bag='/data/run.mcap', rate='0.5',
+                                         loop='true', backend='onnxruntime', rviz='true')
+    assert all(len(kw['description']) > 5 for kw in declared.values())
+    (source,) = include.args
+    assert source.args[0] == str(ROOT / 'launch' / 'perception.launch.py')
+    forwarded = dict(include.kwargs['launch_arguments'])
+    assert forwarded == {'backend': 'onnxruntime', 'rviz': 'true', 'use_sim_time': 'true'}
+    # every forwarded name is an argument perception.launch.py declares
+    perception_args, _, _ = _run(launch_module)
+    assert set(forwarded) <= set(perception_args)
+    assert timer.kwargs['period'] == 5.0
+    (play,) = timer.kwargs['actions']
+    assert play.kwargs['cmd'] == ['ros2', 'bag', 'play', '/data/run.mcap', '--clock', '--rate',
+                                  '0.5', '--loop']
+
+
+def test_replay_refuses_a_missing_bag_or_a_bad_rate(replay_module):
+    with pytest.raises(RuntimeError, match='bag:=PATH'):
+        _replay(replay_module)
+    with pytest.raises(RuntimeError, match='rate'):
+        _replay(replay_module, bag='/b', rate='0')
