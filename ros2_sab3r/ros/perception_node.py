@@ -463,9 +463,6 @@ class PerceptionNode(LifecycleNode):
             return f'no map yet: {self._no_model_reason}'
         return 'no map yet: no keyframe has been integrated'
 
-    def _map_exists(self) -> bool:
-        return self._pipeline is not None and not self._pipeline.snapshot().empty
-
     def _on_locate(self, request: Locate.Request, response: Locate.Response
                    ) -> Locate.Response:
         cfg = self._cfg
@@ -479,13 +476,14 @@ class PerceptionNode(LifecycleNode):
             response.success = False
             response.message = f'bad request: {err}'
             return response
-        if not self._map_exists():
+        pipeline = self._pipeline  # one reference: cleanup may drop it meanwhile
+        snapshot = None if pipeline is None else pipeline.snapshot()
+        if snapshot is None or snapshot.empty:
             response.success = False
             response.message = self._no_map_reason()
             return response
-        snapshot = self._pipeline.snapshot()
         try:
-            result = self._pipeline.locate(query, snapshot)
+            result = pipeline.locate(query, snapshot)
         except LocateError as err:
             response.success = False
             response.message = str(err)
@@ -525,13 +523,14 @@ class PerceptionNode(LifecycleNode):
                      ) -> SaveMap.Response:
         response.bytes = 0
         response.success = False
+        pipeline = self._pipeline  # one reference: cleanup may drop it meanwhile
         if not request.path:
             response.message = 'path is empty: give a file path on the node machine'
-        elif not self._map_exists():
+        elif pipeline is None or pipeline.snapshot().empty:
             response.message = f'nothing saved to {request.path}: {self._no_map_reason()}'
         else:
             try:
-                self._pipeline.save(request.path)
+                pipeline.save(request.path)
                 response.bytes = os.path.getsize(request.path)
             except (OSError, ValueError) as err:
                 response.message = f'map not saved to {request.path}: {err}'
