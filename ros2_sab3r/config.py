@@ -147,8 +147,11 @@ class KeyframeConfig:
         3, 'window keyframes (the most recent) a new keyframe is decoded against', unit='pairs',
         min=1, max=16)
     match_stride: int = param(
-        8, 'pixel spacing of the reciprocal-matching seed grid (the overlap measure)', unit='px',
-        min=2, max=64)
+        16, 'pixel spacing of the reciprocal-matching seed grid (the overlap measure); cost grows '
+        'with the inverse 4th power: 16 at 512x384 is 768 seeds and ~1 ms, 8 is 3072 seeds and '
+        '~15 ms; on the synthetic scene both give overlaps within 0.03 of each other and the '
+        "same keyframes. Lower it if keyframes are taken too early with a real model's less "
+        'smooth descriptors', unit='px', min=2, max=64)
     min_translation_m: float = param(
         0.25, 'posed mode: a frame becomes a keyframe when it moved this far from the latest '
         'keyframe', unit='m', min=0.0, max=100.0)
@@ -238,6 +241,13 @@ class QueryConfig:
         'this similar (when DINO features exist)', unit='cosine', min=-1.0, max=1.0)
     embedding_cache_size: int = param(
         1024, 'text embeddings kept in memory', unit='texts', min=0, max=1_000_000)
+    threads: int = param(
+        2, "worker threads of Locate's similarity product, which reads every voxel's CLIP "
+        'feature (0.5 GB at 500k voxels; each worker takes blocks of voxels and runs torch on '
+        "one thread); 0: the calling thread with torch's own threads. On the 2-core development "
+        'machine at 500k voxels: 1 worker 65-75 ms, 2 workers ~40 ms, and ~60 ms while another '
+        "process keeps one core busy (torch's own 2 threads: 80-280 ms then)", unit='threads',
+        min=0, max=64)
 
 
 @dataclass(frozen=True)

@@ -326,7 +326,8 @@ class Evaluator:
         (the same labelling as the node's map cloud: query.labels.label_voxels)."""
         ids = np.array(sorted(names))
         E = pipeline.query.embed([names[i] for i in ids])
-        idx, _ = label_voxels(snap, E, pipeline.cfg.query.temperature)
+        idx, _ = label_voxels(snap, E, pipeline.cfg.query.temperature,
+                              pipeline.cfg.query.threads)
         return np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
 
     def _map_metrics(self, pipeline: Pipeline, align: metrics.Similarity3,

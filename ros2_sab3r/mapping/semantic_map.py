@@ -22,21 +22,17 @@ copying the whole map (at 500k voxels the CLIP features alone are ~0.5 GB).
 Bounded memory: at most `max_voxels` voxels; when new voxels would exceed it, the least recently
 seen voxels are evicted first (ties: the lighter one).
 
-Spare blocks: copy-on-write replaces every block an integration touches (~4 MB each at 512-d
-CLIP). Freeing those copies and allocating new ones at every keyframe, among the integration's
-own temporaries of varying size, fragmented glibc's heap: over 10 000 frames RSS crept by 5-8 MB
-per 1000 frames while the memory in use stayed flat. So a replaced block is kept as a spare and
-written over by a later copy once no live snapshot references it; a few spares stay allocated,
-the heap no longer churns, and the copies skip malloc and page faults.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
+import itertools
 import logging
+import mmap
 import threading
-import weakref
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -46,6 +42,7 @@ from ros2_sab3r.config import MappingConfig
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096  # voxel slots per block: the unit of copy-on-write
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, 'MAP_POPULATE', 0)
 _BITS = 21
 _OFFSET = 1 << (_BITS - 1)
 _MASK = (1 << _BITS) - 1
@@ -103,43 +100,55 @@ def _fold_clip(blk: _Block, rows: np.ndarray, fsum: np.ndarray, w_old: np.ndarra
 
 
 class _Block:
-    """Slots of BLOCK_SIZE voxels (struct of arrays)."""
+    """Slots of BLOCK_SIZE voxels (struct of arrays), all in one anonymous memory mapping.
+
+    Why a mapping of its own and not numpy's allocator: copy-on-write replaces every block an
+    integration touches (~4 MB each at 512-d CLIP). From the malloc heap, those long-lived
+    copies interleave with the integration's temporaries of varying size and fragment it: over
+    10 000 frames RSS crept by 5-8 MB per 1000 frames while the memory in use stayed flat. A
+    mapping goes back to the system as soon as its block is dropped (RSS now flat within 0.1 MB
+    per 1000 frames); the price is faulting in fresh pages for each copy, ~9% of the integration
+    rate of a fresh map.
+    """
 
     __slots__ = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
                  'clip_norm', 'clip_w', 'dino', 'dino_w')
 
     def __init__(self, clip_dim: int, dino_dim: int) -> None:
         n = BLOCK_SIZE
-        self.keys = np.zeros(n, np.int64)
-        self.valid = np.zeros(n, bool)
-        self.pos = np.zeros((n, 3), np.float32)
-        self.color = np.zeros((n, 3), np.float32)
-        self.weight = np.zeros(n, np.float32)
-        self.count = np.zeros(n, np.uint32)
-        self.last_seen = np.zeros(n, np.int64)
-        self.clip = np.zeros((n, clip_dim), np.uint16) if clip_dim else None  # bfloat16 bits
-        self.clip_norm = np.zeros(n, np.float32)  # L2 norm of each clip row (0: no feature)
-        self.clip_w = np.zeros(n, np.float32)
-        self.dino = np.zeros((n, dino_dim), np.float16) if dino_dim else None
-        self.dino_w = np.zeros(n, np.float32)
+        fields = [('keys', np.int64, 1), ('valid', np.bool_, 1), ('pos', np.float32, 3),
+                  ('color', np.float32, 3), ('weight', np.float32, 1), ('count', np.uint32, 1),
+                  ('last_seen', np.int64, 1),
+                  ('clip', np.uint16, clip_dim),  # bfloat16 bits; None when clip_dim is 0
+                  ('clip_norm', np.float32, 1),  # L2 norm of each clip row (0: no feature)
+                  ('clip_w', np.float32, 1), ('dino', np.float16, dino_dim),
+                  ('dino_w', np.float32, 1)]
+        # each array starts on a 64-byte boundary (cache lines, vector loads)
+        sizes = [(n * width * np.dtype(dt).itemsize + 63) // 64 * 64 for _, dt, width in fields]
+        # zero-filled, unmapped when its last array is freed; private (shared anonymous memory
+        # is tmpfs-backed, slower to fault in) and populated in one call rather than page by
+        # page (~10% of the integration time of a 512x384 keyframe)
+        buf = mmap.mmap(-1, sum(sizes), flags=_MAP_FLAGS)
+        offset = 0
+        for (name, dt, width), size in zip(fields, sizes):
+            if name in ('clip', 'dino') and width == 0:
+                setattr(self, name, None)
+                continue
+            a = np.frombuffer(buf, dt, n * width, offset)
+            setattr(self, name, a.reshape(n, width) if name in ('pos', 'color', 'clip', 'dino')
+                    else a)
+            offset += size
 
-    def copy(self, into: _Block | None = None) -> _Block:
-        """A copy of this block, written into the spare block `into` when given (same dims)."""
-        if into is None:
-            new = _Block.__new__(_Block)
-            for name in _Block.__slots__:
-                value = getattr(self, name)
-                setattr(new, name, None if value is None else value.copy())
-            return new
+    def copy(self, dino_dim: int | None = None) -> _Block:
+        """A copy; with dino_dim, one with (zero) DINO features of that width added."""
+        new = _Block(0 if self.clip is None else self.clip.shape[1],
+                     dino_dim if dino_dim is not None else
+                     0 if self.dino is None else self.dino.shape[1])
         for name in _Block.__slots__:
             value = getattr(self, name)
             if value is not None:
-                np.copyto(getattr(into, name), value)
-        return into
-
-    def same_layout(self, other: _Block) -> bool:
-        return all((a is None) == (b is None) and (a is None or a.shape == b.shape)
-                   for a, b in ((self.clip, other.clip), (self.dino, other.dino)))
+                np.copyto(getattr(new, name), value)
+        return new
 
 
 @dataclass(frozen=True)
@@ -239,14 +248,22 @@ class MapSnapshot:
         norm = self._gather('clip_norm').astype(np.float32)
         return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-12)
 
-    def cosine(self, E: np.ndarray) -> np.ndarray:
+    def cosine(self, E: np.ndarray, threads: int = 0) -> np.ndarray:
         """(T, N) cosine similarity of T unit embeddings E (T, F) with every voxel's CLIP feature.
 
         One bfloat16 matrix product per block, straight from the stored bits (no copy of the
         features, no per-query normalisation: the writer keeps the norms). The products are
         rounded to bfloat16 like the features themselves: ~3 significant digits, an error of
         ~5e-4 at CLIP's typical similarity of 0.25, 1% of query.temperature. Voxels without a
-        fused feature get 0. Runs on torch's intra-op threads (torch.set_num_threads).
+        fused feature get 0.
+
+        Cost: reading the features once (at 500k voxels x 512, 0.5 GB) bounds it; one core of
+        the development machine reads ~9 GB/s, so ~55 ms on one thread whatever T (up to 16).
+        threads > 0: that many worker threads (:func:`_product_pool`) take blocks one at a time,
+        each product on one torch thread; 0: the calling thread, with torch's intra-op threads.
+        Why workers and not torch's threads: every block's product waits for all of torch's
+        threads, so while another process holds a core each of the ~120 products waits for it
+        (2 torch threads then took ~3x as long as 1); workers just take fewer blocks.
         """
         import torch  # imported on first use: building and saving maps does not need torch
 
@@ -254,13 +271,63 @@ class MapSnapshot:
             return np.zeros((len(E), self.n_voxels), np.float32)
         Et = torch.from_numpy(np.ascontiguousarray(np.asarray(E, np.float32).T)).to(
             torch.bfloat16)  # (F, T)
-        with torch.inference_mode():
-            # (BLOCK_SIZE, F) views of the stored bits, no copy
-            parts = [torch.from_numpy(b.clip).view(torch.bfloat16) @ Et for b in self.blocks]
-            sims = torch.cat(parts).float().numpy()  # (n_blocks * BLOCK_SIZE, T)
-        out = sims[self.slots].T  # (T, N), valid slots only
+        raw = torch.empty((len(self.blocks) * BLOCK_SIZE, len(E)), dtype=torch.bfloat16)
+        claim = itertools.count()  # next() is atomic: each block is taken by one worker
+
+        def work(_=None) -> None:
+            with torch.inference_mode():
+                while (b := next(claim)) < len(self.blocks):
+                    # (BLOCK_SIZE, F) view of the stored bits, no copy
+                    torch.mm(torch.from_numpy(self.blocks[b].clip).view(torch.bfloat16), Et,
+                             out=raw[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
+
+        if threads:
+            list(_product_pool(threads).map(work, range(threads)))
+        else:
+            work()
+        sims = torch.empty((len(E), len(raw)), dtype=torch.float32)
+        sims.copy_(raw.T)  # (T, n_slots): one transposing, widening pass
+        out = np.take(sims.numpy(), self.slots, axis=1)  # (T, N), valid slots only
         out *= self._inv_clip_norm
         return out
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _product_pool(workers: int) -> ThreadPoolExecutor:
+    """Worker threads whose torch operations each run on one intra-op thread (one pool per size,
+    kept for the process).
+
+    torch fixes a thread's intra-op thread count from the process-wide setting the first time
+    that thread uses it; the workers do so while the setting is 1, which is restored right
+    after (a thread of another component starting torch within those microseconds would also
+    get 1).
+    """
+    import torch
+
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix='sab3r-cosine')
+            started = threading.Barrier(workers, timeout=30)  # one task per distinct thread
+
+            def init(_) -> int:
+                n = torch.get_num_threads()
+                started.wait()
+                return n
+
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                counts = list(pool.map(init, range(workers)))
+            finally:
+                torch.set_num_threads(prev)
+            if set(counts) != {1}:
+                log.warning('similarity workers run torch on %s threads, not 1', counts)
+            _POOLS[workers] = pool
+    return pool
 
 
 class SemanticVoxelMap:
@@ -283,10 +350,6 @@ class SemanticVoxelMap:
         self._version = 0
         self._stamp_ns = 0
         self._lock = threading.Lock()  # guards publication only; one writer is assumed
-        self._retired: list[_Block] = []  # replaced by copy-on-write; reused when unreferenced
-        self._published: list[weakref.ref] = []  # snapshots that may still be alive
-        self._held: set[int] | None = None  # ids of blocks in live snapshots (per integration)
-        self._copies = 0  # blocks copied since the last publication
         self.evicted_total = 0
         self._snapshot = self._publish()
 
@@ -441,25 +504,9 @@ class SemanticVoxelMap:
 
     def _writable(self, b: int) -> _Block:
         if b in self._shared:
-            old = self._blocks[b]
-            self._blocks[b] = old.copy(into=self._spare(old))
-            self._retired.append(old)
+            self._blocks[b] = self._blocks[b].copy()
             self._shared.discard(b)
-            self._copies += 1
         return self._blocks[b]
-
-    def _spare(self, like: _Block) -> _Block | None:
-        """A retired block that no live snapshot references (so nobody can read it), or None."""
-        if not self._retired:
-            return None
-        if self._held is None:
-            self._published = [r for r in self._published if r() is not None]
-            self._held = {id(blk) for r in self._published if (snap := r()) is not None
-                          for blk in snap.blocks}
-        for i, blk in enumerate(self._retired):
-            if id(blk) not in self._held and blk.same_layout(like):
-                return self._retired.pop(i)
-        return None
 
     def _field_at(self, slots: np.ndarray, name: str) -> np.ndarray:
         out = np.zeros(len(slots), np.float64)
@@ -516,30 +563,21 @@ class SemanticVoxelMap:
     def _enable_dino(self, dim: int) -> None:
         self.dino_dim = int(dim)
         for b in range(len(self._blocks)):
-            blk = self._writable(b)
-            blk.dino = np.zeros((BLOCK_SIZE, dim), np.float16)
+            self._blocks[b] = self._blocks[b].copy(dino_dim=self.dino_dim)
+            self._shared.discard(b)
 
     def _publish(self) -> MapSnapshot:
         with self._lock:
             self._shared = set(range(len(self._blocks)))
-            snap = MapSnapshot(blocks=tuple(self._blocks), voxel_size=self.voxel_size,
+            return MapSnapshot(blocks=tuple(self._blocks), voxel_size=self.voxel_size,
                                n_voxels=self.n_voxels, version=self._version,
                                stamp_ns=self._stamp_ns, clip_dim=self.clip_dim,
                                dino_dim=self.dino_dim, gravity=self.gravity, frame=self.frame)
-        # Keep as many retired blocks as the next integration will likely copy (this one's
-        # count, at least 4); older ones beyond that are released.
-        if len(self._retired) > 2 * max(self._copies, 4):
-            del self._retired[:len(self._retired) - 2 * max(self._copies, 4)]
-        self._copies = 0
-        self._held = None
-        self._published.append(weakref.ref(snap))
-        return snap
 
     # ------------------------------------------------------------------------ whole-map ops
     def clear(self) -> None:
         """Forget every voxel (the published snapshot stays valid for its readers)."""
         self._blocks = []
-        self._retired = []
         self._shared = set()
         self._index_keys = np.zeros(0, np.int64)
         self._index_slots = np.zeros(0, np.int64)

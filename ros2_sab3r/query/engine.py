@@ -152,7 +152,7 @@ class QueryEngine:
         negatives = [n for n in dict.fromkeys(tuple(cfg.canonical_negatives) + q.negatives)]
         texts = list(dict.fromkeys(q.queries)) + negatives
         E = self.embed(texts)
-        sims = snapshot.cosine(E)  # (T, N)
+        sims = snapshot.cosine(E, threads=cfg.threads)  # (T, N)
         has_feature = snapshot.clip_weights > 0
         col = {t: i for i, t in enumerate(texts)}
         objects: list[LocatedObject] = []

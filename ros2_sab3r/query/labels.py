@@ -12,13 +12,14 @@ from ros2_sab3r.mapping.semantic_map import MapSnapshot
 NO_LABEL = -1
 
 
-def label_voxels(snapshot: MapSnapshot, E: np.ndarray, temperature: float
+def label_voxels(snapshot: MapSnapshot, E: np.ndarray, temperature: float, threads: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,) int32, scores (N,) float32) for unit label embeddings E (L, F).
 
     label: row of E with the highest cosine, NO_LABEL for voxels without a CLIP feature (or a
     map without CLIP features at all); score: softmax over the L labels of cosine/temperature at
     that label (1/L when undecided, towards 1 when one label clearly wins), 0 without a label.
+    threads: as query.threads (see MapSnapshot.cosine).
     """
     n = snapshot.n_voxels
     labels = np.full(n, NO_LABEL, np.int32)
@@ -28,7 +29,7 @@ def label_voxels(snapshot: MapSnapshot, E: np.ndarray, temperature: float
         return labels, scores
     if temperature <= 0:
         raise ValueError(f'temperature={temperature} must be positive')
-    sims = snapshot.cosine(E)  # (L, N)
+    sims = snapshot.cosine(E, threads)  # (L, N)
     has = snapshot.clip_weights > 0
     best = np.argmax(sims, axis=0)
     z = (sims - sims[best, np.arange(n)]) / temperature  # <= 0, the winner at 0

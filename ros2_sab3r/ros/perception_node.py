@@ -453,7 +453,7 @@ class PerceptionNode(LifecycleNode):
         labels = self._cfg.publish.map_labels if self._cfg else ()
         if labels:
             label, score = label_voxels(snap, pipeline.query.embed(list(labels)),
-                                        self._cfg.query.temperature)
+                                        self._cfg.query.temperature, self._cfg.query.threads)
             extra = {'label': label, 'score': score}
         pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors, extra))
 

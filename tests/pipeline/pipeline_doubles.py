@@ -29,7 +29,7 @@ class CorruptingBackendDouble:
     """Wraps a backend and damages the pair outputs of chosen frames (bad-input tests).
 
     mode 'nan': view 1 points all NaN; 'zero_conf': all confidences 0; 'half_nan': half of the
-    points NaN (must still work).
+    points and a third of the descriptors NaN (must still work).
     """
 
     def __init__(self, inner, bad_stamps: set[int], mode: str) -> None:
@@ -61,8 +61,12 @@ class CorruptingBackendDouble:
             X1[::2] = np.nan
             X2 = v2.X.copy()
             X2[::2] = np.nan
-            v1 = dataclasses.replace(v1, X=X1)
-            v2 = dataclasses.replace(v2, X=X2)
+            D1 = v1.D.copy()
+            D1[:, ::3] = np.nan  # other pixels than the points: the overlap still has seeds
+            D2 = v2.D.copy()
+            D2[:, ::3] = np.nan
+            v1 = dataclasses.replace(v1, X=X1, D=D1)
+            v2 = dataclasses.replace(v2, X=X2, D=D2)
         return dataclasses.replace(pred, view1=v1, view2=v2)
 
 

@@ -38,6 +38,8 @@ def test_partly_nan_pointmap_still_registers(scene, frames, text_encoder):
     results = [pipeline.step(f.camera_frame()) for f in short]
     assert all(r.status != 'skipped' for r in results), [r.reason for r in results]
     assert np.isfinite(pipeline.snapshot().positions).all()
+    overlaps = [r.overlap for r in results if r.overlap is not None]
+    assert overlaps and all(0.0 < o <= 1.0 for o in overlaps)  # NaN descriptors never match
 
 
 def test_pair_without_overlap_is_skipped_and_tracking_resumes(scene, text_encoder):

@@ -9,6 +9,7 @@ import numpy as np
 from pipeline_doubles import HashTextEncoderDouble
 import pytest
 from scipy.spatial.transform import Rotation
+import torch
 
 from ros2_sab3r.config import MappingConfig, QueryConfig
 from ros2_sab3r.eval.synthetic import make_scene
@@ -154,6 +155,26 @@ def test_map_integration_means_and_snapshot_immutability():
     assert m.n_voxels == 2
 
 
+def test_dino_features_arriving_later_leave_old_snapshots_alone():
+    m = SemanticVoxelMap(MappingConfig(voxel_size_m=0.5, max_voxels=10_000), clip_dim=4)
+    X = np.random.default_rng(0).uniform(0, 40, (5000, 3)).astype(np.float32)  # > 1 block
+    C = np.full(len(X), 3.0, np.float32)
+    rgb = np.zeros((len(X), 3), np.uint8)
+    cells = np.zeros(len(X), np.int64)
+    m.integrate(X, C, rgb, 1, cells, np.eye(4, dtype=np.float32)[:1])
+    old = m.snapshot()
+    assert old.n_voxels > 4096 and old.dino_dim == 0
+    m.integrate(X[:10], C[:10], rgb[:10], 2, cells[:10], np.eye(4, dtype=np.float32)[1:2],
+                np.ones((1, 6), np.float32))
+    new = m.snapshot()
+    assert new.dino_dim == 6 and old.features('dino') is None
+    assert np.allclose(old.features('clip')[:, 0], 1.0, atol=1e-2)  # the old one unchanged
+    fused = new.clip_weights > 0
+    assert np.allclose(np.linalg.norm(new.features('dino')[new.last_seen_ns == 2], axis=1),
+                       np.sqrt(6), atol=1e-2)
+    assert fused.all() and np.array_equal(new.keys, old.keys)
+
+
 def test_map_stays_bounded_and_evicts_least_recently_seen():
     rng = np.random.default_rng(0)
     cfg = MappingConfig(voxel_size_m=0.05, max_voxels=1000)
@@ -280,6 +301,11 @@ def test_bfloat16_features_and_cosine():
     assert sims.shape == (3, snap.n_voxels)
     assert np.abs(sims - ref).max() < 1e-2
     assert (sims[:, snap.clip_weights == 0] == 0).all()
+    # query.threads: the same products on worker threads; the caller's torch setting is kept
+    threads = torch.get_num_threads()
+    assert np.array_equal(snap.cosine(E, threads=1), sims)
+    assert np.array_equal(snap.cosine(E, threads=3), sims)
+    assert torch.get_num_threads() == threads
     rows = np.array([5, 0, 17])
     assert np.array_equal(snap.take('pos', rows), snap.positions[rows])
 
