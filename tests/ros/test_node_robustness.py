@@ -46,9 +46,16 @@ def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.eval.standi
 """
 
 
-def _wait_ready(ros_node, node_proc, pubs, status) -> None:
+def _connect(ros_node, node_proc, topics: list[str], msg_type=Image):
+    """(status list, its subscription, publishers on the node's `topics`), once the node is up
+    and subscribed to them."""
+    status: list[PerceptionStatus] = []
+    sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
+                                       status.append, qos.STATUS)
+    pubs = [ros_node.create_publisher(msg_type, f'{node_proc.ns}/{t}', 10) for t in topics]
     assert spin_until(ros_node, lambda: all(p.get_subscription_count() > 0 for p in pubs)
                       and status and status[-1].backend, timeout=90), node_proc.log()
+    return status, sub, pubs
 
 
 def _image(f, frame_id: str = 'cam_optical') -> Image:
@@ -96,12 +103,8 @@ def test_compressed_jpeg_and_png_with_a_corrupt_frame(ros_node, tmp_path):
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10, compressed=True))
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pub = ros_node.create_publisher(CompressedImage,
-                                        f'{node_proc.ns}/cam0/image_raw/compressed', 20)
-        _wait_ready(ros_node, node_proc, [pub], status)
+        status, sub, (pub,) = _connect(ros_node, node_proc, ['cam0/image_raw/compressed'],
+                                       CompressedImage)
         msgs = [_compressed(f, 'jpeg' if i % 2 else 'png') for i, f in enumerate(frames)]
         broken = _compressed(frames[4], 'jpeg')
         broken.data = b'\xff\xd8 not really a jpeg'
@@ -130,12 +133,8 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
         env={'SAB3R_TEST_DECODE_DELAY_S': '0.3'})
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pubs = [ros_node.create_publisher(Image, f'{node_proc.ns}/cam{c}/image_raw', 10)
-                for c in range(3)]
-        _wait_ready(ros_node, node_proc, pubs, status)
+        status, sub, pubs = _connect(ros_node, node_proc,
+                                     [f'cam{c}/image_raw' for c in range(3)])
         images = [_image(f, f'cam{c}_optical') for f in frames for c in range(3)]
         # First keyframe in, so that Locate has a map to read during the burst.
         for c in range(3):
@@ -187,11 +186,7 @@ def test_concurrent_locate_calls_agree(ros_node, tmp_path):
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     try:
         scene, frames = SceneSpec.parse(scene_spec).render()
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 20)
-        _wait_ready(ros_node, node_proc, [pub], status)
+        status, sub, (pub,) = _connect(ros_node, node_proc, ['cam0/image_raw'])
         _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
         ros_node.destroy_subscription(sub)
         request = Locate.Request(queries=[scene.labels[0], 'refrigerator'])
@@ -227,11 +222,7 @@ def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig)
     path = out / 'map.npz'
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 30)
-        _wait_ready(ros_node, node_proc, [pub], status)
+        status, sub, (pub,) = _connect(ros_node, node_proc, ['cam0/image_raw'])
         _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
         ros_node.destroy_subscription(sub)
         first = call(ros_node, SaveMap, f'{node_proc.name}/save_map',
@@ -262,7 +253,7 @@ def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig)
         pytest.fail(f'map file damaged by {sig.name}: {err}')
     assert after == before or len(after) > 0.5 * len(before)
     if sig == signal.SIGINT:  # an orderly exit leaves no temporary file behind
-        assert not list(out.glob('.map.npz.*.tmp'))
+        assert not list(out.glob('.map.npz.*.tmp')), (list(out.iterdir()), node_proc.log())
 
 
 def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tmp_path):
@@ -273,11 +264,7 @@ def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tm
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     try:
         scene, frames = SceneSpec.parse(scene_spec).render()
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 10)
-        _wait_ready(ros_node, node_proc, [pub], status)
+        status, sub, (pub,) = _connect(ros_node, node_proc, ['cam0/image_raw'])
         _feed(ros_node, node_proc, pub, [_image(f) for f in frames[:4]], status)
         query = Locate.Request(queries=[scene.labels[0]])
         before = call(ros_node, Locate, f'{node_proc.name}/locate', query)
@@ -315,11 +302,7 @@ def test_a_bag_that_loops_resets_the_window_and_map(ros_node, tmp_path):
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
         assert frames[-1].stamp_ns - frames[0].stamp_ns > 1_500_000_000
-        status: list[PerceptionStatus] = []
-        sub = ros_node.create_subscription(PerceptionStatus, f'{node_proc.name}/status',
-                                           status.append, qos.STATUS)
-        pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam0/image_raw', 10)
-        _wait_ready(ros_node, node_proc, [pub], status)
+        status, sub, (pub,) = _connect(ros_node, node_proc, ['cam0/image_raw'])
         _feed(ros_node, node_proc, pub, [_image(f) for f in frames], status)
         assert spin_until(ros_node, lambda: status[-1].keyframes_total >= 2, timeout=10)
         _feed(ros_node, node_proc, pub, [_image(frames[0])], status)  # the bag starts over
