@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import rgb_to_image_fields
+from ros2_sab3r.ros.process import stop_process
 from ros2_sab3r.srv import Locate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
         print(f'node log: {node_log}')
 
 

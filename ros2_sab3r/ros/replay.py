@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from ros2_sab3r.eval.cli import build_parser, config_from_args, topics_from_args
 from ros2_sab3r.eval.report import plot_latency, write_json
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.ros import messages, qos
+from ros2_sab3r.ros.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 _TYPES = {'sensor_msgs/msg/Image': Image, 'sensor_msgs/msg/CompressedImage': CompressedImage,
@@ -110,12 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         node.destroy_node()
         rclpy.try_shutdown(context=context)
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc)
             log.close()
     if 'error' in result:
         print(f'sab3r-eval live: error: {result["error"]}', file=sys.stderr)
