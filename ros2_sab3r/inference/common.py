@@ -98,9 +98,10 @@ def warm_up(backend, runs: int = 1) -> float:
 
 
 class ArrayGraphBackend:
-    """encode/decode/warm_up for backends that run numpy arrays through the two exported graphs
-    (ONNX Runtime, TensorRT); a subclass sets name, device, input_size and provides
-    encode_array((1, 3, H, W) float32) -> tokens and decode_arrays(t1, t2) -> outputs by name."""
+    """encode/decode/warm_up shared by every built-in backend (torch, ONNX Runtime, TensorRT):
+    a subclass sets name, device, input_size and provides encode_array((1, 3, H, W) float32
+    numpy image) -> tokens (any type; torch keeps them on its device) and
+    decode_arrays(tokens1, tokens2) -> numpy outputs by official name."""
 
     name: str
     input_size: tuple[int, int]

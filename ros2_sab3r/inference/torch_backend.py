@@ -11,21 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import logging
-import time
 
+import numpy as np
 import torch
 
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import (
-    FrameTokens,
-    check_pair,
-    frame_pixels,
-    pair_from_named,
-    warm_up,
-)
+from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.model.network import DecoderGraph, Sab3rNet
-from ros2_sab3r.model.preprocess import u8_to_tensor
-from ros2_sab3r.types import CameraFrame, PairPrediction
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +48,7 @@ class _CudaGraphStage:
         return tuple(t.clone() for t in self._outputs)
 
 
-class TorchBackend:
+class TorchBackend(ArrayGraphBackend):
     """Backend protocol on a :class:`Sab3rNet` (checkpoint or random weights)."""
 
     def __init__(self, net: Sab3rNet, input_size: tuple[int, int], device: str = 'cpu',
@@ -116,18 +108,11 @@ class TorchBackend:
         with torch.inference_mode():
             return dict(zip(self._outputs, self._decode_fn(tokens1, tokens2)))
 
-    def warm_up(self) -> float:
-        """One encode + decode on a grey frame (see common.warm_up); returns milliseconds."""
-        return warm_up(self)
+    def encode_array(self, image: np.ndarray) -> torch.Tensor:
+        """(1, 3, H, W) float32 in [-1, 1] -> tokens kept on the device (FrameTokens.tokens)."""
+        return self.encode_tensor(torch.from_numpy(image))
 
-    def encode(self, frame: CameraFrame) -> FrameTokens:
-        img = u8_to_tensor(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
-        return FrameTokens(self.encode_tensor(img), self.input_size, frame.stamp_ns, id(self))
-
-    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
-        check_pair(self, a, b)
-        t = time.perf_counter()
-        named = self.decode_tensors(a.tokens, b.tokens)
-        arrays = {k: v.detach().to('cpu', torch.float32).numpy() for k, v in named.items()}
-        return pair_from_named(arrays, self.input_size, {
-            'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})
+    def decode_arrays(self, tokens1: torch.Tensor, tokens2: torch.Tensor
+                      ) -> dict[str, np.ndarray]:
+        return {k: v.detach().to('cpu', torch.float32).numpy()
+                for k, v in self.decode_tensors(tokens1, tokens2).items()}

@@ -22,22 +22,11 @@ from sensor_msgs.msg import CameraInfo, Image
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import rgb_to_image_fields
-from ros2_sab3r.ros.process import stop_process
+from ros2_sab3r.ros.process import params_file, stop_process
 from ros2_sab3r.srv import Locate
 
-ROOT = Path(__file__).resolve().parents[2]
 _STATUS_NAMES = {LocatedObject.STATUS_FOUND: 'FOUND', LocatedObject.STATUS_NOT_FOUND: 'NOT_FOUND',
                  LocatedObject.STATUS_AMBIGUOUS: 'AMBIGUOUS'}
-
-
-def _params_file() -> Path:
-    """The checkout's config/perception.yaml, else the installed package's."""
-    checkout = ROOT / 'config' / 'perception.yaml'
-    if checkout.is_file():
-        return checkout
-    from ament_index_python.packages import get_package_share_directory
-
-    return Path(get_package_share_directory('ros2_sab3r')) / 'config' / 'perception.yaml'
 
 
 STANDIN = 'ros2_sab3r.eval.standin:SyntheticSceneBackend'
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = f'/sab3r_demo_{os.getpid()}'
     node_log = out / 'perception_node.log'
     cmd = [sys.executable, '-m', 'ros2_sab3r.ros.perception_node', '--ros-args',
-           '--params-file', str(_params_file()), '-r', f'__ns:={ns}',
+           '--params-file', str(params_file()), '-r', f'__ns:={ns}',
            '-p', f'camera.image_topics:=[{ns}/camera/image_raw]',
            '-p', f'camera.camera_info_topics:=[{ns}/camera/camera_info]',
            '-p', f'model.backend:={backend}', '-p', f'model.checkpoint:={checkpoint}',

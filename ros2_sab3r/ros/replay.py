@@ -38,20 +38,10 @@ from ros2_sab3r.eval.cli import build_parser, config_from_args, topics_from_args
 from ros2_sab3r.eval.report import plot_latency, write_json
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.ros import messages, qos
-from ros2_sab3r.ros.process import stop_process
+from ros2_sab3r.ros.process import params_file, stop_process
 
-ROOT = Path(__file__).resolve().parents[2]
 _TYPES = {'sensor_msgs/msg/Image': Image, 'sensor_msgs/msg/CompressedImage': CompressedImage,
           'sensor_msgs/msg/CameraInfo': CameraInfo, 'tf2_msgs/msg/TFMessage': TFMessage}
-
-
-def _params_file() -> Path:
-    checkout = ROOT / 'config' / 'perception.yaml'
-    if checkout.is_file():
-        return checkout
-    from ament_index_python.packages import get_package_share_directory
-
-    return Path(get_package_share_directory('ros2_sab3r')) / 'config' / 'perception.yaml'
 
 
 def _bag_info(bag: str, label_topic: str) -> dict:
@@ -63,7 +53,7 @@ def _bag_info(bag: str, label_topic: str) -> dict:
 def _start_node(args, cfg, image_topic: str, info_topic: str, log_path: Path):
     ns, _, name = args.node.rpartition('/')
     cmd = [sys.executable, '-m', 'ros2_sab3r.ros.perception_node', '--ros-args',
-           '--params-file', str(_params_file()), '-r', f'__ns:={ns or "/"}',
+           '--params-file', str(params_file()), '-r', f'__ns:={ns or "/"}',
            '-r', f'__node:={name}',
            '-p', f'camera.image_topics:=[{image_topic}]',
            '-p', f'camera.camera_info_topics:=[{info_topic}]',
