@@ -106,8 +106,11 @@ class ModelConfig:
         'empty: no network is loaded', read_only=True)
     device: str = param('cpu', "'cpu' or 'cuda'", choices=('cpu', 'cuda'), read_only=True)
     dtype: str = param(
-        'fp32', 'compute precision of the backbone (heads and post-processing stay fp32); '
-        'onnxruntime on CPU runs fp32 only', choices=('fp32', 'fp16', 'bf16'), read_only=True)
+        'fp32', 'compute precision of the backbone (heads and post-processing stay fp32): fp32; '
+        'fp16/bf16 (torch, tensorrt, the TensorRT EP); int8: onnxruntime on the CPU only, the '
+        "export's dynamically quantised graphs (sab3r-export --int8: int8 matmul weights, "
+        'activations quantised per run; convolutions stay fp32)',
+        choices=('fp32', 'fp16', 'bf16', 'int8'), read_only=True)
     image_width: int = param(
         512, 'network input width; with image_height the static network input size: frames are '
         'resized to cover it and centre-cropped (a multiple of 16)', unit='px', min=32,

@@ -14,6 +14,10 @@ shapes, and run in ONNX Runtime with the session options the backend uses (rotar
 disabled, see :mod:`ros2_sab3r.inference.ort_backend`); every output is compared with torch
 against :data:`PARITY_TOLERANCES` and the figures are printed and written to the manifest. An
 export that runs but differs fails.
+
+``--int8`` adds a dynamically quantised pair per size for ONNX Runtime on the CPU
+(``model.dtype: int8``), made from the checked fp32 graphs with onnxruntime's own quantiser
+(:data:`INT8_RECIPE`) and checked the same way against :data:`INT8_PARITY_TOLERANCES`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import hashlib
 import logging
 from pathlib import Path
+import shutil
 import sys
 import warnings
 
@@ -55,17 +60,29 @@ PARITY_TOLERANCES: dict[str, float] = {
     'tokens': 1e-4, 'pts3d': 1e-3, 'conf': 1e-3, 'desc': 1e-3, 'desc_conf': 1e-3,
     'clip': 1e-3, 'dino': 1e-3,
 }
+# The int8 graphs (sab3r-export --int8): relative RMS error per output (see compare()).
+# Measured on random-weight networks, worst output: tiny/tiny_cd at 32x48..48x64 3.1% (dino),
+# tokens 2.0%, desc 2.6%, pts3d 0.6%; sab3r_cd at 384x512 2.5% (desc), tokens 2.0%, pts3d 1.0%,
+# clip/dino 1.2%. Random weights say how much the quantiser perturbs the network, not what that
+# does to a trained model's accuracy: evaluate int8 with sab3r-eval on real weights first.
+INT8_PARITY_TOLERANCES: dict[str, float] = {
+    'tokens': 5e-2, 'pts3d': 5e-2, 'conf': 5e-2, 'desc': 5e-2, 'desc_conf': 5e-2,
+    'clip': 5e-2, 'dino': 5e-2,
+}
+INT8_RECIPE = ('dynamic int8 (onnxruntime.quantization.quantize_dynamic): matmuls with constant '
+               'weights use int8 weights per output channel and uint8 activations quantised per '
+               'run; attention (activation x activation) and all convolutions stay fp32')
 # Ops whose output shape depends on data (or that hide control flow): none may appear.
 DYNAMIC_OPS = frozenset({'NonZero', 'Unique', 'Loop', 'If', 'Scan', 'Compress', 'Range'})
 
 
-def tolerance_for(output: str) -> float:
+def tolerance_for(output: str, tolerances: dict[str, float] = PARITY_TOLERANCES) -> float:
     """'pts3d_in_other_view_2' -> the 'pts3d' tolerance, 'desc_conf_1' -> 'desc_conf', ..."""
     base = output.rsplit('_', 1)[0] if output[-1].isdigit() else output
     base = 'pts3d' if base.startswith('pts3d') else base
-    if base not in PARITY_TOLERANCES:
+    if base not in tolerances:
         raise KeyError(f'no parity tolerance written down for output {output!r}')
-    return PARITY_TOLERANCES[base]
+    return tolerances[base]
 
 
 def weights_sha256(net: Sab3rNet) -> str:
@@ -82,25 +99,86 @@ def weights_sha256(net: Sab3rNet) -> str:
 class ParityFigure:
     output: str
     max_abs: float  # max |ORT - torch|
-    rel: float  # max_abs / max |torch|
+    rel: float  # 'max': max_abs / max |torch|; 'rms': rms(ORT - torch) / rms(torch)
     tol: float  # allowed rel
+    measure: str = 'max'
 
     @property
     def ok(self) -> bool:
         return bool(np.isfinite(self.rel)) and self.rel <= self.tol
 
     def line(self) -> str:
-        return (f'{self.output:<24s} max|diff| {self.max_abs:.3e}  rel {self.rel:.3e}  '
+        name = 'rel' if self.measure == 'max' else 'rms rel'
+        return (f'{self.output:<24s} max|diff| {self.max_abs:.3e}  {name} {self.rel:.3e}  '
                 f'tol {self.tol:.0e}  {"ok" if self.ok else "FAIL"}')
 
 
-def compare(output: str, got: np.ndarray, want: np.ndarray) -> ParityFigure:
+def compare(output: str, got: np.ndarray, want: np.ndarray,
+            tolerances: dict[str, float] = PARITY_TOLERANCES,
+            measure: str = 'max') -> ParityFigure:
+    """Parity of one output. 'max' (fp32 graphs): the worst element against the output's
+    range. 'rms' (int8 graphs, whose rounding error is spread over every element): relative
+    root-mean-square error, the usual measure of quantisation error."""
+    tol = tolerance_for(output, tolerances)
     if got.shape != want.shape:
-        return ParityFigure(output, float('inf'), float('inf'), tolerance_for(output))
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        return ParityFigure(output, float('inf'), float('inf'), tol, measure)
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(got - want)
     max_abs = float(diff.max()) if diff.size else 0.0
+    if measure == 'rms':
+        rms = float(np.sqrt(np.mean(diff ** 2))) if diff.size else 0.0
+        scale = float(np.sqrt(np.mean(want ** 2))) if want.size else 0.0
+        return ParityFigure(output, max_abs, rms / max(scale, 1e-12), tol, measure)
     scale = float(np.abs(want).max()) if want.size else 0.0
-    return ParityFigure(output, max_abs, max_abs / max(scale, 1e-12), tolerance_for(output))
+    return ParityFigure(output, max_abs, max_abs / max(scale, 1e-12), tol, measure)
+
+
+def model_code_sha256() -> str:
+    """Hash of the network's source files: an export from other model code is another graph
+    even with the same weights (recorded in the manifest's versions)."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).resolve().parents[1] / 'model').glob('*.py')):
+        digest.update(path.name.encode() + b'\0' + path.read_bytes())
+    return digest.hexdigest()
+
+
+class _QuietRoot(logging.Filter):
+    """onnxruntime's quantiser logs advice on the root logger ('consider pre-processing');
+    the export runs its own checks, so those lines are dropped while it runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quantize_int8(src: Path, dst: Path, reduce_range: bool = False) -> None:
+    """Write the dynamically quantised copy of graph ``src`` to ``dst`` (:data:`INT8_RECIPE`).
+
+    Convolutions are left in fp32 on purpose: ONNX Runtime runs dynamically quantised
+    convolutions (ConvInteger) about 4x slower than its fp32 ones (measured on the sab3r_cd
+    heads), while its integer matmuls are about 3x faster than fp32 ones. ``reduce_range``
+    quantises weights to 7 bits, for x86 CPUs without VNNI where 8-bit products can saturate.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for stale in (dst, dst.with_name(dst.name + '.data')):
+        stale.unlink(missing_ok=True)
+    quiet = _QuietRoot()
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=['MatMul'], per_channel=True,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         use_external_data_format=True,
+                         extra_options={'MatMulConstBOnly': True})
+    except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
+        raise ExportError(f'quantising {src.name} to int8 failed ({type(exc).__name__}: {exc})'
+                          ) from exc
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    # The quantiser writes its external data through a private temporary file (mode 0600):
+    # give both files the fp32 graph's mode, so a node running as another user can read them.
+    for path in (dst, dst.with_name(dst.name + '.data')):
+        if path.exists():
+            shutil.copymode(src, path)
 
 
 def ort_session_options(level: str = 'all', threads: int = 0):
@@ -163,7 +241,8 @@ def _example_image(size: tuple[int, int], seed: int) -> torch.Tensor:
 
 def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, int],
                  output_names: Sequence[str], level: str = 'all', threads: int = 0,
-                 seed: int = 0) -> list[ParityFigure]:
+                 seed: int = 0, tolerances: dict[str, float] = PARITY_TOLERANCES,
+                 measure: str = 'max') -> list[ParityFigure]:
     """Run both graphs in ONNX Runtime (CPU) on two images; compare every output with torch."""
     import onnxruntime as ort
 
@@ -179,24 +258,52 @@ def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, i
     t1 = enc.run(None, {'image': img1.numpy()})[0]
     t2 = enc.run(None, {'image': img2.numpy()})[0]
     del enc
-    figures = [compare('tokens', t1, ref1.float().numpy()),
-               compare('tokens', t2, ref2.float().numpy())]
+    figures = [compare('tokens', t1, ref1.float().numpy(), tolerances, measure),
+               compare('tokens', t2, ref2.float().numpy(), tolerances, measure)]
     figures = [max(figures, key=lambda f: f.rel)]
     dec = ort.InferenceSession(str(decoder), ort_session_options(level, threads),
                                providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
     outs = dec.run(list(output_names), {'tokens1': t1, 'tokens2': t2})
     for name, got, want in zip(output_names, outs, ref_out):
-        figures.append(compare(name, got, want.float().numpy()))
+        figures.append(compare(name, got, want.float().numpy(), tolerances, measure))
     return figures
+
+
+def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[int, int],
+                    output_names: Sequence[str], threads: int, precision: str,
+                    steps: tqdm) -> dict[str, dict[str, float]]:
+    """onnx.checker + parity of one graph pair; ExportError when an output is off."""
+    h, w = size
+    steps.set_postfix_str(f'{h}x{w} {precision} onnx.checker')
+    check_graph(enc_path)
+    check_graph(dec_path)
+    steps.update()
+    steps.set_postfix_str(f'{h}x{w} {precision} parity')
+    int8 = precision == 'int8'
+    figures = parity_check(enc_path, dec_path, net, size, output_names, threads=threads,
+                           tolerances=INT8_PARITY_TOLERANCES if int8 else PARITY_TOLERANCES,
+                           measure='rms' if int8 else 'max')
+    steps.update()
+    log.debug('parity ONNX Runtime %s vs torch at %dx%d:\n  %s', precision, h, w,
+             '\n  '.join(f.line() for f in figures))
+    failed = [f for f in figures if not f.ok]
+    if failed:
+        raise ExportError(f'the {h}x{w} {precision} export runs but differs from torch: '
+                          + '; '.join(f.line() for f in failed))
+    return {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol, 'measure': f.measure}
+            for f in figures}
 
 
 def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
                    opset: int = DEFAULT_OPSET, source: str = '', check: bool = True,
-                   threads: int = 0, progress: bool = True) -> ExportManifest:
+                   threads: int = 0, progress: bool = True, int8: bool = False,
+                   int8_reduce_range: bool = False) -> ExportManifest:
     """Export ``net`` (fp32, CPU) for every size; check and compare; write the manifest.
 
-    Raises ExportError when a graph fails a check or an output exceeds its tolerance; the
-    manifest is only written when every size passed, so a directory with a manifest is good.
+    With ``int8`` every size also gets a dynamically quantised pair (:func:`quantize_int8`),
+    checked against :data:`INT8_PARITY_TOLERANCES`. Raises ExportError when a graph fails a
+    check or an output exceeds its tolerance; the manifest is only written when every graph
+    passed, so a directory with a manifest is good.
     """
     import onnx
     import onnxruntime
@@ -212,7 +319,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         if h % p or w % p:
             raise ExportError(f'image size {h}x{w} is not a multiple of the patch size {p}')
     graphs = []
-    steps = tqdm(total=len(sizes) * (4 if check else 2), desc='sab3r-export', unit='step',
+    per_size = (4 if check else 2) + ((3 if check else 1) if int8 else 0)
+    steps = tqdm(total=len(sizes) * per_size, desc='sab3r-export', unit='step',
                  disable=not progress, file=sys.stderr)
     for size in sizes:
         h, w = size
@@ -230,36 +338,33 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             _export(dec_graph, (tokens.clone(), tokens.clone()), dec_path, DECODER_INPUTS,
                     dec_graph.output_names, opset)
         steps.update()
-        parity: dict[str, dict[str, float]] = {}
-        if check:
-            steps.set_postfix_str(f'{h}x{w} onnx.checker')
-            check_graph(enc_path)
-            check_graph(dec_path)
-            steps.update()
-            steps.set_postfix_str(f'{h}x{w} parity')
-            figures = parity_check(enc_path, dec_path, net, size, dec_graph.output_names,
-                                   threads=threads)
-            steps.update()
-            log.info('parity ONNX Runtime vs torch at %dx%d:\n  %s', h, w,
-                     '\n  '.join(f.line() for f in figures))
-            failed = [f for f in figures if not f.ok]
-            if failed:
-                raise ExportError(
-                    f'the {h}x{w} export runs but differs from torch: '
-                    + '; '.join(f.line() for f in failed))
-            parity = {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol}
-                      for f in figures}
+        names = tuple(dec_graph.output_names)
+        parity = (_checked_parity(enc_path, dec_path, net, size, names, threads, 'fp32', steps)
+                  if check else {})
+        token_shape = tuple(int(s) for s in tokens.shape)
         graphs.append(GraphPair(
             image_size=(h, w), encoder=enc_path.name, decoder=dec_path.name,
             encoder_sha256=file_sha256(enc_path), decoder_sha256=file_sha256(dec_path),
-            token_shape=tuple(int(s) for s in tokens.shape),
-            output_names=tuple(dec_graph.output_names), parity=parity))
+            token_shape=token_shape, output_names=names, parity=parity))
+        if int8:
+            steps.set_postfix_str(f'{h}x{w} int8 quantisation')
+            q_enc, q_dec = (p.with_name(f'{p.stem}_int8.onnx') for p in (enc_path, dec_path))
+            quantize_int8(enc_path, q_enc, int8_reduce_range)
+            quantize_int8(dec_path, q_dec, int8_reduce_range)
+            steps.update()
+            parity = (_checked_parity(q_enc, q_dec, net, size, names, threads, 'int8', steps)
+                      if check else {})
+            graphs.append(GraphPair(
+                image_size=(h, w), encoder=q_enc.name, decoder=q_dec.name,
+                encoder_sha256=file_sha256(q_enc), decoder_sha256=file_sha256(q_dec),
+                token_shape=token_shape, output_names=names, parity=parity, precision='int8',
+                quantization=INT8_RECIPE + (' (7-bit weights)' if int8_reduce_range else '')))
     steps.close()
     manifest = ExportManifest(
         config_name=net.cfg.name, network_config=net.cfg.to_dict(), opset=opset,
         weights_sha256=weights_sha256(net), source=source, graphs=tuple(graphs),
         versions={'torch': torch.__version__, 'onnx': onnx.__version__,
-                  'onnxruntime': onnxruntime.__version__})
+                  'onnxruntime': onnxruntime.__version__, 'model_code': model_code_sha256()})
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json(), encoding='utf-8')
     return manifest
 
@@ -287,7 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, default=0, help='CPU threads (0: default)')
     parser.add_argument('--trusted', action='store_true',
                         help='allow full unpickling of a .pth you trust (can run code)')
+    parser.add_argument('--int8', action='store_true',
+                        help='also write dynamically quantised graphs for ONNX Runtime on the CPU '
+                             '(model.dtype int8; int8 matmul weights, convolutions fp32), '
+                             'checked against looser tolerances')
+    parser.add_argument('--int8-reduce-range', action='store_true',
+                        help='with --int8: 7-bit weights, for x86 CPUs without VNNI '
+                             '(avoids saturating 8-bit products there)')
     args = parser.parse_args(argv)
+    if args.int8_reduce_range and not args.int8:
+        parser.error('--int8-reduce-range needs --int8')
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     try:
         sizes = [parse_size(s) for s in (args.size or [])] or list(DEFAULT_SIZES)
@@ -307,15 +421,16 @@ def main(argv: list[str] | None = None) -> int:
             net = load_network(args.checkpoint, config=args.config, trusted=args.trusted)
             source = args.checkpoint
         manifest = export_network(net, args.out, sizes, args.opset, source,
-                                  check=not args.no_check, threads=args.threads)
+                                  check=not args.no_check, threads=args.threads,
+                                  int8=args.int8, int8_reduce_range=args.int8_reduce_range)
     except (CheckpointError, ExportError) as exc:
         print(f'sab3r-export: {exc}', file=sys.stderr)
         return 2
     for g in manifest.graphs:
-        print(f'{g.image_size[0]}x{g.image_size[1]}: {g.encoder}, {g.decoder}')
+        print(f'{g.image_size[0]}x{g.image_size[1]} {g.precision}: {g.encoder}, {g.decoder}')
         for name, fig in g.parity.items():
-            print(f'  {name:<24s} max|diff| {fig["max_abs"]:.3e}  rel {fig["rel"]:.3e}  '
-                  f'tol {fig["tol"]:.0e}')
+            print('  ' + ParityFigure(name, fig['max_abs'], fig['rel'], fig['tol'],
+                                      fig.get('measure', 'max')).line())
     print(f'wrote {Path(args.out) / MANIFEST_NAME} ({manifest.config_name}, opset '
           f'{manifest.opset})')
     return 0

@@ -5,6 +5,7 @@ An export directory holds, per static image size, an encoder graph and a decoder
     manifest.json
     encoder_384x512.onnx   decoder_384x512.onnx
     encoder_288x512.onnx   decoder_288x512.onnx
+    encoder_384x512_int8.onnx  decoder_384x512_int8.onnx   (with sab3r-export --int8)
 
 The manifest says what they are (architecture, image size, opset, input and output names, hash of
 the weights they were exported from, hash of each file) and how close they came to torch at export
@@ -55,13 +56,16 @@ class GraphPair:
     token_shape: tuple[int, int, int]  # (1, N, enc_dim) encoder output = decoder inputs
     output_names: tuple[str, ...]  # decoder outputs, official names, in graph order
     parity: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> figures
+    precision: str = 'fp32'  # 'fp32', or 'int8' (dynamically quantised, see sab3r-export --int8)
+    quantization: str = ''  # how an int8 pair was made, in words
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphPair:
         return cls(image_size=tuple(d['image_size']), encoder=d['encoder'], decoder=d['decoder'],
                    encoder_sha256=d['encoder_sha256'], decoder_sha256=d['decoder_sha256'],
                    token_shape=tuple(d['token_shape']), output_names=tuple(d['output_names']),
-                   parity=dict(d.get('parity', {})))
+                   parity=dict(d.get('parity', {})), precision=d.get('precision', 'fp32'),
+                   quantization=d.get('quantization', ''))
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,11 @@ class ExportManifest:
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
-        return [g.image_size for g in self.graphs]
+        """Sizes with fp32 graphs (every exported size has them)."""
+        return [g.image_size for g in self.graphs if g.precision == 'fp32']
+
+    def precisions(self, image_size: tuple[int, int]) -> list[str]:
+        return [g.precision for g in self.graphs if g.image_size == tuple(image_size)]
 
     @property
     def clip_dim(self) -> int:
@@ -88,15 +96,22 @@ class ExportManifest:
                 return int(head['out_dim'])
         return 0
 
-    def graph_for(self, image_size: tuple[int, int]) -> GraphPair:
+    def graph_for(self, image_size: tuple[int, int], precision: str = 'fp32') -> GraphPair:
         for g in self.graphs:
-            if g.image_size == tuple(image_size):
+            if g.image_size == tuple(image_size) and g.precision == precision:
                 return g
-        have = ', '.join(f'{h}x{w}' for h, w in self.image_sizes) or 'none'
+        h, w = image_size
+        if tuple(image_size) in self.image_sizes:
+            raise ExportError(
+                f'the export has no {precision} graphs for image size {h}x{w} (HxW); it has '
+                f'{", ".join(self.precisions(image_size))}. Re-export with sab3r-export '
+                f'--size {h}x{w}' + (' --int8' if precision == 'int8' else '')
+                + ', or set model.dtype to one of those')
+        have = ', '.join(f'{hh}x{ww}' for hh, ww in self.image_sizes) or 'none'
         raise ExportError(
-            f'the export has no graphs for image size {image_size[0]}x{image_size[1]} (HxW); it '
-            f'has {have}. Set model.image_height/model.image_width to one of them or export this '
-            f'size with sab3r-export --size {image_size[0]}x{image_size[1]}')
+            f'the export has no graphs for image size {h}x{w} (HxW); it has {have}. Set '
+            'model.image_height/model.image_width to one of them or export this size with '
+            f'sab3r-export --size {h}x{w}')
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + '\n'

@@ -7,6 +7,11 @@ first half of each head, columns on the second) it would compute the wrong rotat
 session optimisers of current releases do not include it, but the fusions named in
 :data:`DISABLED_OPTIMIZERS` are switched off whatever the release, and the export parity check runs
 with exactly these session options (so a fusion that corrupts outputs fails the export).
+
+``model.dtype: int8`` loads the export's dynamically quantised pair (``sab3r-export --int8``):
+every matmul with constant weights runs on int8 weights (per output channel) and uint8 activations
+quantised per run, on ONNX Runtime's integer kernels (VNNI/AMX where the CPU has them);
+convolutions stay fp32. Its parity with torch is checked at export against looser tolerances.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ DISABLED_OPTIMIZERS = ['RotaryEmbeddingFusion', 'GroupQueryAttentionFusion',
 @dataclass(frozen=True)
 class OrtOptions:
     device: str = 'cpu'  # 'cpu' or 'cuda'
-    dtype: str = 'fp32'  # 'fp16' only through the TensorRT execution provider
+    dtype: str = 'fp32'  # 'int8': the export's quantised CPU graphs; 'fp16'/'bf16': TensorRT EP
     threads: int = 0  # intra-op threads; 0: ONNX Runtime's default
     optimization: str = 'all'  # 'disable', 'basic', 'extended', 'all'
     trt_cache_dir: str = ''  # TensorRT EP engine/timing cache; '' : <export>/ort_trt_cache
@@ -47,11 +52,16 @@ def _providers(opts: OrtOptions, export_dir: Path) -> list:
 
     available = ort.get_available_providers()
     if opts.device == 'cpu':
-        if opts.dtype != 'fp32':
+        if opts.dtype not in ('fp32', 'int8'):
             raise BackendUnavailable(
-                f'onnxruntime on CPU runs fp32 graphs; model.dtype={opts.dtype!r} is not '
-                "available there: set model.dtype to 'fp32' (or use the torch backend for bf16)")
+                f'onnxruntime on CPU runs fp32 or int8 graphs; model.dtype={opts.dtype!r} is not '
+                "available there: set model.dtype to 'fp32' or 'int8' (or use the torch backend "
+                'for bf16)')
         return ['CPUExecutionProvider']
+    if opts.dtype == 'int8':
+        raise BackendUnavailable(
+            "onnxruntime int8 graphs are dynamically quantised for the CPU (their integer matmul "
+            "kernels are CPU ones); set model.device 'cpu', or use fp16/bf16 on the GPU")
     providers: list = []
     if 'TensorrtExecutionProvider' in available:
         cache = Path(opts.trt_cache_dir or export_dir / 'ort_trt_cache')
@@ -90,7 +100,8 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
         self.export_dir = Path(export_dir).expanduser()
         try:
             self.manifest: ExportManifest = read_manifest(self.export_dir)
-            self.graph: GraphPair = self.manifest.graph_for(input_size)
+            precision = 'int8' if options.dtype == 'int8' else 'fp32'
+            self.graph: GraphPair = self.manifest.graph_for(input_size, precision)
             enc_path, dec_path = (verify_files(self.export_dir, self.graph) if verify else
                                   (self.export_dir / self.graph.encoder,
                                    self.export_dir / self.graph.decoder))

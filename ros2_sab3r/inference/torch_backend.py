@@ -53,6 +53,10 @@ class TorchBackend(ArrayGraphBackend):
 
     def __init__(self, net: Sab3rNet, input_size: tuple[int, int], device: str = 'cpu',
                  dtype: str = 'fp32', cuda_graphs: bool = False) -> None:
+        if dtype == 'int8':
+            raise BackendUnavailable(
+                "model.dtype 'int8' is the onnxruntime backend's quantised CPU graphs "
+                "(sab3r-export --int8); the torch backend runs 'fp32', 'fp16' or 'bf16'")
         if dtype not in DTYPES:
             raise BackendUnavailable(f'model.dtype={dtype!r} is not one of {", ".join(DTYPES)}')
         if device == 'cuda' and not torch.cuda.is_available():

@@ -118,6 +118,10 @@ class TensorRTBackend(ArrayGraphBackend):
     def from_config(cls, model: ModelConfig) -> TensorRTBackend:
         if model.device != 'cuda':
             raise BackendUnavailable("model.backend 'tensorrt' needs model.device 'cuda'")
+        if model.dtype == 'int8':
+            raise BackendUnavailable(
+                "model.dtype 'int8' is not built for TensorRT yet (it needs calibration); use "
+                "'fp16' or 'bf16' on the GPU, or onnxruntime on the CPU for int8")
         try:
             manifest = read_manifest(model.checkpoint)
             graph = manifest.graph_for((model.image_height, model.image_width))

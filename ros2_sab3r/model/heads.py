@@ -47,7 +47,10 @@ class FusionBlock(nn.Module):
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
         h, w = x.shape[-2:]
-        return self.out_conv(_resize(x, (2 * h, 2 * w)))
+        # The official order is upsample, then out_conv. A 1x1 conv commutes with bilinear
+        # resampling (both linear, interpolation weights sum to 1, so the bias passes through):
+        # convolving first does the same arithmetic on a quarter of the pixels.
+        return _resize(self.out_conv(x), (2 * h, 2 * w))
 
 
 class Scratch(nn.Module):
@@ -73,7 +76,8 @@ class _Resample(nn.Module):
 
 
 class DPT(nn.Module):
-    """DPT adapter over four token layers (hooks), output (B, out_channels, H / s, W / s)."""
+    """DPT adapter over four token layers (hooks), output channels-last (B, H / s, W / s,
+    out_channels)."""
 
     def __init__(self, hooks: Sequence[int], token_dims: Sequence[int], patch_size: int,
                  out_channels: int, layer_dims: Sequence[int] = (96, 192, 384, 768),
@@ -113,7 +117,12 @@ class DPT(nn.Module):
         p1 = self.scratch.refinenet1(p2, maps[0])  # (B, 256, 8h, 8w) = H/2, W/2
         out_hw = (h * self.patch_size // stride, w * self.patch_size // stride)
         x = _resize(self.head[0](p1), out_hw)
-        return self.head[4](self.head[3](self.head[2](x)))  # (B, out_channels, H/s, W/s)
+        x = self.head[3](self.head[2](x)).permute(0, 2, 3, 1)  # (B, H/s, W/s, last_dim)
+        # The last 1x1 conv as a matmul on channels-last pixels: same weights and numbers, but
+        # the wide output (512 channels for CLIP) is written once in the layout the callers
+        # want, instead of NCHW (or ONNX Runtime's blocked layout) followed by a transpose.
+        proj: nn.Conv2d = self.head[4]
+        return F.linear(x, proj.weight.flatten(1), proj.bias)  # (B, H/s, W/s, out_channels)
 
 
 def expm1(d: torch.Tensor) -> torch.Tensor:
@@ -167,12 +176,12 @@ class PointDescHead(nn.Module):
         """Return pts3d (B,H,W,3), conf (B,H,W), desc (B,H,W,D), desc_conf (B,H,W)."""
         h, w = grid
         p = self.cfg.patch_size
-        dpt = self.dpt(layers, grid)  # (B, 4, H, W)
+        dpt = self.dpt(layers, grid)  # (B, H, W, 4)
         cat = torch.cat([layers[0], layers[-1]], dim=-1)  # (B, N, enc + dec)
         local = self.head_local_features(cat)  # (B, N, c * p * p), index c*p*p + dy*p + dx
         local = local.transpose(1, 2).reshape(local.shape[0], -1, h, w)
-        local = F.pixel_shuffle(local, p)  # (B, c, H, W)
-        out = torch.cat([dpt, local], dim=1).permute(0, 2, 3, 1)  # (B, H, W, 4 + c)
+        local = F.pixel_shuffle(local, p).permute(0, 2, 3, 1)  # (B, H, W, c)
+        out = torch.cat([dpt, local], dim=-1)  # (B, H, W, 4 + c)
         pts3d = reg_dense_depth(out[..., 0:3], self.cfg.depth_mode)
         conf = reg_dense_conf(out[..., 3], self.cfg.conf_mode)
         d = self.cfg.desc_dim
@@ -207,12 +216,12 @@ class FeatureHead(nn.Module):
         h, w = grid
         stride = self.head_cfg.output_stride
         if self.head_cfg.head_type == 'dpt':
-            feat = self.dpt(layers, grid, stride)  # (B, F, H/s, W/s)
+            feat = self.dpt(layers, grid, stride)  # (B, H/s, W/s, F)
         else:
             cat = torch.cat([layers[0], layers[-1]], dim=-1)  # (B, N, enc + dec)
             x = self.mlp(cat).transpose(1, 2).reshape(cat.shape[0], -1, h, w)
-            feat = F.pixel_shuffle(x, self.patch_size // stride)  # (B, F, H/s, W/s)
-        feat = feat.permute(0, 2, 3, 1)
+            x = F.pixel_shuffle(x, self.patch_size // stride)  # (B, F, H/s, W/s)
+            feat = x.permute(0, 2, 3, 1)
         if self.head_cfg.postprocess == 'norm':
             feat = feat / feat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return feat

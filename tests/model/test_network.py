@@ -240,3 +240,44 @@ def test_bad_inputs_are_rejected(tiny_net):
         tiny_net.encode(torch.zeros(1, 3, 30, 48))
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\)'):
         tiny_net.encode(torch.zeros(3, 32, 48))
+
+
+def test_dpt_reorderings_match_the_official_operation_order():
+    """heads.DPT convolves FusionBlock.out_conv before upsampling and runs the last 1x1 conv on
+    channels-last pixels; both must equal the official order (upsample, then conv2d, NCHW)."""
+    import torch.nn.functional as F
+
+    from ros2_sab3r.model.heads import DPT
+
+    torch.manual_seed(0)
+    dpt = DPT(hooks=(0, 1, 2, 3), token_dims=(8, 6, 6, 6), patch_size=4, out_channels=5,
+              layer_dims=(4, 4, 8, 8), feature_dim=8, last_dim=6).double().eval()
+    for p in dpt.parameters():  # non-zero biases everywhere: the bias must pass the resize
+        torch.nn.init.normal_(p, std=0.3)
+    grid = (3, 5)  # odd: exercises refinenet4's crop as well
+    layers = [torch.randn(2, 15, d, dtype=torch.float64) for d in (8, 6, 6, 6)]
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode='bilinear', align_corners=True)
+
+    def fusion(block, x, skip=None):  # official: resize, then out_conv
+        if skip is not None:
+            x = x + block.resConfUnit1(skip)
+        x = block.resConfUnit2(x)
+        return block.out_conv(up(x, (2 * x.shape[-2], 2 * x.shape[-1])))
+
+    with torch.no_grad():
+        got = dpt(layers, grid)
+        sc = dpt.scratch
+        maps = []
+        for k in range(4):
+            x = layers[k].transpose(1, 2).reshape(2, -1, *grid)
+            maps.append(sc.layer_rn[k](dpt.act_postprocess[k](x)))
+        p = fusion(sc.refinenet4, maps[3])[:, :, :3, :5]
+        p = fusion(sc.refinenet3, p, maps[2])
+        p = fusion(sc.refinenet2, p, maps[1])
+        p = fusion(sc.refinenet1, p, maps[0])
+        x = up(dpt.head[0](p), (12, 20))
+        want = dpt.head[4](dpt.head[3](dpt.head[2](x))).permute(0, 2, 3, 1)
+    assert got.shape == (2, 12, 20, 5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # float64: same maths

@@ -1,0 +1,174 @@
+"""sab3r-export --int8: dynamically quantised graphs for ONNX Runtime on the CPU (dtype int8).
+
+What is checked: the int8 pair sits beside the fp32 one in the manifest with its own parity
+figures; only matmuls with constant weights are quantised (attention and convolutions stay fp32);
+the backend loads it when asked for int8 and only then; its outputs are near torch fp32 (relative
+RMS error, measured here independently of the export) but not bit-equal to the fp32 graphs, so the
+quantised graphs really run; the pipeline builds a map from it; every wrong combination is refused
+with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_sab3r.config import ModelConfig, config_from_flat
+from ros2_sab3r.eval.standin import HashTextEncoderStandIn
+from ros2_sab3r.eval.synthetic import make_scene
+from ros2_sab3r.inference import export as export_mod
+from ros2_sab3r.inference.base import BackendUnavailable
+from ros2_sab3r.inference.export import (
+    INT8_PARITY_TOLERANCES,
+    ExportError,
+    export_network,
+    tolerance_for,
+)
+from ros2_sab3r.inference.factory import load_model
+from ros2_sab3r.inference.manifest import read_manifest
+from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+from ros2_sab3r.inference.torch_backend import TorchBackend
+from ros2_sab3r.model.network import DecoderGraph
+from ros2_sab3r.pipeline import Pipeline
+
+pytestmark = [pytest.mark.model, pytest.mark.export]
+
+onnx = pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime.quantization')
+
+SIZE = (48, 64)
+STANDIN_TEXT = 'ros2_sab3r.eval.standin:HashTextEncoderStandIn'
+
+
+@pytest.fixture(scope='module')
+def int8_dir(tiny_net, tmp_path_factory):
+    out = tmp_path_factory.mktemp('export_int8')
+    manifest = export_network(tiny_net, out, [SIZE], source='tiny test net', progress=False,
+                              int8=True)
+    return out, manifest
+
+
+def _rms_rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
+
+
+def test_manifest_has_both_precisions_with_their_own_parity(int8_dir, tmp_path):
+    out, manifest = int8_dir
+    assert read_manifest(out) == manifest
+    assert manifest.image_sizes == [SIZE]  # sizes are counted once
+    assert manifest.precisions(SIZE) == ['fp32', 'int8']
+    fp32, int8 = manifest.graph_for(SIZE), manifest.graph_for(SIZE, 'int8')
+    assert int8.encoder == 'encoder_48x64_int8.onnx' and int8.decoder == 'decoder_48x64_int8.onnx'
+    assert 'int8' in int8.quantization and not fp32.quantization
+    assert int8.output_names == fp32.output_names and int8.token_shape == fp32.token_shape
+    assert set(int8.parity) == {'tokens', *int8.output_names}
+    for name, fig in int8.parity.items():
+        assert fig['measure'] == 'rms'
+        assert fig['rel'] <= fig['tol'] == tolerance_for(name, INT8_PARITY_TOLERANCES), name
+    # Readable like the fp32 graphs (the quantiser's temporary files are 0600).
+    mode = stat.S_IMODE((out / fp32.decoder).stat().st_mode)
+    for path in out.glob('*_int8.onnx*'):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path.name
+
+
+def test_only_constant_weight_matmuls_are_quantised(int8_dir):
+    out, manifest = int8_dir
+    for name in (manifest.graph_for(SIZE, 'int8').encoder,
+                 manifest.graph_for(SIZE, 'int8').decoder):
+        model = onnx.load(str(out / name))
+        ops = [n.op_type for n in model.graph.node]
+        integer = [op for op in ops if op in ('DynamicQuantizeMatMul', 'MatMulInteger')]
+        assert integer, name
+        assert 'ConvInteger' not in ops and 'QLinearConv' not in ops, name
+        # attention scores and their weighted sum (activation x activation) stay float
+        assert 'MatMul' in ops, name
+    dec = onnx.load(str(out / manifest.graph_for(SIZE, 'int8').decoder))
+    assert 'Conv' in {n.op_type for n in dec.graph.node}
+
+
+def test_int8_backend_is_near_torch_and_is_not_the_fp32_graph(int8_dir, tiny_net):
+    out, manifest = int8_dir
+    int8 = OnnxRuntimeBackend(out, SIZE, OrtOptions(dtype='int8', threads=2))
+    fp32 = OnnxRuntimeBackend(out, SIZE, OrtOptions(threads=2))
+    assert int8.name.endswith('int8') and int8.graph.precision == 'int8'
+    assert fp32.graph.precision == 'fp32'
+    gen = torch.Generator().manual_seed(3)
+    img1, img2 = (torch.rand(1, 3, *SIZE, generator=gen) * 2 - 1 for _ in range(2))
+    with torch.inference_mode():
+        r1, r2 = tiny_net.encode(img1).tokens, tiny_net.encode(img2).tokens
+        ref = dict(zip(manifest.graph_for(SIZE).output_names,
+                       (t.numpy() for t in DecoderGraph(tiny_net, SIZE)(r1, r2))))
+    t1, t2 = int8.encode_array(img1.numpy()), int8.encode_array(img2.numpy())
+    assert _rms_rel(t1, r1.numpy()) <= INT8_PARITY_TOLERANCES['tokens']
+    got = int8.decode_arrays(t1, t2)
+    f1 = fp32.encode_array(img1.numpy())
+    assert np.abs(t1 - f1).max() > 1e-4  # the quantised encoder ran, not the fp32 one
+    assert set(got) == set(ref)
+    for name, want in ref.items():
+        assert got[name].shape == want.shape, name
+        assert np.isfinite(got[name]).all(), name
+        err = _rms_rel(got[name], want)
+        assert err <= tolerance_for(name, INT8_PARITY_TOLERANCES), f'{name}: rms {err:.2e}'
+
+
+def test_pipeline_builds_a_map_from_the_int8_graphs(int8_dir):
+    out, _ = int8_dir
+    cfg = config_from_flat({'mapping.voxel_size_m': 0.005,
+                            'geometry.max_registration_rmse': 10.0})
+    pipeline = Pipeline(cfg, OnnxRuntimeBackend(out, SIZE, OrtOptions(dtype='int8', threads=2)),
+                        HashTextEncoderStandIn(16))
+    results = [pipeline.step(f.camera_frame()) for f in make_scene(seed=0).sequence(4, 128, 96)]
+    assert sum(r.is_keyframe for r in results) >= 2, [r.reason for r in results]
+    snap = pipeline.snapshot()
+    assert snap.n_voxels > 50
+    assert np.isfinite(snap.features('clip')).all()
+
+
+def test_wrong_int8_combinations_are_refused(int8_dir, export_dir, tiny_net):
+    out, _ = int8_dir
+    plain, _ = export_dir  # exported without --int8
+    with pytest.raises(BackendUnavailable, match=r'no int8 graphs for image size 48x64.*--int8'):
+        OnnxRuntimeBackend(plain, SIZE, OrtOptions(dtype='int8'))
+    with pytest.raises(BackendUnavailable, match="int8 graphs .* CPU.*model.device 'cpu'"):
+        OnnxRuntimeBackend(out, SIZE, OrtOptions(device='cuda', dtype='int8'))
+    with pytest.raises(BackendUnavailable, match="'int8' is the onnxruntime backend"):
+        TorchBackend(tiny_net, SIZE, dtype='int8')
+    model = dataclasses.replace(ModelConfig(), backend='tensorrt', device='cuda', dtype='int8',
+                                checkpoint=str(out), image_height=48, image_width=64)
+    with pytest.raises(BackendUnavailable, match="'int8' is not built for TensorRT"):
+        load_model(model)
+
+
+def test_load_model_selects_int8_from_the_parameters(int8_dir):
+    out, _ = int8_dir
+    model = dataclasses.replace(ModelConfig(), backend='onnxruntime', checkpoint=str(out),
+                                dtype='int8', image_height=48, image_width=64, cpu_threads=2,
+                                text_encoder=STANDIN_TEXT)
+    loaded = load_model(model)
+    assert loaded.backend.graph.precision == 'int8'
+    assert 'int8' in loaded.description
+
+
+def test_an_int8_export_that_differs_fails_and_writes_no_manifest(tiny_net, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setitem(export_mod.INT8_PARITY_TOLERANCES, 'clip', 0.0)
+    with pytest.raises(ExportError, match=r'int8 export runs but differs from torch.*clip_1'):
+        export_network(tiny_net, tmp_path, [(32, 32)], progress=False, int8=True)
+    assert not (tmp_path / 'manifest.json').exists()
+
+
+def test_cli_int8_flags(tmp_path, capsys):
+    rc = export_mod.main(['--random-weights', 'tiny', '--size', '32x48', '--out', str(tmp_path),
+                          '--threads', '2', '--int8', '--int8-reduce-range'])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert '32x48 int8: encoder_32x48_int8.onnx' in text and 'rms rel' in text
+    graph = read_manifest(tmp_path).graph_for((32, 48), 'int8')
+    assert '7-bit' in graph.quantization
+    with pytest.raises(SystemExit):
+        export_mod.main(['--random-weights', 'tiny', '--out', str(tmp_path / 'x'),
+                         '--int8-reduce-range'])
