@@ -160,8 +160,14 @@ def _run(spec: dict, timeout: float) -> dict:
 
 
 def _ensure_export(config: str, seed: int, size: tuple[int, int], export_dir: Path,
-                   threads: int, int8: bool) -> Path:
-    from ros2_sab3r.inference.export import export_network, model_code_sha256, weights_sha256
+                   threads: int, int8: bool) -> bool:
+    """Export once into ``export_dir``; returns whether int8 graphs are there (when asked)."""
+    from ros2_sab3r.inference.export import (
+        Int8ParityError,
+        export_network,
+        model_code_sha256,
+        weights_sha256,
+    )
     from ros2_sab3r.inference.manifest import ExportError, read_manifest
 
     net = _make_net(config, seed)
@@ -170,13 +176,17 @@ def _ensure_export(config: str, seed: int, size: tuple[int, int], export_dir: Pa
         if (manifest.weights_sha256 == weights_sha256(net)
                 and manifest.versions.get('model_code') == model_code_sha256()
                 and set(manifest.precisions(size)) >= ({'fp32', 'int8'} if int8 else {'fp32'})):
-            return export_dir
+            return int8
     except ExportError:
         pass
     print(f'exporting {config} at {size[0]}x{size[1]} to {export_dir} (once)', flush=True)
-    export_network(net, export_dir, [size], source=f'random weights {config} (seed {seed})',
-                   threads=threads, int8=int8)
-    return export_dir
+    try:
+        export_network(net, export_dir, [size], source=f'random weights {config} (seed {seed})',
+                       threads=threads, int8=int8)
+    except Int8ParityError as exc:
+        print(f'no int8 row: {exc}', flush=True)
+        return False
+    return int8
 
 
 def _int8_error(export_dir: Path, size: tuple[int, int]) -> str:
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                       f'{config}_s{args.seed}').expanduser()
     timeout = 3600.0 if args.full else 300.0
     load_before = os.getloadavg()
-    _ensure_export(config, args.seed, size, export_dir, args.threads, not args.no_int8)
+    int8 = _ensure_export(config, args.seed, size, export_dir, args.threads, not args.no_int8)
 
     import torch
 
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bf16:
         specs.append(dict(base, kind='torch', device='cpu', dtype='bf16'))
     specs += [dict(base, kind='onnxruntime', device='cpu', level=lv) for lv in levels]
-    if not args.no_int8:
+    if int8:
         specs.append(dict(base, kind='onnxruntime', device='cpu', level='all', dtype='int8'))
     if torch.cuda.is_available():
         specs += [dict(base, kind='torch', device='cuda', dtype=dt, cuda_graphs=g)

@@ -76,6 +76,14 @@ INT8_RECIPE = ('dynamic int8 (onnxruntime.quantization.quantize_dynamic): matmul
 DYNAMIC_OPS = frozenset({'NonZero', 'Unique', 'Loop', 'If', 'Scan', 'Compress', 'Range'})
 
 
+class Int8ParityError(ExportError):
+    """The fp32 export is complete (``manifest``), but an int8 pair failed its parity check."""
+
+    def __init__(self, message: str, manifest: ExportManifest) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
 def tolerance_for(output: str, tolerances: dict[str, float] = PARITY_TOLERANCES) -> float:
     """'pts3d_in_other_view_2' -> the 'pts3d' tolerance, 'desc_conf_1' -> 'desc_conf', ..."""
     base = output.rsplit('_', 1)[0] if output[-1].isdigit() else output
@@ -301,9 +309,11 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
     """Export ``net`` (fp32, CPU) for every size; check and compare; write the manifest.
 
     With ``int8`` every size also gets a dynamically quantised pair (:func:`quantize_int8`),
-    checked against :data:`INT8_PARITY_TOLERANCES`. Raises ExportError when a graph fails a
-    check or an output exceeds its tolerance; the manifest is only written when every graph
-    passed, so a directory with a manifest is good.
+    checked against :data:`INT8_PARITY_TOLERANCES`. Raises ExportError when an fp32 graph
+    fails a check or an output exceeds its tolerance; the manifest is only written when every
+    fp32 graph passed, so a directory with a manifest is good. An int8 pair that fails its
+    parity is deleted and left out of the manifest, and :class:`Int8ParityError` (carrying the
+    written manifest) is raised at the end.
     """
     import onnx
     import onnxruntime
@@ -319,6 +329,7 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         if h % p or w % p:
             raise ExportError(f'image size {h}x{w} is not a multiple of the patch size {p}')
     graphs = []
+    int8_failures: list[str] = []
     per_size = (4 if check else 2) + ((3 if check else 1) if int8 else 0)
     steps = tqdm(total=len(sizes) * per_size, desc='sab3r-export', unit='step',
                  disable=not progress, file=sys.stderr)
@@ -352,8 +363,17 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             quantize_int8(enc_path, q_enc, int8_reduce_range)
             quantize_int8(dec_path, q_dec, int8_reduce_range)
             steps.update()
-            parity = (_checked_parity(q_enc, q_dec, net, size, names, threads, 'int8', steps)
-                      if check else {})
+            try:
+                parity = (_checked_parity(q_enc, q_dec, net, size, names, threads, 'int8',
+                                          steps) if check else {})
+            except ExportError as exc:
+                # The fp32 pair is good: keep it (an export takes minutes) and drop only the
+                # quantised files, then report after the manifest is written.
+                for path in (q_enc, q_dec):
+                    for f in (path, path.with_name(path.name + '.data')):
+                        f.unlink(missing_ok=True)
+                int8_failures.append(str(exc))
+                continue
             graphs.append(GraphPair(
                 image_size=(h, w), encoder=q_enc.name, decoder=q_dec.name,
                 encoder_sha256=file_sha256(q_enc), decoder_sha256=file_sha256(q_dec),
@@ -366,6 +386,11 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         versions={'torch': torch.__version__, 'onnx': onnx.__version__,
                   'onnxruntime': onnxruntime.__version__, 'model_code': model_code_sha256()})
     (out_dir / MANIFEST_NAME).write_text(manifest.to_json(), encoding='utf-8')
+    if int8_failures:
+        raise Int8ParityError(
+            'the fp32 graphs passed and were written, but int8 quantisation moved outputs too '
+            'far from torch (its graphs were not kept; use the fp32 graphs, or try '
+            '--int8-reduce-range): ' + ' | '.join(int8_failures), manifest)
     return manifest
 
 
@@ -423,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = export_network(net, args.out, sizes, args.opset, source,
                                   check=not args.no_check, threads=args.threads,
                                   int8=args.int8, int8_reduce_range=args.int8_reduce_range)
+        failure = None
+    except Int8ParityError as exc:
+        manifest, failure = exc.manifest, exc
     except (CheckpointError, ExportError) as exc:
         print(f'sab3r-export: {exc}', file=sys.stderr)
         return 2
@@ -433,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                                       fig.get('measure', 'max')).line())
     print(f'wrote {Path(args.out) / MANIFEST_NAME} ({manifest.config_name}, opset '
           f'{manifest.opset})')
+    if failure is not None:
+        print(f'sab3r-export: {failure}', file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,6 +25,7 @@ from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.export import (
     INT8_PARITY_TOLERANCES,
     ExportError,
+    Int8ParityError,
     export_network,
     tolerance_for,
 )
@@ -153,10 +154,30 @@ def test_load_model_selects_int8_from_the_parameters(int8_dir):
     assert 'int8' in loaded.description
 
 
-def test_an_int8_export_that_differs_fails_and_writes_no_manifest(tiny_net, tmp_path,
-                                                                  monkeypatch):
+def test_an_int8_pair_that_differs_is_dropped_and_the_fp32_export_kept(tiny_net, tmp_path,
+                                                                       monkeypatch, capsys):
     monkeypatch.setitem(export_mod.INT8_PARITY_TOLERANCES, 'clip', 0.0)
-    with pytest.raises(ExportError, match=r'int8 export runs but differs from torch.*clip_1'):
+    with pytest.raises(Int8ParityError, match=r'fp32 graphs passed.*int8 export runs but '
+                                              r'differs from torch.*clip_1') as err:
+        export_network(tiny_net, tmp_path, [(32, 32)], progress=False, int8=True)
+    manifest = read_manifest(tmp_path)  # written, with the good fp32 pair only
+    assert manifest == err.value.manifest
+    assert manifest.precisions((32, 32)) == ['fp32']
+    assert not list(tmp_path.glob('*int8*'))
+    OnnxRuntimeBackend(tmp_path, (32, 32), OrtOptions(threads=2))  # usable as it is
+    # the command line says both: what was written, and that int8 failed (exit code 2)
+    monkeypatch.setitem(export_mod.INT8_PARITY_TOLERANCES, 'dino', 0.0)
+    rc = export_mod.main(['--random-weights', 'tiny_cd', '--size', '32x32', '--out',
+                          str(tmp_path / 'cli'), '--threads', '2', '--int8'])
+    out, errtext = capsys.readouterr()
+    assert rc == 2
+    assert '32x32 fp32: encoder_32x32.onnx' in out and 'int8:' not in out
+    assert 'int8 quantisation moved outputs too far' in errtext
+
+
+def test_a_failing_fp32_check_still_writes_no_manifest(tiny_net, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_mod.PARITY_TOLERANCES, 'clip', 0.0)
+    with pytest.raises(ExportError, match=r'32x32 fp32 export runs but differs'):
         export_network(tiny_net, tmp_path, [(32, 32)], progress=False, int8=True)
     assert not (tmp_path / 'manifest.json').exists()
 
