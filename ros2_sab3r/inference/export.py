@@ -279,7 +279,7 @@ def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, i
 
 def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[int, int],
                     output_names: Sequence[str], threads: int, precision: str,
-                    steps: tqdm) -> dict[str, dict[str, float]]:
+                    steps: tqdm) -> dict[str, dict[str, float | str]]:
     """onnx.checker + parity of one graph pair; ExportError when an output is off."""
     h, w = size
     steps.set_postfix_str(f'{h}x{w} {precision} onnx.checker')
@@ -359,7 +359,7 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             token_shape=token_shape, output_names=names, parity=parity))
         if int8:
             steps.set_postfix_str(f'{h}x{w} int8 quantisation')
-            q_enc, q_dec = (p.with_name(f'{p.stem}_int8.onnx') for p in (enc_path, dec_path))
+            q_enc, q_dec = (f.with_name(f'{f.stem}_int8.onnx') for f in (enc_path, dec_path))
             quantize_int8(enc_path, q_enc, int8_reduce_range)
             quantize_int8(dec_path, q_dec, int8_reduce_range)
             steps.update()
@@ -389,8 +389,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
     if int8_failures:
         raise Int8ParityError(
             'the fp32 graphs passed and were written, but int8 quantisation moved outputs too '
-            'far from torch (its graphs were not kept; use the fp32 graphs, or try '
-            '--int8-reduce-range): ' + ' | '.join(int8_failures), manifest)
+            'far from torch, so its graphs were not kept (use model.dtype fp32 with this '
+            'export): ' + ' | '.join(int8_failures), manifest)
     return manifest
 
 

@@ -55,7 +55,8 @@ class GraphPair:
     decoder_sha256: str
     token_shape: tuple[int, int, int]  # (1, N, enc_dim) encoder output = decoder inputs
     output_names: tuple[str, ...]  # decoder outputs, official names, in graph order
-    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> figures
+    # output -> {'max_abs', 'rel', 'tol', 'measure' ('max' for fp32, 'rms' for int8)}
+    parity: dict[str, dict[str, float | str]] = field(default_factory=dict)
     precision: str = 'fp32'  # 'fp32', or 'int8' (dynamically quantised, see sab3r-export --int8)
     quantization: str = ''  # how an int8 pair was made, in words
 
