@@ -170,8 +170,10 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
     assert 'Traceback' not in node_proc.log(), node_proc.log()
     # The camera subscriptions keep only `queue_size` messages in DDS, so under load the
     # middleware itself drops some (uncounted, by design of sensor-data QoS); what reached the
-    # node is all accounted for.
-    assert 30 <= s.frames_received <= len(images), s
+    # node is all accounted for. How much DDS lets through depends on the machine's load (29
+    # of 270 on a busy CI run), so the bound is the one that matters: more frames arrived than
+    # the buffers (cameras x queue_size) and the backend together could take.
+    assert 3 * 2 + s.frames_processed < s.frames_received <= len(images), s
     assert s.frames_received == s.frames_processed + s.frames_dropped
     assert s.frames_dropped > s.frames_received // 2, s  # the backend could not keep up
     assert s.frames_processed >= 3 and s.map_ready
