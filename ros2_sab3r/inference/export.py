@@ -97,9 +97,11 @@ def weights_sha256(net: Sab3rNet) -> str:
     """Hash of the weights (names, dtypes, shapes, bytes): identifies what was exported."""
     digest = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):
-        t = t.detach().to('cpu').contiguous()
+        t = t.detach().to('cpu')
         digest.update(f'{name}|{t.dtype}|{tuple(t.shape)}'.encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        # flattened: bytes in logical order whatever the memory format (channels-last heads)
+        flat = t.contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     return digest.hexdigest()
 
 

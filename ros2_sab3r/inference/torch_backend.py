@@ -72,6 +72,11 @@ class TorchBackend(ArrayGraphBackend):
                 f'size {p}; set model.image_height/model.image_width to multiples of {p}')
         self.net = net.to(device).eval()
         self.net.set_backbone_dtype(DTYPES[dtype])
+        # The heads are convolution stacks up to full resolution, which oneDNN (CPU) and cuDNN
+        # run fastest channels-last (sab3r_cd decode on 2 CPU threads: 8.9 s -> 7.5 s). Only the
+        # weights' memory layout changes, not their values or the outputs.
+        for head in self.net.heads():
+            head.to(memory_format=torch.channels_last)
         self.input_size = tuple(input_size)
         self.device = device
         self.dtype = dtype

@@ -98,6 +98,11 @@ class Sab3rNet(nn.Module):
     def feature_head(self, name: str, view: int) -> FeatureHead | None:
         return getattr(self, f'{name}_head{view}', None)
 
+    def heads(self) -> list[nn.Module]:
+        """Every prediction head (point/descriptor and feature heads, both views)."""
+        return [self.downstream_head1, self.downstream_head2] + [
+            self.feature_head(h.name, v) for h in self.cfg.feature_heads for v in (1, 2)]
+
     # ---------------------------------------------------------------- stages
     def encode(self, img: torch.Tensor) -> EncodedImage:
         """Encode images (B, 3, H, W) in [-1, 1], H and W multiples of the patch size."""

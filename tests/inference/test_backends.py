@@ -84,6 +84,33 @@ def test_reduced_precision_keeps_heads_in_fp32(tiny_net):
         assert np.isfinite(err) and err < 0.1, f'bf16 {name}: {err:.2e}'
 
 
+def test_channels_last_heads_change_layout_only(tmp_path):
+    """TorchBackend runs the heads channels-last: outputs, the weights' hash, saving and export
+    of the same network object are unaffected."""
+    from ros2_sab3r.inference.export import export_network, weights_sha256
+    from ros2_sab3r.model.arch import load_config
+    from ros2_sab3r.model.checkpoint import load_network
+    from ros2_sab3r.model.network import DecoderGraph, create_network
+
+    torch.manual_seed(1)
+    net = create_network(load_config('tiny_cd').with_feature_stride(1))
+    img1, img2 = torch.rand(1, 3, 48, 64) * 2 - 1, torch.rand(1, 3, 48, 64) * 2 - 1
+    with torch.inference_mode():
+        ref = DecoderGraph(net, (48, 64))(net.encode(img1).tokens, net.encode(img2).tokens)
+    digest = weights_sha256(net)
+    backend = TorchBackend(net, (48, 64))
+    conv = net.clip_head1.dpt.head[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    got = backend.decode_tensors(backend.encode_tensor(img1), backend.encode_tensor(img2))
+    for want, (name, value) in zip(ref, got.items()):
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert weights_sha256(net) == digest
+    path = save_network(net, tmp_path / 'net.safetensors')
+    for a, b in zip(net.state_dict().values(), load_network(path).state_dict().values()):
+        assert torch.equal(a, b)
+    export_network(net, tmp_path / 'onnx', [(32, 32)], progress=False)  # checks parity
+
+
 def test_unusable_settings_are_refused(tiny_net):
     with pytest.raises(BackendUnavailable, match='multiple of the patch size'):
         TorchBackend(tiny_net, (50, 64))
