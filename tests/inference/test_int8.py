@@ -11,6 +11,7 @@ with a message that says what to do.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import stat
 
 import numpy as np
@@ -116,16 +117,38 @@ def test_int8_backend_is_near_torch_and_is_not_the_fp32_graph(int8_dir, tiny_net
         assert err <= tolerance_for(name, INT8_PARITY_TOLERANCES), f'{name}: rms {err:.2e}'
 
 
-def test_pipeline_builds_a_map_from_the_int8_graphs(int8_dir):
-    out, _ = int8_dir
-    cfg = config_from_flat({'mapping.voxel_size_m': 0.005,
+def _map(export: Path, dtype: str, frames, posed: bool):
+    cfg = config_from_flat({'frames.pose_source': 'tf' if posed else 'none',
+                            'mapping.voxel_size_m': 0.005,
                             'geometry.max_registration_rmse': 10.0})
-    pipeline = Pipeline(cfg, OnnxRuntimeBackend(out, SIZE, OrtOptions(dtype='int8', threads=2)),
+    pipeline = Pipeline(cfg, OnnxRuntimeBackend(export, SIZE, OrtOptions(dtype=dtype, threads=2)),
                         HashTextEncoderStandIn(16))
-    results = [pipeline.step(f.camera_frame()) for f in make_scene(seed=0).sequence(4, 128, 96)]
-    assert sum(r.is_keyframe for r in results) >= 2, [r.reason for r in results]
-    snap = pipeline.snapshot()
-    assert snap.n_voxels > 50
+    results = [pipeline.step(f.camera_frame(posed=posed)) for f in frames]
+    return results, pipeline.snapshot()
+
+
+def test_int8_and_fp32_build_nearly_the_same_posed_map(int8_dir):
+    """Posed (poses from TF), so the comparison is of what the network adds: the points and
+    features fused into 5 mm voxels. Measured on this tiny random network: 90% of voxels
+    shared, median position difference 0.6 mm, CLIP cosine >= 0.996. Unposed, the random network's
+    degenerate geometry makes keyframe decisions flip under any perturbation (int8 took 3 of
+    6 keyframes where fp32 took 6), so that mode is only required to run."""
+    out, _ = int8_dir
+    frames = make_scene(seed=0).sequence(6, 128, 96)
+    (res_f, map_f), (res_q, map_q) = (_map(out, dt, frames, posed=True)
+                                      for dt in ('fp32', 'int8'))
+    assert [r.status for r in res_f] == [r.status for r in res_q]
+    assert map_f.n_voxels > 500
+    shared, i_f, i_q = np.intersect1d(map_f.keys, map_q.keys, return_indices=True)
+    assert len(shared) >= 0.8 * max(map_f.n_voxels, map_q.n_voxels)
+    # (a shared voxel's means are always within one voxel: compare the typical distance)
+    dist = np.linalg.norm(map_f.positions[i_f] - map_q.positions[i_q], axis=-1)
+    assert np.median(dist) < 0.0015, np.median(dist)
+    a, b = map_f.features('clip')[i_f], map_q.features('clip')[i_q]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.98, cos.min()
+    results, snap = _map(out, 'int8', frames[:4], posed=False)
+    assert results[0].is_keyframe and snap.n_voxels > 50
     assert np.isfinite(snap.features('clip')).all()
 
 
