@@ -46,6 +46,7 @@ from ros2_sab3r.inference.manifest import (
     ExportManifest,
     GraphPair,
     file_sha256,
+    graph_files,
 )
 from ros2_sab3r.model.network import DecoderGraph, EncoderGraph, Sab3rNet
 
@@ -170,7 +171,7 @@ def quantize_int8(src: Path, dst: Path, reduce_range: bool = False) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for stale in (dst, dst.with_name(dst.name + '.data')):
+    for stale in graph_files(dst):
         stale.unlink(missing_ok=True)
     quiet = _QuietRoot()
     logging.getLogger().addFilter(quiet)
@@ -186,7 +187,7 @@ def quantize_int8(src: Path, dst: Path, reduce_range: bool = False) -> None:
         logging.getLogger().removeFilter(quiet)
     # The quantiser writes its external data through a private temporary file (mode 0600):
     # give both files the fp32 graph's mode, so a node running as another user can read them.
-    for path in (dst, dst.with_name(dst.name + '.data')):
+    for path in graph_files(dst):
         if path.exists():
             shutil.copymode(src, path)
 
@@ -371,9 +372,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             except ExportError as exc:
                 # The fp32 pair is good: keep it (an export takes minutes) and drop only the
                 # quantised files, then report after the manifest is written.
-                for path in (q_enc, q_dec):
-                    for f in (path, path.with_name(path.name + '.data')):
-                        f.unlink(missing_ok=True)
+                for f in graph_files(q_enc) + graph_files(q_dec):
+                    f.unlink(missing_ok=True)
                 int8_failures.append(str(exc))
                 continue
             graphs.append(GraphPair(

@@ -33,10 +33,15 @@ class ExportError(ValueError):
     """An export directory is missing, incomplete, modified or does not fit the request."""
 
 
+def graph_files(path: Path) -> tuple[Path, Path]:
+    """An ONNX file and its external-data companion '<name>.data' (which may not exist)."""
+    return path, path.with_name(path.name + '.data')
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file and, for ONNX with external data, of its '<name>.data' companion."""
     digest = hashlib.sha256()
-    for p in (path, path.with_name(path.name + '.data')):
+    for p in graph_files(path):
         if p.is_file():
             with open(p, 'rb') as fh:
                 while block := fh.read(chunk):
