@@ -8,7 +8,7 @@ output modes are written as the strings ``'inf'`` / ``'-inf'`` because JSON has 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 import json
 import math
 from pathlib import Path
@@ -19,8 +19,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / 'configs'
 DEPTH_MODES = ('exp', 'linear', 'square')
 CONF_MODES = ('exp', 'sigmoid')
 FEATURE_HEAD_NAMES = ('clip', 'dino')
-FEATURE_HEAD_TYPES = ('dpt', 'mlp')
-FEATURE_POSTPROCESS = ('none', 'norm')
+FEATURE_HEAD_TYPES = ('dpt', 'linear')
+# 'exp': the released norm-exp mapping f / |f| * (e^|f| - 1); 'linear': the raw regression.
+FEATURE_MODES = ('exp', 'linear')
 
 
 class ConfigError(ValueError):
@@ -51,23 +52,25 @@ class OutputMode:
 
 @dataclass(frozen=True)
 class FeatureHeadConfig:
-    """One SAB3R 2D-feature head (one per view), regressing dense features from [H, H'].
+    """One SAB3R 2D-feature head, present in both views' downstream heads.
 
-    ``output_stride`` only changes the final resampling of a DPT head (no weights depend on it), so
-    one checkpoint can serve several strides; an MLP head's output layer depends on it.
+    Its weights live at ``downstream_head{1,2}.{name}_head.*``; it reads the view's hooked tokens
+    ([encoder, decoder] as the point DPT) and writes ``out_dim`` features per input pixel.
     """
 
-    name: str  # 'clip' or 'dino'; module names are f'{name}_head1' / f'{name}_head2'
-    out_dim: int  # 512 for CLIP ViT-B/16 space, 384 for DINOv2 ViT-S/14
-    head_type: str = 'dpt'  # 'dpt' or 'mlp'
-    output_stride: int = 1  # features at (H / stride, W / stride); must divide the patch size
+    name: str  # 'clip' or 'dino'
+    out_dim: int  # 512 for the CLIP ViT-B/16 space, 384 for DINOv2 ViT-S/14
+    head_type: str = 'dpt'  # 'dpt' (the release) or 'linear' (MLP, hidden 1 x (enc + dec))
     feature_dim: int = 256  # DPT fusion width
     last_dim: int = 128  # DPT width before the final 1x1 conv
     layer_dims: tuple[int, ...] = (96, 192, 384, 768)  # DPT reassemble widths
-    mlp_ratio: float = 4.0  # MLP head hidden width = ratio * (enc_dim + dec_dim)
-    postprocess: str = 'none'  # 'none' (raw regression) or 'norm' (L2-normalised)
+    mode: OutputMode = OutputMode('exp')  # the release: ('exp', -inf, inf)
 
-    def validate(self, patch_size: int) -> None:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'layer_dims', tuple(int(v) for v in self.layer_dims))
+        object.__setattr__(self, 'mode', OutputMode.from_json(self.mode))
+
+    def validate(self) -> None:
         if self.name not in FEATURE_HEAD_NAMES:
             raise ConfigError(
                 f'feature head name {self.name!r} is not one of {FEATURE_HEAD_NAMES}')
@@ -77,16 +80,19 @@ class FeatureHeadConfig:
                 f'{FEATURE_HEAD_TYPES}')
         if self.out_dim < 1:
             raise ConfigError(f'feature head {self.name!r}: out_dim must be >= 1')
-        if self.output_stride < 1 or patch_size % self.output_stride:
-            raise ConfigError(
-                f'feature head {self.name!r}: output_stride {self.output_stride} must divide the '
-                f'patch size {patch_size}')
         if len(self.layer_dims) != 4:
             raise ConfigError(f'feature head {self.name!r}: layer_dims needs 4 values')
-        if self.postprocess not in FEATURE_POSTPROCESS:
+        if self.mode.kind not in FEATURE_MODES:
             raise ConfigError(
-                f'feature head {self.name!r}: postprocess {self.postprocess!r} is not one of '
-                f'{FEATURE_POSTPROCESS}')
+                f'feature head {self.name!r}: mode {self.mode.kind!r} is not one of '
+                f'{FEATURE_MODES}')
+        if (self.mode.vmin, self.mode.vmax) != (-math.inf, math.inf):
+            raise ConfigError(f'feature head {self.name!r}: mode bounds must be (-inf, inf)')
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'name': self.name, 'out_dim': self.out_dim, 'head_type': self.head_type,
+                'feature_dim': self.feature_dim, 'last_dim': self.last_dim,
+                'layer_dims': list(self.layer_dims), 'mode': self.mode.to_json()}
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,7 @@ class NetworkConfig:
     dpt_last_dim: int = 128
     dpt_layer_dims: tuple[int, ...] = (96, 192, 384, 768)
     local_mlp_ratio: float = 4.0  # local-feature MLP hidden = ratio * (enc_dim + dec_dim)
-    feature_heads: tuple[FeatureHeadConfig, ...] = ()
-    # Checkpoint key prefix -> our module prefix, for SAB3R checkpoints whose head names differ
-    # from ours (e.g. {'downstream_head3.': 'clip_head1.'}); the official names are unknown.
-    checkpoint_key_map: Mapping[str, str] = field(default_factory=dict)
+    feature_heads: tuple[FeatureHeadConfig, ...] = ()  # in official order: clip, then dino
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise JSON lists into tuples/OutputModes once, here.
@@ -134,7 +137,6 @@ class NetworkConfig:
             h if isinstance(h, FeatureHeadConfig) else _feature_head_from_dict(h)
             for h in self.feature_heads)
         object.__setattr__(self, 'feature_heads', heads)
-        object.__setattr__(self, 'checkpoint_key_map', dict(self.checkpoint_key_map))
         self.validate()
 
     @property
@@ -190,8 +192,12 @@ class NetworkConfig:
         names = [h.name for h in self.feature_heads]
         if len(set(names)) != len(names):
             raise ConfigError(f'{self.name}: duplicate feature head names {names}')
+        if names != [n for n in FEATURE_HEAD_NAMES if n in names]:
+            # Registration (state-dict) order and the official channel layout put CLIP first.
+            raise ConfigError(f'{self.name}: feature heads must be listed clip before dino, '
+                              f'got {names}')
         for head in self.feature_heads:
-            head.validate(self.patch_size)
+            head.validate()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -200,13 +206,9 @@ class NetworkConfig:
             if isinstance(value, OutputMode):
                 value = value.to_json()
             elif f.name == 'feature_heads':
-                value = [asdict(h) for h in value]
-                for h in value:
-                    h['layer_dims'] = list(h['layer_dims'])
+                value = [h.to_dict() for h in value]
             elif isinstance(value, tuple):
                 value = list(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
             out[f.name] = value
         return out
 
@@ -221,11 +223,6 @@ class NetworkConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def with_feature_stride(self, stride: int) -> NetworkConfig:
-        """Same network with every feature head producing maps at ``stride``."""
-        heads = tuple(replace(h, output_stride=stride) for h in self.feature_heads)
-        return replace(self, feature_heads=heads)
-
 
 def _feature_head_from_dict(data: Any) -> FeatureHeadConfig:
     if not isinstance(data, Mapping):
@@ -234,10 +231,7 @@ def _feature_head_from_dict(data: Any) -> FeatureHeadConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f'unknown feature head fields {unknown}; known: {sorted(known)}')
-    values = dict(data)
-    if 'layer_dims' in values:
-        values['layer_dims'] = tuple(int(v) for v in values['layer_dims'])
-    return FeatureHeadConfig(**values)
+    return FeatureHeadConfig(**dict(data))
 
 
 def _float_to_json(value: float) -> float | str:

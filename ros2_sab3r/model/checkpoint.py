@@ -4,13 +4,18 @@ Accepted sources (:func:`load_network`):
 
 * an official MASt3R/SAB3R training checkpoint (``torch.save`` of ``{'model', 'args', ...}``),
   read with ``weights_only=True`` and only ``argparse.Namespace`` allowed; the architecture comes
-  from parsing ``args.model`` (a constructor-call string) without evaluating it;
+  from parsing ``args.model`` (a constructor-call string, SAB3R's ``clip_head_type`` and
+  ``dino_head_type`` included) without evaluating it;
+* the official SAB3R release file (``demo_ckpt/base/base.pt``): a DeepSpeed model-states dict
+  whose ``module`` is the state dict, with plain bookkeeping values and no architecture; it is the
+  release architecture (:data:`RELEASE_ARCHITECTURE`) unless the caller names another;
 * our own format: ``NAME.safetensors`` with the architecture JSON in its metadata (and a
   ``NAME.json`` beside it for people), no pickle;
 * a directory in the Hugging Face layout (``model.safetensors`` + ``config.json``, the config being
   either ours or the official constructor keyword arguments);
-* a Hugging Face repo id (``naver/MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric``), downloaded
-  with ``huggingface_hub`` on a connected machine.
+* a Hugging Face repo id (``naver/MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric``), or a repo
+  id followed by a file inside it (``uva-cv-lab/SAB3R/demo_ckpt/base/base.pt``), downloaded with
+  ``huggingface_hub`` on a connected machine (offline: its local cache only).
 
 Every load is strict by default: missing, unexpected and mis-shaped keys are reported together,
 naming the file.
@@ -21,27 +26,43 @@ from __future__ import annotations
 import argparse
 import ast
 from collections.abc import Mapping
+from dataclasses import dataclass
 import json
 import logging
 import math
 import os
 from pathlib import Path
+import pickle
 import re
 from typing import Any
 
 import torch
 
-from ros2_sab3r.model.arch import ConfigError, NetworkConfig, OutputMode, load_config
+from ros2_sab3r.model.arch import (
+    ConfigError,
+    FeatureHeadConfig,
+    NetworkConfig,
+    OutputMode,
+    load_config,
+)
 from ros2_sab3r.model.network import Sab3rNet, create_network
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = 'ros2_sab3r'
-FORMAT_VERSION = 1
+# 2: feature heads inside each view's head (downstream_head{v}.clip_head.*), as released.
+# 1: feature heads at the top level (clip_head{v}.dpt.*); read and converted on load.
+FORMAT_VERSION = 2
+# The network the official demo builds for the release weights (sab3r_spec section 0).
+RELEASE_ARCHITECTURE = 'sab3r_cd'
+# Feature widths of the official heads: CLIP ViT-B/16 space, DINOv2 ViT-S/14 space.
+OFFICIAL_FEATURE_DIMS = {'clip': 512, 'dino': 384}
+OFFICIAL_FEATURE_HEAD_TYPES = ('dpt', 'linear')
 HF_WEIGHTS = 'model.safetensors'
 HF_CONFIG = 'config.json'
 OFFICIAL_CLASSES = ('AsymmetricMASt3R',)
-_REPO_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+# A repo id 'owner/name', optionally followed by '/path/inside/the/repo'.
+_HUB_PATH = re.compile(r'^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w.-]+(?:/[\w.-]+)*))?$')
 # Official constructor arguments that do not change the inference network (see the spec: the
 # official loader forces the plain patch embed and landscape_only=False).
 _IGNORED_KWARGS = frozenset({
@@ -127,7 +148,19 @@ def config_from_official(class_name: str, kwargs: Mapping[str, Any],
     values['depth_mode'] = OutputMode.from_json(kw.pop('depth_mode', ('exp', -math.inf, math.inf)))
     values['conf_mode'] = OutputMode.from_json(conf_mode)
     desc_conf_mode = kw.pop('desc_conf_mode', None)
+    # Absent (the SAB3R release) means the confidence mode: desc_conf = 1 + exp(x) there.
     values['desc_conf_mode'] = OutputMode.from_json(desc_conf_mode or conf_mode)
+    heads = []
+    for head_name, out_dim in OFFICIAL_FEATURE_DIMS.items():
+        head_type = kw.pop(f'{head_name}_head_type', None)
+        if head_type is None:
+            continue
+        if head_type not in OFFICIAL_FEATURE_HEAD_TYPES:
+            raise ConfigError(
+                f'{head_name}_head_type={head_type!r} is not a SAB3R head type (None, '
+                f'{", ".join(map(repr, OFFICIAL_FEATURE_HEAD_TYPES))})')
+        heads.append(FeatureHeadConfig(head_name, out_dim, head_type=head_type))
+    values['feature_heads'] = tuple(heads)
     for key in sorted(set(kw) - _IGNORED_KWARGS):
         logger.warning('official model argument %s=%r is not used by ros2_sab3r', key, kw[key])
     return NetworkConfig(**values)
@@ -143,24 +176,16 @@ def alias_groups(net: Sab3rNet) -> list[list[str]]:
 
 
 def adapt_state_dict(state: Mapping[str, torch.Tensor], net: Sab3rNet, source: str,
-                     key_map: Mapping[str, str] | None = None,
                      strict: bool = True) -> dict[str, torch.Tensor]:
-    """Bring a checkpoint state dict into our names and check it against ``net``.
+    """Bring a checkpoint state dict into the network's layout and check it against ``net``.
 
-    Applies, in order: the prefix ``key_map`` (checkpoint prefix -> ours), the official
-    ``dec_blocks2`` rule (copied from ``dec_blocks`` when absent), and alias filling. With
-    ``strict`` any missing, unexpected or mis-shaped key raises :class:`CheckpointError`.
+    Applies, in order: removal of a DDP ``module.`` prefix, the official ``dec_blocks2`` rule
+    (copied from ``dec_blocks`` when absent), and alias filling. With ``strict`` any missing,
+    unexpected or mis-shaped key raises :class:`CheckpointError`.
     """
     sd = dict(state)
     if sd and all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
-    if key_map:
-        prefixes = sorted(key_map, key=len, reverse=True)  # the longest matching prefix wins
-        renamed = {}
-        for k, v in sd.items():
-            old = next((p for p in prefixes if k.startswith(p)), None)
-            renamed[k if old is None else key_map[old] + k[len(old):]] = v
-        sd = renamed
     if not any(k.startswith('dec_blocks2.') for k in sd):
         # Official rule (checkpoints initialised from CroCo): view 2 starts from view 1's decoder.
         # A copy, not a shared tensor: the two decoders are independent weights.
@@ -188,14 +213,25 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], net: Sab3rNet, source: s
                   f'{_listing("missing", missing)}{_listing("unexpected", unexpected)}'
                   f'{_listing("wrong shape", mismatched)}')
         if strict or mismatched:
-            hint = ('; if the extra keys are SAB3R heads, choose an architecture with feature '
-                    'heads (sab3r_c / sab3r_cd) and map their prefixes with checkpoint_key_map'
-                    if unexpected else '')
-            raise CheckpointError(report + hint)
+            raise CheckpointError(report.rstrip() + _fit_hint(missing, unexpected))
         logger.warning('%s', report)
         for k in unexpected:
             del sd[k]
     return sd
+
+
+def _fit_hint(missing: list[str], unexpected: list[str]) -> str:
+    def heads(keys: list[str]) -> set[str]:
+        return {part for k in keys for part in ('clip_head', 'dino_head') if f'.{part}.' in k}
+
+    extra, absent = heads(unexpected), heads(missing)
+    if extra:
+        return (f'; the file has {" and ".join(sorted(extra))} weights: choose an architecture '
+                f'with those heads (sab3r_cd, the release; sab3r_c for CLIP only)')
+    if absent:
+        return (f'; the file lacks {" and ".join(sorted(absent))} weights: choose an '
+                f'architecture without them (mast3r_vitl_512 for plain MASt3R)')
+    return ''
 
 
 def _listing(label: str, keys: list[str], limit: int = 8) -> str:
@@ -207,23 +243,31 @@ def _listing(label: str, keys: list[str], limit: int = 8) -> str:
 
 
 def _build_and_load(cfg: NetworkConfig, state: Mapping[str, torch.Tensor], source: str,
-                    key_map: Mapping[str, str] | None, strict: bool,
-                    device: torch.device | str) -> Sab3rNet:
-    merged_map = {**cfg.checkpoint_key_map, **(key_map or {})}
+                    strict: bool, device: torch.device | str) -> Sab3rNet:
     # Strict loads fill every tensor, so build without allocating random weights first.
     net = create_network(cfg, 'meta' if strict else 'cpu')
-    sd = adapt_state_dict(state, net, source, merged_map, strict)
+    sd = adapt_state_dict(state, net, source, strict)
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
     net.load_state_dict(sd, strict=strict, assign=strict)
     return net.to(device).eval()
 
 
 # ---------------------------------------------------------------------------- file formats
-def read_official_checkpoint(path: str | Path, trusted: bool = False
-                             ) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Read ``{'model': state_dict, 'args': Namespace(model=...)}``; return (state, model string).
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """The weights of an official .pth/.pt file and what it says about its architecture."""
 
-    ``trusted=True`` falls back to full unpickling, which can run code: only for files you made.
+    state: dict[str, torch.Tensor]
+    layout: str  # 'training' ({'model', 'args'}) or 'release' (DeepSpeed {'module', ...})
+    model_string: str | None  # the constructor call of a training file, if it has one
+
+
+def read_official_checkpoint(path: str | Path, trusted: bool = False) -> OfficialCheckpoint:
+    """Read an official file in either layout (``model`` + ``args``, or DeepSpeed's ``module``).
+
+    The safe reader allows plain values (dicts, lists, sets, numbers, strings, torch.Size) and
+    ``argparse.Namespace``; ``trusted=True`` falls back to full unpickling, which can run code:
+    only for files you made.
     """
     path = str(path)
     try:
@@ -232,28 +276,45 @@ def read_official_checkpoint(path: str | Path, trusted: bool = False
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
+    except pickle.UnpicklingError as exc:
+        if 'weights_only' not in str(exc) and 'Unsupported global' not in str(exc):
+            raise CheckpointError(
+                f'checkpoint {path} is corrupt or truncated ({exc}); download it again') from None
         raise CheckpointError(
-            f'cannot read checkpoint {path} safely ({type(exc).__name__}: {exc}); expected an '
-            f'official MASt3R/SAB3R .pth whose args hold only plain values, or a ros2_sab3r '
-            f'.safetensors file. Convert a trusted file once with sab3r-convert-checkpoint '
+            f'checkpoint {path} holds objects that only a full (code-running) unpickling can '
+            f'read ({exc}). ros2_sab3r reads official MASt3R/SAB3R files safely; if you made this '
+            f'file yourself and trust it, convert it once with sab3r-convert-checkpoint '
             f'--trusted') from None
-    if not isinstance(ckpt, Mapping) or 'model' not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    except Exception as exc:  # noqa: BLE001 - zip, EOF and OS errors all mean: unreadable file
         raise CheckpointError(
-            f"checkpoint {path} has no 'model' key (found {keys}); expected an official MASt3R "
-            f'or SAB3R checkpoint')
-    state = ckpt['model']
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                 for v in state.values()):
-        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict of tensors")
-    args = ckpt.get('args')
-    model_string = None
+            f'cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt, '
+            f'truncated or not a torch checkpoint. Expected an official MASt3R/SAB3R .pth/.pt '
+            f'or a ros2_sab3r .safetensors file') from None
+    if isinstance(ckpt, Mapping) and 'model' in ckpt:
+        layout, state = 'training', ckpt['model']
+    elif isinstance(ckpt, Mapping) and 'module' in ckpt:
+        layout, state = 'release', ckpt['module']
+    else:
+        keys = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(
+            f"checkpoint {path} has neither a 'model' nor a 'module' key (found {keys}); "
+            f'expected an official MASt3R/SAB3R training checkpoint or the SAB3R release file')
+    key = 'model' if layout == 'training' else 'module'
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"checkpoint {path}: '{key}' is not a state dict of tensors")
+    return OfficialCheckpoint(dict(state), layout, _model_string(ckpt.get('args')))
+
+
+def _model_string(args: Any) -> str | None:
     if isinstance(args, argparse.Namespace):
-        model_string = getattr(args, 'model', None)
-    elif isinstance(args, Mapping):
-        model_string = args.get('model')
-    return dict(state), model_string
+        args = vars(args)
+    if not isinstance(args, Mapping):
+        return None
+    model = args.get('model')
+    if isinstance(model, Mapping):  # the hydra trainer: model.name holds the constructor call
+        model = model.get('name')
+    return model if isinstance(model, str) else None
 
 
 def save_network(net: Sab3rNet, path: str | Path) -> Path:
@@ -277,13 +338,59 @@ def save_network(net: Sab3rNet, path: str | Path) -> Path:
     return path
 
 
-def _config_from_json_file(path: Path) -> NetworkConfig:
+def upgrade_v1(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Convert a format-1 export (feature heads at ``clip_head{v}.dpt.*``, raw features) into
+    the released layout, keeping its numbers: its heads move into ``downstream_head{v}`` and
+    keep their raw output ('linear' mode). Only what maps one to one is converted."""
+    cfg = dict(config)
+    cfg.pop('checkpoint_key_map', None)
+    heads, renames = [], {}
+    for head in cfg.get('feature_heads', []):
+        head = dict(head)
+        name, head_type = head.get('name'), head.get('head_type')
+        stride = head.pop('output_stride', 1)
+        ratio = head.pop('mlp_ratio', 4.0)
+        post = head.pop('postprocess', 'none')
+        if post != 'none':
+            raise CheckpointError(
+                f'{source}: format-1 {name} head with postprocess {post!r} has no equivalent in '
+                f'the released layout; re-export it from its original checkpoint')
+        if head_type == 'mlp':
+            if ratio != 1.0 or stride != 1:
+                raise CheckpointError(
+                    f'{source}: format-1 {name} MLP head (hidden ratio {ratio}, stride {stride}) '
+                    f'has no equivalent in the released linear head (hidden ratio 1, full '
+                    f'resolution); re-export it from its original checkpoint')
+            head['head_type'], inner = 'linear', 'mlp.'
+        else:
+            if stride != 1:
+                logger.warning('%s: format-1 %s head had output stride %s; it now writes '
+                               'full-resolution features (same weights)', source, name, stride)
+            inner = 'dpt.'
+        head['mode'] = ['linear', '-inf', 'inf']
+        heads.append(head)
+        for v in (1, 2):
+            renames[f'{name}_head{v}.{inner}'] = f'downstream_head{v}.{name}_head.'
+    cfg['feature_heads'] = heads
+    out = {}
+    for k, t in state.items():
+        old = next((p for p in renames if k.startswith(p)), None)
+        out[k if old is None else renames[old] + k[len(old):]] = t
+    logger.warning('%s is a format-1 ros2_sab3r export; converted on load (same outputs). Save '
+                   'it once in the current format with sab3r-convert-checkpoint', source)
+    return cfg, out
+
+
+def _read_json_config(path: Path) -> tuple[NetworkConfig | None, dict[str, Any] | None, int]:
+    """(config, ros2_sab3r config dict, format version) of a config.json / sidecar file."""
     data = json.loads(path.read_text(encoding='utf-8'))
     if isinstance(data, Mapping) and data.get('format') == FORMAT_NAME:
-        return NetworkConfig.from_dict(data['config'])
+        return None, dict(data['config']), int(data.get('format_version', 1))
     if isinstance(data, Mapping):
         # Hugging Face PyTorchModelHubMixin: the official constructor keyword arguments.
-        return config_from_official('AsymmetricMASt3R', data, name=path.parent.name or 'hub')
+        return (config_from_official('AsymmetricMASt3R', data, name=path.parent.name or 'hub'),
+                None, FORMAT_VERSION)
     raise CheckpointError(f'config {path} is not a JSON object')
 
 
@@ -297,15 +404,24 @@ def _read_safetensors(path: Path, config: NetworkConfig | None
             metadata = fh.metadata() or {}
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - report any safetensors failure with the file
-        raise CheckpointError(f'cannot read {path} as safetensors ({exc})') from None
-    if config is None:
-        if metadata.get('format') == FORMAT_NAME and 'config' in metadata:
-            config = NetworkConfig.from_dict(json.loads(metadata['config']))
-        else:
-            for candidate in (path.with_suffix('.json'), path.parent / HF_CONFIG):
-                if candidate.is_file():
-                    config = _config_from_json_file(candidate)
-                    break
+        raise CheckpointError(
+            f'cannot read {path} as safetensors ({exc}); the file is corrupt or truncated')
+    ours, version, official = None, FORMAT_VERSION, None
+    if metadata.get('format') == FORMAT_NAME and 'config' in metadata:
+        ours, version = json.loads(metadata['config']), int(metadata.get('format_version', 1))
+    else:
+        for candidate in (path.with_suffix('.json'), path.parent / HF_CONFIG):
+            if candidate.is_file():
+                official, ours, version = _read_json_config(candidate)
+                break
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f'{path} is ros2_sab3r format {version}, newer than this release reads '
+            f'({FORMAT_VERSION}); update ros2_sab3r')
+    if ours is not None and version < 2:
+        ours, state = upgrade_v1(ours, state, str(path))
+    stored = official or (NetworkConfig.from_dict(ours) if ours is not None else None)
+    config = config or stored
     if config is None:
         raise CheckpointError(
             f'{path} carries no architecture: expected ros2_sab3r metadata, '
@@ -313,8 +429,17 @@ def _read_safetensors(path: Path, config: NetworkConfig | None
     return state, config
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    """Fetch ``model.safetensors`` and ``config.json`` of a hub repo; return the weights path."""
+def hub_path(source: str) -> tuple[str, str | None] | None:
+    """``owner/name[/file/in/repo]`` -> (repo id, file or None); None if it is not that form."""
+    if source.startswith(('.', '/', '~')):
+        return None
+    match = _HUB_PATH.match(source)
+    if not match:
+        return None
+    return match.group('repo'), match.group('file')
+
+
+def _hf_download(repo_id: str, filename: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -322,19 +447,26 @@ def _download_from_hub(repo_id: str) -> Path:
             f'{repo_id!r} looks like a Hugging Face repo id but huggingface_hub is not installed; '
             f'install it or pass a local checkpoint file') from None
     offline = os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on')
-    paths = {}
-    for filename in (HF_WEIGHTS, HF_CONFIG):
-        try:
-            paths[filename] = Path(hf_hub_download(repo_id, filename,
-                                                   local_files_only=offline))
-        except Exception as exc:  # noqa: BLE001 - offline, network, 404 all mean: no file
-            why = 'HF_HUB_OFFLINE is set' if offline else f'{type(exc).__name__}: {exc}'
-            raise CheckpointError(
-                f'cannot get {filename} of Hugging Face repo {repo_id} ({why}). On a connected '
-                f'machine download https://huggingface.co/{repo_id}/resolve/main/{filename} '
-                f'(and {HF_CONFIG} / {HF_WEIGHTS} beside it) and pass the local directory or '
-                f'.safetensors file as the checkpoint') from None
-    return paths[HF_WEIGHTS]
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - offline, network, 404 all mean: no file
+        why = 'HF_HUB_OFFLINE is set' if offline else f'{type(exc).__name__}: {exc}'
+        raise CheckpointError(
+            f'cannot get {filename} of Hugging Face repo {repo_id} ({why}). On a connected '
+            f'machine run `huggingface-cli download {repo_id} {filename}` (or fetch '
+            f'https://huggingface.co/{repo_id}/resolve/main/{filename}), copy the file to this '
+            f'machine, e.g. to ~/models/{repo_id}/{filename}, and set the checkpoint to that '
+            f'local path; or copy the Hugging Face cache (~/.cache/huggingface/hub) so the repo '
+            f'id resolves offline') from None
+
+
+def _download_from_hub(repo_id: str, filename: str | None) -> Path:
+    """Fetch one file of a hub repo, or its ``model.safetensors`` + ``config.json``."""
+    if filename is not None:
+        return _hf_download(repo_id, filename)
+    weights = _hf_download(repo_id, HF_WEIGHTS)
+    _hf_download(repo_id, HF_CONFIG)
+    return weights
 
 
 def resolve_config(config: NetworkConfig | str | None) -> NetworkConfig | None:
@@ -344,48 +476,56 @@ def resolve_config(config: NetworkConfig | str | None) -> NetworkConfig | None:
 
 
 def load_network(source: str | Path, *, config: NetworkConfig | str | None = None,
-                 key_map: Mapping[str, str] | None = None, device: torch.device | str = 'cpu',
-                 strict: bool = True, trusted: bool = False) -> Sab3rNet:
-    """Load a network from a checkpoint file, a directory or a Hugging Face repo id.
+                 device: torch.device | str = 'cpu', strict: bool = True,
+                 trusted: bool = False) -> Sab3rNet:
+    """Load a network from a checkpoint file, a directory or a Hugging Face repo id (with an
+    optional file inside the repo).
 
-    ``config`` overrides the architecture stored with the weights (needed for SAB3R checkpoints
-    whose model string names an unknown class); ``key_map`` maps checkpoint key prefixes onto
-    ours and extends the config's ``checkpoint_key_map``.
+    ``config`` overrides the architecture stored with the weights; without one, a training file
+    is built from its model string, the release file as :data:`RELEASE_ARCHITECTURE`.
     """
-    cfg = resolve_config(config)
+    try:
+        cfg = resolve_config(config)
+    except ConfigError as exc:
+        raise CheckpointError(f'architecture for {source}: {exc}') from None
     path = Path(source).expanduser()
     if not path.exists():
-        looks_like_file = path.suffix in ('.pth', '.pt', '.bin', '.safetensors', '.ckpt')
-        if (isinstance(source, str) and _REPO_ID.match(source) and not looks_like_file
-                and not source.startswith('.')):
-            path = _download_from_hub(source)
-        else:
+        hub = hub_path(str(source)) if isinstance(source, str) else None
+        if hub is None:
             raise CheckpointError(f'checkpoint {source} does not exist')
+        path = _download_from_hub(*hub)
     if path.is_dir():
         weights = path / HF_WEIGHTS
         if not weights.is_file():
-            candidates = sorted(path.glob('*.safetensors')) + sorted(path.glob('*.pth'))
+            candidates = sorted(path.glob('*.safetensors')) + sorted(
+                p for pattern in ('*.pth', '*.pt') for p in path.glob(pattern))
             if len(candidates) != 1:
                 raise CheckpointError(
                     f'checkpoint directory {path} must hold {HF_WEIGHTS} or exactly one '
-                    f'.safetensors/.pth file, found {[c.name for c in candidates]}')
+                    f'.safetensors/.pth/.pt file, found {[c.name for c in candidates]}')
             weights = candidates[0]
         path = weights
     if path.suffix == '.safetensors':
-        state, stored_cfg = _read_safetensors(path, cfg)
+        try:
+            state, stored_cfg = _read_safetensors(path, cfg)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise CheckpointError(f'{path}: stored architecture is invalid ({exc})') from None
         cfg = cfg or stored_cfg
     else:
-        state, model_string = read_official_checkpoint(path, trusted=trusted)
-        if cfg is None:
-            if not model_string:
+        ckpt = read_official_checkpoint(path, trusted=trusted)
+        state = ckpt.state
+        if cfg is None and ckpt.layout == 'release':
+            cfg = load_config(RELEASE_ARCHITECTURE)
+        elif cfg is None:
+            if not ckpt.model_string:
                 raise CheckpointError(
                     f'checkpoint {path} has no args.model string; pass an architecture config')
             try:
-                class_name, kwargs = parse_constructor_call(model_string)
+                class_name, kwargs = parse_constructor_call(ckpt.model_string)
                 cfg = config_from_official(class_name, kwargs, name=path.stem)
             except (ValueError, ConfigError) as exc:
                 raise CheckpointError(f'checkpoint {path}: {exc}') from None
-    net = _build_and_load(cfg, state, str(path), key_map, strict, device)
+    net = _build_and_load(cfg, state, str(path), strict, device)
     logger.info('loaded %s network (%s) from %s', cfg.name, _count(net), path)
     return net
 
@@ -393,4 +533,3 @@ def load_network(source: str | Path, *, config: NetworkConfig | str | None = Non
 def _count(net: Sab3rNet) -> str:
     unique = {id(p): p.numel() for p in net.parameters()}
     return f'{sum(unique.values()) / 1e6:.1f}M parameters'
-

@@ -22,27 +22,14 @@ from ros2_sab3r.model.preprocess import load_image, tensor_to_u8
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
-def _key_map(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        old, sep, new = item.partition('=')
-        if not sep:
-            raise argparse.ArgumentTypeError(
-                f'--key-map takes OLD_PREFIX=NEW_PREFIX, got {item!r}')
-        out[old] = new
-    return out
-
-
 def _add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--checkpoint', required=True,
-                        help='official .pth, ros2_sab3r .safetensors, a directory, or a Hugging '
-                             'Face repo id')
+                        help='official MASt3R/SAB3R .pth, the SAB3R release base.pt, a '
+                             'ros2_sab3r .safetensors, a directory, or a Hugging Face repo id '
+                             '(optionally with a file: uva-cv-lab/SAB3R/demo_ckpt/base/base.pt)')
     parser.add_argument('--config', default=None,
-                        help='architecture name or JSON file overriding the stored one '
-                             '(e.g. sab3r_cd for SAB3R checkpoints)')
-    parser.add_argument('--key-map', action='append', metavar='OLD=NEW',
-                        help='map a checkpoint key prefix onto ours (repeatable), e.g. '
-                             'downstream_head3.=clip_head1.')
+                        help='architecture name or JSON file overriding the stored one (the '
+                             'release file defaults to sab3r_cd)')
     parser.add_argument('--trusted', action='store_true',
                         help='allow full unpickling of a .pth you trust (can run code)')
 
@@ -81,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        net = load_network(args.checkpoint, config=args.config, key_map=_key_map(args.key_map),
-                           device=args.device, trusted=args.trusted)
+        net = load_network(args.checkpoint, config=args.config, device=args.device,
+                           trusted=args.trusted)
     except CheckpointError as exc:
         print(f'sab3r-infer: {exc}', file=sys.stderr)
         return 2
@@ -121,8 +108,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     try:
-        net = load_network(args.checkpoint, config=args.config, key_map=_key_map(args.key_map),
-                           trusted=args.trusted)
+        net = load_network(args.checkpoint, config=args.config, trusted=args.trusted)
     except CheckpointError as exc:
         print(f'sab3r-convert-checkpoint: {exc}', file=sys.stderr)
         return 2

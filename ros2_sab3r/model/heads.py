@@ -76,8 +76,7 @@ class _Resample(nn.Module):
 
 
 class DPT(nn.Module):
-    """DPT adapter over four token layers (hooks), output channels-last (B, H / s, W / s,
-    out_channels)."""
+    """DPT adapter over four token layers (hooks), output channels-last (B, H, W, out_channels)."""
 
     def __init__(self, hooks: Sequence[int], token_dims: Sequence[int], patch_size: int,
                  out_channels: int, layer_dims: Sequence[int] = (96, 192, 384, 768),
@@ -102,8 +101,7 @@ class DPT(nn.Module):
             nn.Sequential(nn.Conv2d(t3, d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)),
         ])
 
-    def forward(self, layers: Sequence[torch.Tensor], grid: tuple[int, int],
-                stride: int = 1) -> torch.Tensor:
+    def forward(self, layers: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         h, w = grid
         maps = []
         for k, hook in enumerate(self.hooks):
@@ -115,14 +113,14 @@ class DPT(nn.Module):
         p3 = self.scratch.refinenet3(p4, maps[2])  # (B, 256, 2h, 2w)
         p2 = self.scratch.refinenet2(p3, maps[1])  # (B, 256, 4h, 4w)
         p1 = self.scratch.refinenet1(p2, maps[0])  # (B, 256, 8h, 8w) = H/2, W/2
-        out_hw = (h * self.patch_size // stride, w * self.patch_size // stride)
+        out_hw = (h * self.patch_size, w * self.patch_size)
         x = _resize(self.head[0](p1), out_hw)
-        x = self.head[3](self.head[2](x)).permute(0, 2, 3, 1)  # (B, H/s, W/s, last_dim)
+        x = self.head[3](self.head[2](x)).permute(0, 2, 3, 1)  # (B, H, W, last_dim)
         # The last 1x1 conv as a matmul on channels-last pixels: same weights and numbers, but
         # the wide output (512 channels for CLIP) is written once in the layout the callers
         # want, instead of NCHW (or ONNX Runtime's blocked layout) followed by a transpose.
         proj: nn.Conv2d = self.head[4]
-        return F.linear(x, proj.weight.flatten(1), proj.bias)  # (B, H/s, W/s, out_channels)
+        return F.linear(x, proj.weight.flatten(1), proj.bias)  # (B, H, W, out_channels)
 
 
 def expm1(d: torch.Tensor) -> torch.Tensor:
@@ -135,7 +133,8 @@ def expm1(d: torch.Tensor) -> torch.Tensor:
 
 
 def reg_dense_depth(xyz: torch.Tensor, mode: OutputMode) -> torch.Tensor:
-    """Raw (..., 3) -> points; 'exp' keeps the direction and maps the norm d to expm1(d)."""
+    """Raw (..., C) -> values; 'exp' keeps the direction and maps the norm d over the last axis
+    to expm1(d). The released model applies the same mapping to its CLIP and DINO features."""
     if mode.kind == 'linear':
         return xyz
     d = xyz.norm(dim=-1, keepdim=True)
@@ -155,32 +154,75 @@ def reg_dense_conf(x: torch.Tensor, mode: OutputMode) -> torch.Tensor:
     return mode.vmin + e
 
 
-class PointDescHead(nn.Module):
-    """MASt3R 'catmlp+dpt' head of one view: pointmap + confidence (DPT) and local descriptors +
-    descriptor confidence (MLP on [encoder tokens, final decoder tokens], pixel-shuffled)."""
+def _dpt_token_dims(cfg: NetworkConfig) -> tuple[int, int, int, int]:
+    # Hook 0 is the encoder output, the later hooks are decoder layers: [H, H'].
+    return (cfg.enc_embed_dim,) + (cfg.dec_embed_dim,) * 3
+
+
+def _pixel_shuffle_tokens(x: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """(B, N, c * p * p) per-token MLP output -> (B, H, W, c); index c*p*p + dy*p + dx goes to
+    channel c, pixel (p*y + dy, p*x + dx)."""
+    h, w = grid
+    x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    return F.pixel_shuffle(x, p).permute(0, 2, 3, 1)
+
+
+class DPTFeatureHead(DPT):
+    """SAB3R 'dpt' feature head: the point DPT's layout with ``out_dim`` output channels.
+
+    Its parameters sit directly under the head's name (``clip_head.scratch...``, no extra level).
+    """
+
+    def __init__(self, cfg: NetworkConfig, head: FeatureHeadConfig) -> None:
+        super().__init__(cfg.dpt_hooks, _dpt_token_dims(cfg), cfg.patch_size,
+                         out_channels=head.out_dim, layer_dims=head.layer_dims,
+                         feature_dim=head.feature_dim, last_dim=head.last_dim)
+
+
+class LinearFeatureHead(Mlp):
+    """SAB3R 'linear' feature head: an MLP on [encoder tokens, final decoder tokens] (hidden width
+    1 x (enc + dec), exact GELU) whose out_dim * p * p outputs are pixel-shuffled per token."""
+
+    def __init__(self, cfg: NetworkConfig, head: FeatureHeadConfig) -> None:
+        in_dim = cfg.enc_embed_dim + cfg.dec_embed_dim
+        super().__init__(in_dim, in_dim, head.out_dim * cfg.patch_size ** 2)
+        self.patch_size = cfg.patch_size
+
+    def forward(self, layers: Sequence[torch.Tensor],  # type: ignore[override]
+                grid: tuple[int, int]) -> torch.Tensor:
+        cat = torch.cat([layers[0], layers[-1]], dim=-1)  # (B, N, enc + dec)
+        return _pixel_shuffle_tokens(super().forward(cat), grid, self.patch_size)  # (B,H,W,F)
+
+
+FEATURE_HEAD_CLASSES = {'dpt': DPTFeatureHead, 'linear': LinearFeatureHead}
+
+
+class DownstreamHead(nn.Module):
+    """Everything one view predicts, under the official names and registration order:
+    ``dpt`` (pointmap + confidence), ``head_local_features`` (descriptors + descriptor
+    confidence), then the SAB3R feature heads ``clip_head`` and ``dino_head`` when configured."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.cfg = cfg
         p = cfg.patch_size
-        self.dpt = DPT(cfg.dpt_hooks, (cfg.enc_embed_dim,) + (cfg.dec_embed_dim,) * 3, p,
-                       out_channels=3 + 1, layer_dims=cfg.dpt_layer_dims,
-                       feature_dim=cfg.dpt_feature_dim, last_dim=cfg.dpt_last_dim)
+        self.dpt = DPT(cfg.dpt_hooks, _dpt_token_dims(cfg), p, out_channels=3 + 1,
+                       layer_dims=cfg.dpt_layer_dims, feature_dim=cfg.dpt_feature_dim,
+                       last_dim=cfg.dpt_last_dim)
         in_dim = cfg.enc_embed_dim + cfg.dec_embed_dim
         self.local_channels = cfg.desc_dim + int(cfg.two_confs)
         self.head_local_features = Mlp(in_dim, int(in_dim * cfg.local_mlp_ratio),
                                        self.local_channels * p * p)
+        for head in cfg.feature_heads:
+            self.add_module(f'{head.name}_head', FEATURE_HEAD_CLASSES[head.head_type](cfg, head))
 
-    def forward(self, layers: Sequence[torch.Tensor], grid: tuple[int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def geometry(self, layers: Sequence[torch.Tensor], grid: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return pts3d (B,H,W,3), conf (B,H,W), desc (B,H,W,D), desc_conf (B,H,W)."""
-        h, w = grid
-        p = self.cfg.patch_size
         dpt = self.dpt(layers, grid)  # (B, H, W, 4)
         cat = torch.cat([layers[0], layers[-1]], dim=-1)  # (B, N, enc + dec)
-        local = self.head_local_features(cat)  # (B, N, c * p * p), index c*p*p + dy*p + dx
-        local = local.transpose(1, 2).reshape(local.shape[0], -1, h, w)
-        local = F.pixel_shuffle(local, p).permute(0, 2, 3, 1)  # (B, H, W, c)
+        local = _pixel_shuffle_tokens(self.head_local_features(cat), grid,
+                                      self.cfg.patch_size)  # (B, H, W, c)
         out = torch.cat([dpt, local], dim=-1)  # (B, H, W, 4 + c)
         pts3d = reg_dense_depth(out[..., 0:3], self.cfg.depth_mode)
         conf = reg_dense_conf(out[..., 3], self.cfg.conf_mode)
@@ -193,35 +235,11 @@ class PointDescHead(nn.Module):
             desc_conf = conf
         return pts3d, conf, desc, desc_conf
 
-
-class FeatureHead(nn.Module):
-    """SAB3R 2D-feature head of one view (paper eq. 3-4): S = Head([H, H'])."""
-
-    def __init__(self, cfg: NetworkConfig, head: FeatureHeadConfig) -> None:
-        super().__init__()
-        self.head_cfg = head
-        self.patch_size = cfg.patch_size
-        if head.head_type == 'dpt':
-            # DPT reads the encoder tokens (hook 0) and decoder tokens (later hooks): [H, H'].
-            self.dpt = DPT(cfg.dpt_hooks, (cfg.enc_embed_dim,) + (cfg.dec_embed_dim,) * 3,
-                           cfg.patch_size, out_channels=head.out_dim, layer_dims=head.layer_dims,
-                           feature_dim=head.feature_dim, last_dim=head.last_dim)
-        else:
-            in_dim = cfg.enc_embed_dim + cfg.dec_embed_dim
-            up = cfg.patch_size // head.output_stride
-            self.mlp = Mlp(in_dim, int(in_dim * head.mlp_ratio), head.out_dim * up * up)
-
-    def forward(self, layers: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        """Return features (B, H / stride, W / stride, out_dim)."""
-        h, w = grid
-        stride = self.head_cfg.output_stride
-        if self.head_cfg.head_type == 'dpt':
-            feat = self.dpt(layers, grid, stride)  # (B, H/s, W/s, F)
-        else:
-            cat = torch.cat([layers[0], layers[-1]], dim=-1)  # (B, N, enc + dec)
-            x = self.mlp(cat).transpose(1, 2).reshape(cat.shape[0], -1, h, w)
-            x = F.pixel_shuffle(x, self.patch_size // stride)  # (B, F, H/s, W/s)
-            feat = x.permute(0, 2, 3, 1)
-        if self.head_cfg.postprocess == 'norm':
-            feat = feat / feat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return feat
+    def feature(self, name: str, layers: Sequence[torch.Tensor], grid: tuple[int, int]
+                ) -> torch.Tensor:
+        """Post-processed features of head ``name``: (B, H, W, out_dim), float32."""
+        head = self.cfg.feature_head(name)
+        if head is None:
+            raise KeyError(f'{self.cfg.name} has no {name} head')
+        raw = getattr(self, f'{name}_head')(layers, grid)  # (B, H, W, out_dim)
+        return reg_dense_depth(raw, head.mode)

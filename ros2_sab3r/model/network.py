@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ros2_sab3r.model.arch import NetworkConfig
-from ros2_sab3r.model.heads import FeatureHead, PointDescHead
+from ros2_sab3r.model.heads import DownstreamHead
 from ros2_sab3r.model.layers import DecoderBlock, EncoderBlock, rope_tables
 from ros2_sab3r.model.outputs import EncodedImage, PairOutput, ViewOutput, ViewTokens
 
@@ -57,11 +57,9 @@ class Sab3rNet(nn.Module):
         self.dec_blocks = nn.ModuleList([self._decoder_block() for _ in range(cfg.dec_depth)])
         self.dec_norm = nn.LayerNorm(dec, eps=cfg.norm_eps)  # shared by both views
         self.dec_blocks2 = nn.ModuleList([self._decoder_block() for _ in range(cfg.dec_depth)])
-        self.downstream_head1 = PointDescHead(cfg)
-        self.downstream_head2 = PointDescHead(cfg)
-        for head in cfg.feature_heads:
-            setattr(self, f'{head.name}_head1', FeatureHead(cfg, head))
-            setattr(self, f'{head.name}_head2', FeatureHead(cfg, head))
+        # Each view's head holds its point/descriptor parts and its own CLIP/DINO heads.
+        self.downstream_head1 = DownstreamHead(cfg)
+        self.downstream_head2 = DownstreamHead(cfg)
         self.reset_parameters()
 
     def _decoder_block(self) -> DecoderBlock:
@@ -95,13 +93,9 @@ class Sab3rNet(nn.Module):
             getattr(self, name).to(dtype)
         return self
 
-    def feature_head(self, name: str, view: int) -> FeatureHead | None:
-        return getattr(self, f'{name}_head{view}', None)
-
-    def heads(self) -> list[nn.Module]:
-        """Every prediction head (point/descriptor and feature heads, both views)."""
-        return [self.downstream_head1, self.downstream_head2] + [
-            self.feature_head(h.name, v) for h in self.cfg.feature_heads for v in (1, 2)]
+    def heads(self) -> list[DownstreamHead]:
+        """The prediction heads of view 1 and view 2 (each with its feature heads)."""
+        return [self.downstream_head1, self.downstream_head2]
 
     # ---------------------------------------------------------------- stages
     def encode(self, img: torch.Tensor) -> EncodedImage:
@@ -148,11 +142,10 @@ class Sab3rNet(nn.Module):
         if view not in (1, 2):
             raise ValueError(f'view must be 1 or 2, got {view}')
         layers = tuple(t.float() for t in tokens.layers)
-        head: PointDescHead = getattr(self, f'downstream_head{view}')
-        pts3d, conf, desc, desc_conf = head(layers, tokens.grid)
-        features = {}
-        for fh in self.cfg.feature_heads:
-            features[fh.name] = self.feature_head(fh.name, view)(layers, tokens.grid)
+        head: DownstreamHead = self.heads()[view - 1]
+        pts3d, conf, desc, desc_conf = head.geometry(layers, tokens.grid)
+        features = {fh.name: head.feature(fh.name, layers, tokens.grid)
+                    for fh in self.cfg.feature_heads}
         return ViewOutput(pts3d=pts3d, conf=conf, desc=desc, desc_conf=desc_conf, **features)
 
     def decode(self, a: EncodedImage, b: EncodedImage) -> PairOutput:
