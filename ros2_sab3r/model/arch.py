@@ -192,12 +192,12 @@ class NetworkConfig:
         names = [h.name for h in self.feature_heads]
         if len(set(names)) != len(names):
             raise ConfigError(f'{self.name}: duplicate feature head names {names}')
+        for head in self.feature_heads:
+            head.validate()
         if names != [n for n in FEATURE_HEAD_NAMES if n in names]:
             # Registration (state-dict) order and the official channel layout put CLIP first.
             raise ConfigError(f'{self.name}: feature heads must be listed clip before dino, '
                               f'got {names}')
-        for head in self.feature_heads:
-            head.validate()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -277,7 +277,8 @@ def read_official_checkpoint(path: str | Path, trusted: bool = False) -> Officia
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as exc:
-        if 'weights_only' not in str(exc) and 'Unsupported global' not in str(exc):
+        # The safe unpickler names a class it refuses; any other failure is a damaged file.
+        if 'Unsupported global' not in str(exc):
             raise CheckpointError(
                 f'checkpoint {path} is corrupt or truncated ({exc}); download it again') from None
         raise CheckpointError(
@@ -287,9 +288,9 @@ def read_official_checkpoint(path: str | Path, trusted: bool = False) -> Officia
             f'--trusted') from None
     except Exception as exc:  # noqa: BLE001 - zip, EOF and OS errors all mean: unreadable file
         raise CheckpointError(
-            f'cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt, '
-            f'truncated or not a torch checkpoint. Expected an official MASt3R/SAB3R .pth/.pt '
-            f'or a ros2_sab3r .safetensors file') from None
+            f'cannot read checkpoint {path}: the file is corrupt or truncated, or not a torch '
+            f'checkpoint ({type(exc).__name__}: {exc}). Download it again; expected an official '
+            f'MASt3R/SAB3R .pth/.pt or a ros2_sab3r .safetensors file') from None
     if isinstance(ckpt, Mapping) and 'model' in ckpt:
         layout, state = 'training', ckpt['model']
     elif isinstance(ckpt, Mapping) and 'module' in ckpt:

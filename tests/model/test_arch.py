@@ -51,7 +51,9 @@ def test_sab3r_heads_default_dims():
     assert [(h.name, h.out_dim) for h in c.feature_heads] == [('clip', 512)]
     assert [(h.name, h.out_dim) for h in cd.feature_heads] == [('clip', 512), ('dino', 384)]
     assert cd.feature_head('dino').head_type == 'dpt'
-    assert cd.with_feature_stride(4).feature_head('clip').output_stride == 4
+    # The release: norm-exp features and desc_conf = 1 + exp(x) (desc_conf_mode = conf_mode).
+    assert {h.mode for h in cd.feature_heads} == {OutputMode('exp', -math.inf, math.inf)}
+    assert cd.desc_conf_mode == cd.conf_mode == OutputMode('exp', 1.0, math.inf)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -68,8 +70,13 @@ def test_invalid_configs_are_rejected(tiny_cfg, change, message):
 
 
 def test_invalid_feature_heads_are_rejected(tiny_cfg):
-    with pytest.raises(ConfigError, match='output_stride'):
-        replace(tiny_cfg, feature_heads=(FeatureHeadConfig('clip', 8, output_stride=3),))
+    with pytest.raises(ConfigError, match="head_type 'mlp'"):
+        replace(tiny_cfg, feature_heads=(FeatureHeadConfig('clip', 8, head_type='mlp'),))
+    with pytest.raises(ConfigError, match="mode 'sigmoid'"):
+        replace(tiny_cfg, feature_heads=(FeatureHeadConfig('clip', 8, mode='sigmoid'),))
+    with pytest.raises(ConfigError, match='clip before dino'):
+        replace(tiny_cfg,
+                feature_heads=(FeatureHeadConfig('dino', 8), FeatureHeadConfig('clip', 8)))
     with pytest.raises(ConfigError, match='not one of'):
         replace(tiny_cfg, feature_heads=(FeatureHeadConfig('seg', 8),))
     with pytest.raises(ConfigError, match='duplicate'):

@@ -63,13 +63,15 @@ def test_sab3r_feature_heads_add_keys_only():
     cd = create_network('sab3r_cd', 'meta').state_dict()
     extra = set(cd) - base
     assert base <= set(cd)
-    assert {k.split('.')[0] for k in extra} == {'clip_head1', 'clip_head2', 'dino_head1',
-                                               'dino_head2'}
-    assert cd['clip_head1.dpt.head.4.weight'].shape == (512, 128, 1, 1)
-    assert cd['dino_head2.dpt.head.4.weight'].shape == (384, 128, 1, 1)
+    # Inside each view's head, directly followed by the DPT names (no wrapper level).
+    assert {'.'.join(k.split('.')[:2]) for k in extra} == {
+        f'downstream_head{v}.{h}_head' for v in (1, 2) for h in ('clip', 'dino')}
+    assert len(extra) == 4 * 68
+    assert cd['downstream_head1.clip_head.head.4.weight'].shape == (512, 128, 1, 1)
+    assert cd['downstream_head2.dino_head.head.4.weight'].shape == (384, 128, 1, 1)
     # the DPT feature head reads [encoder tokens, decoder tokens]
-    assert cd['clip_head1.dpt.act_postprocess.0.0.weight'].shape == (96, 1024, 1, 1)
-    assert cd['clip_head1.dpt.act_postprocess.3.0.weight'].shape == (768, 768, 1, 1)
+    assert cd['downstream_head1.clip_head.act_postprocess.0.0.weight'].shape == (96, 1024, 1, 1)
+    assert cd['downstream_head1.clip_head.act_postprocess.3.0.weight'].shape == (768, 768, 1, 1)
 
 
 def test_rope_matches_written_formula():
@@ -109,8 +111,8 @@ def test_forward_shapes_and_contracts(name):
         torch.testing.assert_close(view.desc.norm(dim=-1), torch.ones(2, 32, 48), atol=1e-5,
                                    rtol=0)
     if name == 'tiny_cd':
-        assert out.view1.clip.shape == (2, 32, 48, 16)  # dpt head, stride 1
-        assert out.view2.dino.shape == (2, 8, 12, 8)  # mlp head, stride 4
+        assert out.view1.clip.shape == (2, 32, 48, 16)  # dpt head, full resolution
+        assert out.view2.dino.shape == (2, 32, 48, 8)  # linear head, full resolution
     else:
         assert out.view1.clip is None and out.view1.dino is None
 
@@ -148,7 +150,8 @@ def test_odd_grids_and_mixed_shapes(tiny_cd_net, size1, size2):
         out = tiny_cd_net(img1, img2)
     assert out.view1.pts3d.shape == (1, *size1, 3)
     assert out.view2.pts3d.shape == (1, *size2, 3)
-    assert out.view2.dino.shape == (1, size2[0] // 4, size2[1] // 4, 8)
+    assert out.view2.dino.shape == (1, *size2, 8)
+    assert out.view1.clip.shape == (1, *size1, 16)
     assert torch.isfinite(out.view2.pts3d).all()
 
 
@@ -176,22 +179,6 @@ def test_view2_uses_its_own_decoder_and_head(tiny_net):
     assert not torch.allclose(after.view2.desc, before.view2.desc)
 
 
-def test_feature_stride_changes_output_size_only():
-    cfg = load_config('tiny_cd')
-    torch.manual_seed(0)
-    net1 = create_network(cfg)
-    # DPT heads: weights do not depend on the stride, so one checkpoint serves every stride.
-    net2 = create_network(cfg.with_feature_stride(2))
-    clip1 = {k: v.shape for k, v in net1.state_dict().items() if k.startswith('clip_head')}
-    clip2 = {k: v.shape for k, v in net2.state_dict().items() if k.startswith('clip_head')}
-    assert clip1 == clip2
-    img = random_images(1, 32, 48, 13)
-    with torch.no_grad():
-        out = net2(img, img)
-    assert out.view1.clip.shape == (1, 16, 24, 16)
-    assert out.view1.dino.shape == (1, 16, 24, 8)
-
-
 def test_reduced_precision_backbone_keeps_heads_fp32():
     net = make_net('tiny_cd', seed=5)
     img1, img2 = random_images(1, 32, 48, 14), random_images(1, 32, 48, 15)
@@ -217,7 +204,7 @@ def test_to_pair_prediction(tiny_cd_net):
     assert pred.image_size == (32, 48)
     assert pred.view1.X.shape == (32, 48, 3) and pred.view1.X.dtype == np.float32
     assert pred.view2.D.shape == (32, 48, 24)
-    assert pred.view2.S_clip.shape == (32, 48, 16) and pred.view2.S_dino.shape == (8, 12, 8)
+    assert pred.view2.S_clip.shape == (32, 48, 16) and pred.view2.S_dino.shape == (32, 48, 8)
     np.testing.assert_array_equal(pred.view2.C, out.view2.conf[1].numpy())
 
 
