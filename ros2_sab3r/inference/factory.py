@@ -170,7 +170,7 @@ def _torch_backend(model: ModelConfig):
     if model.cpu_threads:
         torch.set_num_threads(model.cpu_threads)
     try:
-        net = load_network(model.checkpoint, device='cpu')
+        net = load_network(model.checkpoint, config=model.architecture or None, device='cpu')
     except CheckpointError as exc:
         raise BackendUnavailable(f'model.checkpoint: {exc}') from None
     return TorchBackend(net, (model.image_height, model.image_width), model.device, model.dtype,

@@ -165,6 +165,13 @@ class PerceptionNode(LifecycleNode):
             try:
                 loaded = load_model(cfg.model)
             except BackendUnavailable as err:
+                if cfg.model.checkpoint:
+                    # A model was asked for and cannot be used: say why and go back to
+                    # unconfigured (on_error) instead of running without it.
+                    self.get_logger().error(
+                        f'activate failed, the model cannot be loaded: {err}. The node returns to '
+                        f'unconfigured; fix model.* and configure and activate again')
+                    return TransitionCallbackReturn.ERROR
                 self._no_model_reason = str(err)
                 self.get_logger().warning(
                     f'{err}; frames are received and validated, no map is built')
@@ -226,6 +233,13 @@ class PerceptionNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        # A transition raised or returned ERROR: free everything; SUCCESS lands in unconfigured.
+        self._release()
+        self.get_logger().error(f'error during a transition from {state.label}; resources '
+                                'released, the node is unconfigured')
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -627,7 +641,8 @@ def main(args: list[str] | None = None) -> int:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error('configure failed; staying unconfigured')
             elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().error('activate failed; staying inactive')
+                node.get_logger().error(
+                    f'activate failed; the node is {node._state_machine.current_state[1]}')
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

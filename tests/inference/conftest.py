@@ -22,7 +22,7 @@ torch.set_num_threads(2)  # the machine is shared
 @pytest.fixture(scope='session')
 def tiny_net() -> Sab3rNet:
     torch.manual_seed(0)
-    return create_network(load_config('tiny_cd').with_feature_stride(1))
+    return create_network(load_config('tiny_cd'))
 
 
 @pytest.fixture(scope='session')

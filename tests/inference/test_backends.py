@@ -93,13 +93,13 @@ def test_channels_last_heads_change_layout_only(tmp_path):
     from ros2_sab3r.model.network import DecoderGraph, create_network
 
     torch.manual_seed(1)
-    net = create_network(load_config('tiny_cd').with_feature_stride(1))
+    net = create_network(load_config('tiny_cd'))
     img1, img2 = torch.rand(1, 3, 48, 64) * 2 - 1, torch.rand(1, 3, 48, 64) * 2 - 1
     with torch.inference_mode():
         ref = DecoderGraph(net, (48, 64))(net.encode(img1).tokens, net.encode(img2).tokens)
     digest = weights_sha256(net)
     backend = TorchBackend(net, (48, 64))
-    conv = net.clip_head1.dpt.head[0].weight
+    conv = net.downstream_head1.clip_head.head[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     got = backend.decode_tensors(backend.encode_tensor(img1), backend.encode_tensor(img2))
     for want, (name, value) in zip(ref, got.items()):

@@ -45,8 +45,14 @@ def test_torch_and_onnxruntime_build_the_same_map(export_dir, tiny_net, posed):
     keys_t, keys_o = map_t.keys, map_o.keys
     shared, it, io = np.intersect1d(keys_t, keys_o, return_indices=True)
     assert len(shared) >= 0.98 * max(len(keys_t), len(keys_o))
+    # A point within float error of a voxel face may move to the neighbour, changing both
+    # voxels' weight, mean position and colour: compare the voxels whose weight agrees (the same
+    # points fell in), and require almost all to be such.
+    w_t, w_o = map_t.weights[it], map_o.weights[io]
+    same = np.isclose(w_t, w_o, rtol=1e-2)
+    assert same.mean() >= 0.99, same.mean()
+    it, io = it[same], io[same]
     np.testing.assert_allclose(map_t.positions[it], map_o.positions[io], atol=1e-3)
     assert np.abs(map_t.colors[it].astype(int) - map_o.colors[io]).max() <= 2
-    np.testing.assert_allclose(map_t.weights[it], map_o.weights[io], rtol=1e-2)
     S_t, S_o = map_t.features('clip'), map_o.features('clip')
     np.testing.assert_allclose(S_t[it], S_o[io], atol=2e-2)  # stored as bf16

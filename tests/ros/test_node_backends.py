@@ -8,6 +8,11 @@ import pytest
 rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
 torch = pytest.importorskip('torch')
 
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+from lifecycle_msgs.msg import State  # noqa: E402
+from lifecycle_msgs.srv import GetState  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from ros2_sab3r.eval.synthetic import make_scene  # noqa: E402
@@ -32,6 +37,7 @@ OVERLAY = """/**:
     model:
       backend: 'torch'
       checkpoint: '{checkpoint}'
+      architecture: '{architecture}'
       text_encoder: 'ros2_sab3r.eval.standin:HashTextEncoderStandIn'
       image_width: 64
       image_height: 48
@@ -45,11 +51,41 @@ OVERLAY = """/**:
 """
 
 
-def test_torch_backend_with_a_checkpoint_file(ros_node, tmp_path):
+# A tiny SAB3R as the official trainer writes its model string: head types, no desc_conf_mode.
+TINY_SAB3R = (
+    "AsymmetricMASt3R(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
+    "img_size=(512, 512), head_type='catmlp+dpt', output_mode='pts3d+desc24', "
+    "clip_head_type='dpt', dino_head_type='linear', depth_mode=('exp', -inf, inf), "
+    "conf_mode=('exp', 1, inf), enc_embed_dim=32, enc_depth=2, enc_num_heads=2, "
+    "dec_embed_dim=24, dec_depth=10, dec_num_heads=2, two_confs=True)")
+
+
+def _write_checkpoint(layout: str, tmp_path) -> tuple[str, str]:
+    """(checkpoint path, architecture parameter) of a tiny random-weight SAB3R file."""
     torch.manual_seed(0)
-    net = create_network(load_config('tiny_cd').with_feature_stride(1))
-    ckpt = save_network(net, tmp_path / 'tiny_sab3r.safetensors')
-    node_proc = NodeProcess(tmp_path, OVERLAY.format(checkpoint=ckpt))
+    if layout == 'safetensors':
+        net = create_network(load_config('tiny_cd'))
+        return str(save_network(net, tmp_path / 'tiny_sab3r.safetensors')), ''
+    if layout == 'training':
+        from ros2_sab3r.model.checkpoint import config_from_official, parse_constructor_call
+
+        net = create_network(config_from_official(*parse_constructor_call(TINY_SAB3R)))
+        path = tmp_path / 'checkpoint-final.pth'
+        torch.save({'model': net.state_dict(), 'epoch': 5,
+                    'args': argparse.Namespace(model=TINY_SAB3R, lr=1e-4)}, path)
+        return str(path), ''
+    # The release layout (DeepSpeed model states, no architecture): named by the parameter.
+    net = create_network(load_config('tiny_cd'))
+    path = tmp_path / 'base.pt'
+    torch.save({'module': net.state_dict(), 'global_steps': 10, 'optimizer': None,
+                'sparse_tensor_module_names': set(), 'ds_version': '0.14.4'}, path)
+    return str(path), 'tiny_cd'
+
+
+@pytest.mark.parametrize('layout', ['safetensors', 'training', 'release'])
+def test_torch_backend_with_a_checkpoint_file(ros_node, tmp_path, layout):
+    ckpt, architecture = _write_checkpoint(layout, tmp_path)
+    node_proc = NodeProcess(tmp_path, OVERLAY.format(checkpoint=ckpt, architecture=architecture))
     frames = make_scene(seed=0).sequence(6, 128, 96)
     try:
         status: list[PerceptionStatus] = []
@@ -58,7 +94,9 @@ def test_torch_backend_with_a_checkpoint_file(ros_node, tmp_path):
         pub = ros_node.create_publisher(Image, f'{node_proc.ns}/cam/image_raw', 10)
         assert spin_until(ros_node, lambda: pub.get_subscription_count() > 0 and status
                           and status[-1].backend, timeout=90), node_proc.log()
-        assert status[-1].backend.startswith('torch tiny'), status[-1].backend
+        assert status[-1].backend.startswith('torch tiny') or (
+            layout == 'training' and status[-1].backend.startswith('torch checkpoint-final')
+        ), status[-1].backend
         for i, f in enumerate(frames):
             img = Image(encoding='rgb8')
             img.header.stamp = messages.stamp_from_ns(f.stamp_ns)
@@ -78,3 +116,22 @@ def test_torch_backend_with_a_checkpoint_file(ros_node, tmp_path):
         assert node_proc.stop() == 0, node_proc.log()
     log = node_proc.log()
     assert 'warm-up: one pair in' in log and 'Traceback' not in log, log
+
+
+def test_a_checkpoint_that_cannot_load_leaves_the_node_up_and_unconfigured(ros_node, tmp_path):
+    ckpt, _ = _write_checkpoint('release', tmp_path)
+    data = open(ckpt, 'rb').read()
+    open(ckpt, 'wb').write(data[:len(data) // 2])  # truncated download
+    node_proc = NodeProcess(tmp_path, OVERLAY.format(checkpoint=ckpt, architecture='tiny_cd'))
+    try:
+        deadline = time.monotonic() + 60
+        while 'activate failed' not in node_proc.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        state = call(ros_node, GetState, f'{node_proc.name}/get_state', GetState.Request())
+        assert state.current_state.id == State.PRIMARY_STATE_UNCONFIGURED, node_proc.log()
+        assert node_proc.proc.poll() is None
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert 'corrupt or truncated' in log and ckpt in log, log
+    assert 'returns to unconfigured' in log, log
