@@ -101,9 +101,14 @@ class ModelConfig:
         'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', or a 'module:Class' path",
         choices=('torch', 'onnxruntime', 'tensorrt'), read_only=True)
     checkpoint: str = param(
-        '', 'torch: SAB3R/MASt3R checkpoint (.pth or .safetensors), a directory or a Hugging '
-        'Face repo id; onnxruntime and tensorrt: an sab3r-export directory (manifest.json); '
-        'empty: no network is loaded', read_only=True)
+        '', 'torch: SAB3R/MASt3R checkpoint (official .pth, the SAB3R release base.pt, our '
+        '.safetensors), a directory, or a Hugging Face repo id with an optional file in it '
+        '(uva-cv-lab/SAB3R/demo_ckpt/base/base.pt); onnxruntime and tensorrt: an sab3r-export '
+        'directory (manifest.json); empty: no network is loaded', read_only=True)
+    architecture: str = param(
+        '', 'torch: architecture name (sab3r_cd, sab3r_c, mast3r_vitl_512, ...) or JSON file '
+        'overriding the one the checkpoint implies; empty: from the file (the SAB3R release '
+        'file: sab3r_cd)', read_only=True)
     device: str = param('cpu', "'cpu' or 'cuda'", choices=('cpu', 'cuda'), read_only=True)
     dtype: str = param(
         'fp32', 'compute precision of the backbone (heads and post-processing stay fp32): fp32; '
