@@ -1,7 +1,8 @@
 """Compare every available inference backend on the same network and inputs, side by side.
 
     python benchmarks/backends.py                    # tiny_cd at 512x384 (seconds)
-    python benchmarks/backends.py --full             # sab3r_cd random weights at 512x384 (heavy)
+    python benchmarks/backends.py --full             # the release architecture (sab3r_cd),
+                                                     # random weights at 512x384 (heavy)
     python benchmarks/backends.py --full --config mast3r_vitl_512 --threads 2
 
 Per backend: encode one image, decode + heads one pair, and a cold pair (two encodes and one
@@ -135,13 +136,41 @@ def _measure(spec: dict) -> dict:
         enc_s.append(t_enc - t)
         dec_s.append(t_end - t_b)
         pair_s.append(t_end - t)
+    feature_s = _time_feature_heads(be, t1, t2, rep, sync) if kind == 'torch' else []
     out = {'name': be.name, 'encode_ms': 1e3 * statistics.median(enc_s),
            'decode_ms': 1e3 * statistics.median(dec_s),
            'pair_ms': 1e3 * statistics.median(pair_s),
            'pair_min_ms': 1e3 * min(pair_s), 'peak_rss_gib': _vm_kb('VmHWM') / 2**20}
+    if feature_s:
+        out['feature_ms'] = 1e3 * statistics.median(feature_s)
     if cuda:
         out['peak_gpu_gib'] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _time_feature_heads(be, t1, t2, repeat: int, sync) -> list[float]:
+    """Seconds per pair spent in the CLIP/DINO heads of both views (torch backend): the
+    full-resolution feature heads run alone on the pair's decoded tokens."""
+    import torch
+
+    net = be.net
+    if not net.cfg.feature_heads:
+        return []
+    with torch.inference_mode():
+        dev = be.device
+        a, b = net.encode(t1.to(dev)), net.encode(t2.to(dev))
+        views = net.decode_tokens(a, b)
+        layers = [tuple(t.float() for t in v.layers) for v in views]
+        times = []
+        for _ in range(repeat):
+            sync()
+            start = time.perf_counter()
+            for head, tokens, view in zip(net.heads(), layers, views):
+                for fh in net.cfg.feature_heads:
+                    head.feature(fh.name, tokens, view.grid)
+            sync()
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _run(spec: dict, timeout: float) -> dict:
@@ -289,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         error = _int8_error(export_dir, size) if spec.get('dtype') == 'int8' else ''
         print(f'{label:<44s} {r["encode_ms"]:10.1f} {r["decode_ms"]:10.1f} '
               f'{r["pair_ms"]:10.1f} {speed:>8s} {r["peak_rss_gib"]:12.2f} {gpu:>12s}  {error}')
+        if 'feature_ms' in r:
+            share = r['feature_ms'] / r['pair_ms']
+            print(f'{"":<4s}of which the feature heads (CLIP + DINO, both views, full '
+                  f'resolution): {r["feature_ms"]:.1f} ms, {100 * share:.0f}% of the pair')
     scope = 'full-size' if args.full else 'small (the target is for the full-size pair)'
     for dtype in ('fp32', 'int8'):
         ort = [r['pair_ms'] for s, r in rows if s['kind'] == 'onnxruntime'

@@ -62,7 +62,8 @@ HF_WEIGHTS = 'model.safetensors'
 HF_CONFIG = 'config.json'
 OFFICIAL_CLASSES = ('AsymmetricMASt3R',)
 # A repo id 'owner/name', optionally followed by '/path/inside/the/repo'.
-_HUB_PATH = re.compile(r'^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w.-]+(?:/[\w.-]+)*))?$')
+_HUB_PATH = re.compile(
+    r'^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w.-]+(?:/[\w.-]+)*))?$')
 # Official constructor arguments that do not change the inference network (see the spec: the
 # official loader forces the plain patch embed and landscape_only=False).
 _IGNORED_KWARGS = frozenset({
@@ -406,7 +407,8 @@ def _read_safetensors(path: Path, config: NetworkConfig | None
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - report any safetensors failure with the file
         raise CheckpointError(
-            f'cannot read {path} as safetensors ({exc}); the file is corrupt or truncated')
+            f'cannot read {path} as safetensors ({exc}); the file is corrupt or truncated'
+        ) from None
     ours, version, official = None, FORMAT_VERSION, None
     if metadata.get('format') == FORMAT_NAME and 'config' in metadata:
         ours, version = json.loads(metadata['config']), int(metadata.get('format_version', 1))

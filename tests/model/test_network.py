@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_sab3r.model.arch import load_config
 from ros2_sab3r.model.layers import apply_rope, rope_tables
 from ros2_sab3r.model.network import DecoderGraph, EncoderGraph, create_network
 from ros2_sab3r.model.outputs import to_pair_prediction

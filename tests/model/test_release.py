@@ -36,7 +36,7 @@ KEY_LIST = Path(__file__).resolve().parents[2] / 'tests' / 'model' / 'data' / \
 
 def tiny_sab3r_args(clip: str | None = 'dpt', dino: str | None = 'linear') -> str:
     """A tiny training-layout model string as SAB3R writes it: head types, no desc_conf_mode."""
-    heads = ''.join(f", {name}_head_type={value!r}" for name, value in
+    heads = ''.join(f', {name}_head_type={value!r}' for name, value in
                     (('clip', clip), ('dino', dino)))
     return ("AsymmetricMASt3R(pos_embed='RoPE100', patch_embed_cls='ManyAR_PatchEmbed', "
             "img_size=(512, 512), head_type='catmlp+dpt', output_mode='pts3d+desc24', "
@@ -62,7 +62,8 @@ def _deepspeed_file(path: Path, state: dict, extra: dict | None = None) -> Path:
     shapes = collections.OrderedDict((k, v.shape) for k, v in state.items())
     torch.save({'module': state, 'buffer_names': [], 'param_shapes': [shapes],
                 'frozen_param_shapes': None, 'shared_params': {}, 'frozen_param_fragments': None,
-                'lr_scheduler': {'last_batch_iteration': 4000}, 'sparse_tensor_module_names': set(),
+                'lr_scheduler': {'last_batch_iteration': 4000},
+                'sparse_tensor_module_names': set(),
                 'skipped_steps': 0, 'global_steps': 11_000, 'global_samples': 704_000,
                 'dp_world_size': 8, 'mp_world_size': 1, 'ds_config': {'zero_optimization':
                                                                      {'stage': 2}},
