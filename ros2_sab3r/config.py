@@ -16,6 +16,10 @@ import textwrap
 from typing import Any
 
 PARAM_META = 'ros2_sab3r.param'
+# Prompting of the text tower (model.text_prompts), see ros2_sab3r/model/text.py.
+TEXT_PROMPTS = ('raw', 'single', 'ensemble')
+# Scoring of a Locate query (query.relevancy_mode), see ros2_sab3r/query/engine.py.
+RELEVANCY_MODES = ('lerf', 'official')
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,19 @@ class ModelConfig:
         'onnxruntime and tensorrt need an export of this size', unit='px', min=32, max=1024,
         read_only=True)
     text_encoder: str = param(
-        '', 'open_clip ViT-B-16 text tower weights: a local file, or an open_clip pretrained tag '
-        "already in the local Hugging Face cache, or a 'module:Class' stand-in built as "
-        'Class(dim=...); empty: an open_clip*/text_encoder* file in the checkpoint directory',
-        read_only=True)
+        '', "text tower of the CLIP head's space, OpenAI CLIP ViT-B/16 (open_clip 'ViT-B-16', "
+        "QuickGELU): a local open_clip state-dict file of its 'openai' weights, or the tag "
+        "'openai' when those are in the local Hugging Face cache, or a 'module:Class' stand-in "
+        'built as Class(dim=...); empty: an open_clip*/text_encoder* file in the checkpoint '
+        'directory. Other pretrained weights (LAION, DataComp, ...) are refused', read_only=True)
+    text_encoder_allow_other_weights: bool = param(
+        False, "accept ViT-B-16 text weights other than OpenAI's (a LAION tag or a file named "
+        'after one); they embed into a different space than the CLIP head, so queries match '
+        'noise: for experiments only, logged as an error', read_only=True)
+    text_prompts: str = param(
+        'raw', "how a query becomes text for the tower: 'raw' the query itself (the official "
+        "demo); 'single' 'a photo of a/an {query}' (the official VOC evaluation); 'ensemble' "
+        'the mean of the 80 CLIP ImageNet templates', choices=TEXT_PROMPTS, read_only=True)
     cpu_threads: int = param(
         0, 'CPU threads of torch and of ONNX Runtime (intra-op); 0: the runtime default (all '
         'cores)', unit='threads', min=0, max=256, read_only=True)
@@ -220,6 +233,14 @@ class MappingConfig:
 
 @dataclass(frozen=True)
 class QueryConfig:
+    relevancy_mode: str = param(
+        'lerf', "scoring of a query when the request leaves it empty: 'lerf' softmax against "
+        "negatives, then default_min_score; 'official' the SAB3R demo: cosine min-max "
+        'normalised over the map, voxels at official_threshold or above (negatives unused)',
+        choices=RELEVANCY_MODES)
+    official_threshold: float = param(
+        0.75, "official mode: min-max normalised score a voxel needs to belong to a query (the "
+        "demo's 0.75), used when the request's min_score is 0", min=0.0, max=1.0)
     default_top_k: int = param(
         5, 'objects returned per query when the request asks for 0', min=1, max=100)
     default_min_score: float = param(

@@ -96,8 +96,24 @@ def _cached_open_clip_weights(tag: str) -> Path | None:
 
 def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
                       ) -> TextEncoder:
-    """The text encoder named by ``model.text_encoder`` (see its parameter description)."""
+    """The text encoder named by ``model.text_encoder`` (see its parameter description).
+
+    The open_clip tower is OpenAI CLIP ViT-B/16 with ``model.text_prompts``; other pretrained
+    weights are refused unless ``model.text_encoder_allow_other_weights``. ``clip_dim``: the
+    backend's CLIP feature width (0: no CLIP head); a tower of another width is refused.
+    """
+    from ros2_sab3r.model.text import (
+        CLIP_WEIGHTS,
+        ClipTextEncoder,
+        TextEncoderError,
+        check_clip_width,
+        check_text_weights,
+    )
+
     spec = model.text_encoder.strip()
+    allow_other = model.text_encoder_allow_other_weights
+    openai_file = ('open_clip_model.safetensors of the Hugging Face repo '
+                   'timm/vit_base_patch16_clip_224.openai')
     if ':' in spec and not Path(spec).expanduser().exists():
         cls = _import_class(spec, 'model.text_encoder')
         encoder = cls(dim=clip_dim) if clip_dim else cls()
@@ -112,41 +128,52 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
                 raise BackendUnavailable(
                     f'no CLIP text encoder: model.text_encoder is empty and {where} holds no '
                     f'single open_clip*/text_encoder* weights file{found}. On a connected '
-                    f'machine get the open_clip {CLIP_MODEL} weights the SAB3R CLIP head was '
-                    'distilled from (e.g. open_clip_pytorch_model.bin of '
-                    'laion/CLIP-ViT-B-16-laion2B-s34B-b88K) and set model.text_encoder to the '
-                    'file or put it beside the checkpoint')
+                    f"machine get the open_clip {CLIP_MODEL} '{CLIP_WEIGHTS}' weights (OpenAI "
+                    f'CLIP ViT-B/16, the space the SAB3R CLIP head was distilled into), e.g. '
+                    f'{openai_file}, and set model.text_encoder to the file or put it beside '
+                    'the checkpoint')
             path = candidates[0]
         elif Path(spec).expanduser().is_file():
             path = Path(spec).expanduser()
         elif '/' in spec or Path(spec).suffix:
             raise BackendUnavailable(
                 f'model.text_encoder={spec!r}: no such file; give the local path of the open_clip '
-                f'{CLIP_MODEL} weights')
+                f"{CLIP_MODEL} '{CLIP_WEIGHTS}' weights ({openai_file})")
         else:
             try:
+                import open_clip
+
+                if spec not in open_clip.list_pretrained_tags_by_model(CLIP_MODEL):
+                    raise BackendUnavailable(
+                        f'model.text_encoder={spec!r} is not an open_clip {CLIP_MODEL} '
+                        f"pretrained tag nor a file; use '{CLIP_WEIGHTS}' or a file path")
+                if not allow_other:
+                    check_text_weights(spec)
                 path = _cached_open_clip_weights(spec)
-            except Exception as exc:  # noqa: BLE001 - unknown tag, hub library missing
+            except TextEncoderError as exc:
+                raise BackendUnavailable(f'model.text_encoder: {exc}') from None
+            except BackendUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - hub library missing, odd cache
                 raise BackendUnavailable(
-                    f'model.text_encoder={spec!r} is not a known open_clip {CLIP_MODEL} '
-                    f'pretrained tag ({exc})') from None
+                    f'model.text_encoder={spec!r}: cannot look up the open_clip {CLIP_MODEL} '
+                    f'weights of this tag ({exc})') from None
             if path is None:
                 raise BackendUnavailable(
                     f'model.text_encoder={spec!r}: the open_clip {CLIP_MODEL} weights of this '
                     'tag are not in the local Hugging Face cache and nothing is downloaded at run '
                     'time; download them on a connected machine (open_clip.create_model('
                     f"'{CLIP_MODEL}', pretrained='{spec}')) or set model.text_encoder to a file")
-        from ros2_sab3r.model.text import ClipTextEncoder, TextEncoderError
-
         try:
-            encoder = ClipTextEncoder.from_pretrained(str(path), CLIP_MODEL,
-                                                      device=model.device)
+            encoder = ClipTextEncoder.from_pretrained(
+                str(path), CLIP_MODEL, prompts=model.text_prompts,
+                allow_other_weights=allow_other, device=model.device)
         except TextEncoderError as exc:
             raise BackendUnavailable(f'text encoder: {exc}') from None
-    if clip_dim and encoder.dim != clip_dim:
-        raise BackendUnavailable(
-            f'text encoder dimension {encoder.dim} does not match the CLIP head ({clip_dim}); '
-            'model.text_encoder must be the CLIP model the head was distilled into')
+    try:
+        check_clip_width(encoder, clip_dim)
+    except TextEncoderError as exc:
+        raise BackendUnavailable(str(exc)) from None
     return encoder
 
 
