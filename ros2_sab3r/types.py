@@ -135,8 +135,12 @@ class LocateQuery:
     queries: tuple[str, ...]  # what to look for, UTF-8, at least one
     negatives: tuple[str, ...] = ()  # extra phrases the answer should not resemble
     top_k: int = 0  # instances returned per query; 0: query.default_top_k
-    min_score: float = 0.0  # relevancy below which a query is NOT_FOUND; 0: configured default
+    # relevancy a voxel needs to belong to a query; 0: query.default_min_score ('lerf'),
+    # query.official_threshold ('official')
+    min_score: float = 0.0
     labels: tuple[str, ...] = ()  # optional caller label per query (same length as queries)
+    # scoring: 'lerf' or 'official' (see ros2_sab3r/query/engine.py); '': query.relevancy_mode
+    relevancy_mode: str = ''
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,23 @@
 """Locate: open-vocabulary object queries against a map snapshot.
 
-text -> embedding (the TextEncoder applies its prompt ensemble; results are cached here)
-     -> cosine similarity of every voxel's fused CLIP feature with the query and the negatives
-     -> LERF-style relevancy: min over negatives of softmax([q, neg] / temperature)[q]
-     -> voxels above min_score -> instances by voxel adjacency (26-neighbourhood), with edges
-        between voxels of dissimilar DINO features cut when DINO features exist
+text -> embedding (the TextEncoder applies its prompting; results are cached here)
+     -> cosine similarity of every voxel's fused CLIP feature with the query (both unit norm)
+     -> relevancy in [0, 1], by the request's relevancy_mode (default query.relevancy_mode):
+        'lerf': LERF-style, min over negatives of softmax([q, neg] / temperature)[q]; a voxel
+                belongs to the query at min_score (query.default_min_score) and must also pass
+                the membership cut of :meth:`QueryEngine._members`;
+        'official': the SAB3R demo's scoring, see :func:`official_relevancy` (negatives unused);
+                a voxel belongs to the query at max(p, min_score) (query.official_threshold)
+     -> member voxels -> instances by voxel adjacency (26-neighbourhood), with edges between
+        voxels of dissimilar DINO features cut when DINO features exist
      -> oriented boxes (upright when gravity is known, PCA otherwise) -> ranked objects.
 
-"Not found" is an answer: a query with no instance above min_score returns one NOT_FOUND entry,
-never a best guess.
+"Not found" is an answer: a query with no instance of at least query.min_instance_voxels
+connected member voxels returns one NOT_FOUND entry, never a best guess. In 'official' mode
+min-max normalisation puts the map's most similar voxel at 1, so some voxels are members on any
+map whose similarities are not all equal, even for an absent object: there NOT_FOUND rests on
+those voxels not forming a group of query.min_instance_voxels (and a weak query whose best
+voxels are scattered is more often found than in 'lerf' mode).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ros2_sab3r.config import QueryConfig
+from ros2_sab3r.config import RELEVANCY_MODES, QueryConfig
 from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.mapping.semantic_map import MapSnapshot, key_offset
 from ros2_sab3r.types import (
@@ -86,6 +95,15 @@ def validate_query(query: LocateQuery, config: QueryConfig) -> LocateQuery:
     if len(negatives) > cfg.max_queries:
         raise LocateError(f'{len(negatives)} negatives, more than query.max_queries='
                           f'{cfg.max_queries}')
+    if not isinstance(query.relevancy_mode, str):
+        raise LocateError(f'relevancy_mode must be a string, got '
+                          f'{type(query.relevancy_mode).__name__}')
+    mode = query.relevancy_mode.strip().lower()
+    if mode and mode not in RELEVANCY_MODES:
+        raise LocateError(
+            f'relevancy_mode={query.relevancy_mode!r} is not one of '
+            f'{", ".join(repr(m) for m in RELEVANCY_MODES)}; leave it empty for the node '
+            f'default (query.relevancy_mode={cfg.relevancy_mode!r})')
     labels = tuple(query.labels)
     if labels and len(labels) != len(queries):
         raise LocateError(f'labels has {len(labels)} entries for {len(queries)} queries; give '
@@ -95,7 +113,34 @@ def validate_query(query: LocateQuery, config: QueryConfig) -> LocateQuery:
     if not (np.isfinite(query.min_score) and 0.0 <= query.min_score <= 1.0):
         raise LocateError(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
     return LocateQuery(queries=queries, negatives=negatives, top_k=int(query.top_k),
-                       min_score=float(query.min_score), labels=labels)
+                       min_score=float(query.min_score), labels=labels, relevancy_mode=mode)
+
+
+# The demo's percentile of the raw cosines (its UI passes 0.9 to a 0-100 percentile function).
+OFFICIAL_PERCENTILE = 0.9
+
+
+def official_relevancy(s_q: np.ndarray, has_feature: np.ndarray, threshold: float
+                       ) -> tuple[np.ndarray, float]:
+    """The SAB3R demo's scoring of one query: (relevancy (N,) float32, cut).
+
+    s_q (N,): cosine of each voxel's CLIP feature with the text vector (both L2-normalised).
+    relevancy: s_q min-max normalised over the voxels that have a feature, (s - min) /
+    (max - min) in [0, 1]; 0 for voxels without one, and everywhere when all similarities
+    are equal (nothing to tell apart). cut: a voxel is selected at relevancy >= cut, with
+    cut = max(p, threshold) and p the OFFICIAL_PERCENTILE-th percentile (0-100 scale) of the
+    raw cosines, as the demo computes it (it compares that raw cosine with a normalised score;
+    p is below the threshold unless nearly every voxel is very similar to the text).
+    """
+    relevancy = np.zeros(s_q.shape, np.float32)
+    values = s_q[has_feature].astype(np.float64)
+    if not len(values):
+        return relevancy, float(threshold)
+    lo, hi = float(values.min()), float(values.max())
+    cut = max(float(np.percentile(values, OFFICIAL_PERCENTILE)), float(threshold))
+    if hi - lo > 0.0:
+        relevancy[has_feature] = ((values - lo) / (hi - lo)).astype(np.float32)
+    return relevancy, cut
 
 
 class QueryEngine:
@@ -147,10 +192,14 @@ class QueryEngine:
             raise LocateError('the map has no semantic features: the backend provides no CLIP '
                               'features, so it cannot be queried by text')
         cfg = self.cfg
+        mode = q.relevancy_mode or cfg.relevancy_mode
+        official = mode == 'official'
         top_k = q.top_k or cfg.default_top_k
-        min_score = q.min_score or cfg.default_min_score
-        negatives = [n for n in dict.fromkeys(tuple(cfg.canonical_negatives) + q.negatives)]
-        texts = list(dict.fromkeys(q.queries)) + negatives
+        min_score = q.min_score or (cfg.official_threshold if official else
+                                    cfg.default_min_score)
+        negatives = [] if official else list(
+            dict.fromkeys(tuple(cfg.canonical_negatives) + q.negatives))
+        texts = list(dict.fromkeys(q.queries)) + [n for n in negatives if n not in q.queries]
         E = self.embed(texts)
         sims = snapshot.cosine(E, threads=cfg.threads)  # (T, N)
         has_feature = snapshot.clip_weights > 0
@@ -159,19 +208,26 @@ class QueryEngine:
         best = np.zeros(snapshot.n_voxels, dtype=np.float32)  # (N,) max relevancy over queries
         for i, text in enumerate(q.queries):
             label = q.labels[i] if q.labels else text
-            neg_rows = [col[n] for n in negatives if n != text]
             s_q = sims[col[text]]
-            relevancy = self._relevancy(s_q, sims, neg_rows)
-            relevancy[~has_feature] = 0.0
+            if official:
+                relevancy, cut = official_relevancy(s_q, has_feature, min_score)
+                member = has_feature & (relevancy >= cut)
+            else:
+                neg_rows = [col[n] for n in negatives if n != text]
+                relevancy = self._relevancy(s_q, sims, neg_rows)
+                relevancy[~has_feature] = 0.0
+                cut = min_score
+                member = self._members(s_q, relevancy, has_feature, min_score)
             np.maximum(best, relevancy, out=best, casting='unsafe')
-            member = self._members(s_q, relevancy, has_feature, min_score)
             found = self._instances(snapshot, member)
-            objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, min_score))
+            objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, cut))
         n_found = sum(o.status != STATUS_NOT_FOUND for o in objects)
+        unused = ' (negatives unused in official mode)' if official and q.negatives else ''
         return LocateResult(objects=tuple(objects), map_stamp_ns=snapshot.stamp_ns,
                             frame=snapshot.frame,
                             message=f'{len(q.queries)} queries, {n_found} objects, map of '
-                                    f'{snapshot.n_voxels} voxels', relevancy=best)
+                                    f'{snapshot.n_voxels} voxels, {mode} relevancy{unused}',
+                            relevancy=best)
 
     def _relevancy(self, s_q: np.ndarray, sims: np.ndarray, neg_rows: list[int]) -> np.ndarray:
         """(N,) min over negatives (rows of sims (T, N)) of exp(q/T) / (exp(q/T) + exp(neg/T)).

@@ -1,4 +1,4 @@
-"""Pipeline values -> ROS messages (point clouds, Locate answers, RViz markers, poses).
+"""Pipeline values <-> ROS messages: clouds, Locate requests and answers, markers, poses.
 
 sensor_msgs_py (the usual PointCloud2 helper) is not published as a wheel, so clouds are packed
 with numpy structured arrays here; tests round-trip them through :func:`cloud_to_arrays`.
@@ -134,6 +134,14 @@ def transform_located(obj: types.LocatedObject, T_TM: np.ndarray) -> types.Locat
         centroid=None if obj.centroid is None else R @ obj.centroid + t,
         box=box,
         points=None if obj.points is None else (obj.points @ R.T + t).astype(np.float32))
+
+
+def locate_query_from_request(request) -> types.LocateQuery:
+    """A Locate.Request as a plain LocateQuery, not yet validated (see query.engine)."""
+    return types.LocateQuery(
+        queries=tuple(request.queries), negatives=tuple(request.negatives),
+        top_k=int(request.top_k), min_score=float(request.min_score),
+        relevancy_mode=str(request.relevancy_mode))
 
 
 def located_to_msg(obj: types.LocatedObject, header: Header) -> LocatedObject:

@@ -44,7 +44,7 @@ from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.conversions import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
-from ros2_sab3r.types import CameraFrame, LocateQuery
+from ros2_sab3r.types import CameraFrame
 
 NODE_NAME = 'perception_node'
 _THROTTLE_S = 5.0
@@ -482,10 +482,7 @@ class PerceptionNode(LifecycleNode):
         cfg = self._cfg
         assert cfg is not None
         try:
-            query = validate_query(
-                LocateQuery(queries=tuple(request.queries), negatives=tuple(request.negatives),
-                            top_k=request.top_k, min_score=float(request.min_score)),
-                cfg.query)
+            query = validate_query(messages.locate_query_from_request(request), cfg.query)
         except LocateError as err:
             response.success = False
             response.message = f'bad request: {err}'

@@ -1,4 +1,4 @@
-"""Pipeline values -> ROS messages, without a ROS graph."""
+"""Pipeline values <-> ROS messages, without a ROS graph."""
 
 import numpy as np
 import pytest
@@ -112,3 +112,14 @@ def test_transform_round_trip():
     tf = messages.transform_from_matrix(Header(frame_id='map'), 'cam', T)
     assert tf.child_frame_id == 'cam'
     np.testing.assert_allclose(messages.matrix_from_transform(tf), T, atol=1e-12)
+
+
+def test_locate_request_becomes_a_locate_query():
+    from ros2_sab3r.srv import Locate
+
+    request = Locate.Request(queries=['red mug', 'dresser'], negatives=['floor'], top_k=3,
+                             min_score=0.5, target_frame='base_link', relevancy_mode='official')
+    q = messages.locate_query_from_request(request)
+    assert q == types.LocateQuery(queries=('red mug', 'dresser'), negatives=('floor',), top_k=3,
+                                  min_score=0.5, relevancy_mode='official')
+    assert messages.locate_query_from_request(Locate.Request()).relevancy_mode == ''

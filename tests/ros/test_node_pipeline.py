@@ -128,6 +128,20 @@ def test_locate_present_and_absent(ros_node, replayed):
         (LocatedObject.STATUS_NOT_FOUND, 0.0)], res.message
 
 
+def test_locate_relevancy_mode_per_request(ros_node, replayed):
+    node_proc, scene, *_ = replayed
+    label = scene.labels[0]
+    res = call(ros_node, Locate, f'{node_proc.name}/locate',
+               Locate.Request(queries=[label], relevancy_mode='official'))
+    assert res.success and 'official relevancy' in res.message, res.message
+    assert res.objects[0].status != LocatedObject.STATUS_NOT_FOUND, res.message
+    assert 'lerf relevancy' in call(ros_node, Locate, f'{node_proc.name}/locate',
+                                    Locate.Request(queries=[label])).message
+    bad = call(ros_node, Locate, f'{node_proc.name}/locate',
+               Locate.Request(queries=[label], relevancy_mode='clip'))
+    assert not bad.success and "relevancy_mode='clip' is not one of" in bad.message
+
+
 def test_locate_publishes_markers_and_relevancy(ros_node, replayed):
     node_proc, scene, _, status, *_ = replayed
     markers: list[MarkerArray] = []
