@@ -29,7 +29,6 @@ from ros2_sab3r.types import TextEncoder
 log = logging.getLogger(__name__)
 
 BUILTIN_BACKENDS = ('torch', 'onnxruntime', 'tensorrt')
-CLIP_MODEL = 'ViT-B-16'
 # Text tower weights looked for beside the checkpoint / in the export directory.
 TEXT_WEIGHT_PATTERNS = ('open_clip*.safetensors', 'open_clip*.bin', 'text_encoder*.safetensors',
                         'text_encoder*.bin', 'text_encoder*.pt', 'text_encoder*.pth')
@@ -78,6 +77,8 @@ def _cached_open_clip_weights(tag: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
     import open_clip
 
+    from ros2_sab3r.model.text import CLIP_MODEL
+
     cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, tag) or {}
     hub = cfg.get('hf_hub', '').strip('/')
     if not hub:
@@ -103,7 +104,9 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
     backend's CLIP feature width (0: no CLIP head); a tower of another width is refused.
     """
     from ros2_sab3r.model.text import (
+        CLIP_MODEL,
         CLIP_WEIGHTS,
+        OPENAI_WEIGHTS_FILE,
         ClipTextEncoder,
         TextEncoderError,
         check_clip_width,
@@ -112,8 +115,6 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
 
     spec = model.text_encoder.strip()
     allow_other = model.text_encoder_allow_other_weights
-    openai_file = ('open_clip_model.safetensors of the Hugging Face repo '
-                   'timm/vit_base_patch16_clip_224.openai')
     if ':' in spec and not Path(spec).expanduser().exists():
         cls = _import_class(spec, 'model.text_encoder')
         encoder = cls(dim=clip_dim) if clip_dim else cls()
@@ -130,15 +131,15 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
                     f'single open_clip*/text_encoder* weights file{found}. On a connected '
                     f"machine get the open_clip {CLIP_MODEL} '{CLIP_WEIGHTS}' weights (OpenAI "
                     f'CLIP ViT-B/16, the space the SAB3R CLIP head was distilled into), e.g. '
-                    f'{openai_file}, and set model.text_encoder to the file or put it beside '
-                    'the checkpoint')
+                    f'{OPENAI_WEIGHTS_FILE}, and set model.text_encoder to the file or put it '
+                    'beside the checkpoint')
             path = candidates[0]
         elif Path(spec).expanduser().is_file():
             path = Path(spec).expanduser()
         elif '/' in spec or Path(spec).suffix:
             raise BackendUnavailable(
                 f'model.text_encoder={spec!r}: no such file; give the local path of the open_clip '
-                f"{CLIP_MODEL} '{CLIP_WEIGHTS}' weights ({openai_file})")
+                f"{CLIP_MODEL} '{CLIP_WEIGHTS}' weights ({OPENAI_WEIGHTS_FILE})")
         else:
             try:
                 import open_clip

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 CLIP_MODEL = 'ViT-B-16'
 CLIP_WEIGHTS = 'openai'
 CLIP_SPACE = "OpenAI CLIP ViT-B/16 (open_clip 'ViT-B-16', pretrained 'openai', QuickGELU)"
+# Where a user gets those weights as an open_clip state dict (named in error messages).
+OPENAI_WEIGHTS_FILE = ('open_clip_model.safetensors of the Hugging Face repo '
+                       'timm/vit_base_patch16_clip_224.openai')
 # Families of the other pretrained ViT-B-16 weights open_clip knows; a file whose name (or Hugging
 # Face cache folder) contains one of them is taken for those weights.
 OTHER_WEIGHT_FAMILIES = ('laion', 'datacomp', 'commonpool', 'dfn', 'metaclip')
@@ -192,9 +195,8 @@ def check_text_weights(weights: str, allow_other_weights: bool = False) -> str |
     if not allow_other_weights:
         raise TextEncoderError(
             f"{problem}. Use the open_clip {CLIP_MODEL} '{CLIP_WEIGHTS}' weights (e.g. "
-            'open_clip_model.safetensors of the Hugging Face repo '
-            'timm/vit_base_patch16_clip_224.openai), or set '
-            'model.text_encoder_allow_other_weights for an experiment')
+            f'{OPENAI_WEIGHTS_FILE}), or set model.text_encoder_allow_other_weights for an '
+            'experiment')
     logger.error('%s (accepted because model.text_encoder_allow_other_weights is set)', problem)
     return other
 
@@ -290,7 +292,7 @@ class ClipTextEncoder:
             raise TextEncoderError(
                 f"text encoder weights file {local} is a TorchScript archive (OpenAI's original "
                 'ViT-B-16.pt); give the open_clip state dict of the same weights instead '
-                '(open_clip_model.safetensors of timm/vit_base_patch16_clip_224.openai)')
+                f'({OPENAI_WEIGHTS_FILE})')
         quick_gelu = True
         if other is not None:
             tag_cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, other) or {}

@@ -18,6 +18,20 @@ TINY_ARGS = (
     "desc_conf_mode=('exp', 0, inf))")
 
 
+DATA = Path(__file__).parent / 'data'
+
+
+def read_key_list(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) rows of a reference state-dict list in data/ (``name<TAB>shape<TAB>dtype``,
+    official registration order; every tensor float32)."""
+    rows = []
+    for line in (DATA / name).read_text().splitlines():
+        key, shape, dtype = line.split('\t')
+        assert dtype == 'float32'
+        rows.append((key, tuple(int(v) for v in shape.strip('()').split(',') if v.strip())))
+    return rows
+
+
 def random_images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, height, width, generator=gen) * 2 - 1  # (B, 3, H, W)

@@ -26,13 +26,9 @@ from ros2_sab3r.model.checkpoint import (
 )
 from ros2_sab3r.model.heads import reg_dense_depth
 from ros2_sab3r.model.network import create_network
-from tests.model.helpers import random_images
+from tests.model.helpers import random_images, read_key_list
 
 pytestmark = pytest.mark.model
-
-KEY_LIST = Path(__file__).resolve().parents[2] / 'tests' / 'model' / 'data' / \
-    'sab3r_state_dict_keys.tsv'
-
 
 def tiny_sab3r_args(clip: str | None = 'dpt', dino: str | None = 'linear') -> str:
     """A tiny training-layout model string as SAB3R writes it: head types, no desc_conf_mode."""
@@ -78,19 +74,10 @@ def _training_file(path: Path, state: dict, model_string: str) -> Path:
 
 
 # ------------------------------------------------------------------------- architecture
-def _key_list() -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in KEY_LIST.read_text().splitlines():
-        name, shape, dtype = line.split('\t')
-        assert dtype == 'float32'
-        rows.append((name, tuple(int(v) for v in shape.strip('()').split(',') if v.strip())))
-    return rows
-
-
 def test_release_architecture_equals_the_official_key_list():
     net = create_network(RELEASE_ARCHITECTURE, 'meta')
     ours = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
-    ref = _key_list()
+    ref = read_key_list('sab3r_state_dict_keys.tsv')
     assert len(ref) == 1289
     assert ours == ref  # names, shapes and registration order, aliases included
     unique = {id(p): p.numel() for p in net.parameters()}
@@ -413,8 +400,8 @@ def test_hub_file_download_is_used(tmp_path, monkeypatch):
     import huggingface_hub
 
     state = _random_state(load_config('tiny_cd'), seed=10)
-    local = _deepspeed_file(tmp_path / 'cache' / 'base.pt', state) if (
-        tmp_path / 'cache').mkdir() is None else None
+    (tmp_path / 'cache').mkdir()
+    local = _deepspeed_file(tmp_path / 'cache' / 'base.pt', state)
     calls = []
 
     def fake_download(repo_id, filename, **kwargs):
