@@ -20,21 +20,16 @@ setup(
         'scipy>=1.11',
         'pillow>=10',
         'torch>=2.4',
-        'torchvision',
         'open_clip_torch>=2.24',
         'safetensors>=0.4',
         'onnx>=1.16',
         'onnxruntime>=1.18',
         'rosbags>=0.10',
-        'transforms3d>=0.4',
-        'pytransform3d>=3.6',
         'huggingface_hub>=0.23',
         'tqdm',
         'matplotlib',
     ],
     extras_require={
-        # open3d-cpu is the headless build for x86_64; full open3d works too.
-        'open3d': ['open3d-cpu>=0.18'],
         # NVIDIA's wheels come from their own index; pycuda needs the CUDA driver to build.
         'tensorrt': ['tensorrt>=10', 'pycuda>=2024.1'],
         'test': ['pytest>=8', 'pytest-timeout', 'ruff'],

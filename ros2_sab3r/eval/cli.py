@@ -24,7 +24,7 @@ from ros2_sab3r.eval.bag import BagError, BagTopics, read_bag
 from ros2_sab3r.eval.evaluate import EvalOptions, Evaluator
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 
-STANDIN = 'ros2_sab3r.eval.standin:SyntheticSceneBackend'
+STANDIN = 'ros2_sab3r.sim.standin:SyntheticSceneBackend'
 log = logging.getLogger('sab3r-eval')
 
 

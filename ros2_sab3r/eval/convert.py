@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ros2_sab3r.eval.bag import STORAGES, BagError, GroundTruthBagWriter
-from ros2_sab3r.eval.standin import SceneSpec
-from ros2_sab3r.eval.synthetic import NYU40
+from ros2_sab3r.sim.standin import SceneSpec
+from ros2_sab3r.sim.synthetic import NYU40
 
 NYU40_LABELS = {i + 1: name for i, name in enumerate(NYU40)}
 

@@ -7,7 +7,7 @@ full-resolution walk: the share of image 1 that has a mutual best match in image
 an estimate from samples, so a coarser grid mostly adds sampling noise (~2% at 768 seeds); the
 cost falls with the 4th power of the stride (keyframes.match_stride).
 
-Why not :func:`ros2_sab3r.model.matching.fast_reciprocal_nns` (spec §7): that matcher walks from
+Why not the official fast reciprocal matcher (spec §7): that matcher walks from
 grid seeds over *all* pixels of the other image, to find dense correspondences; here candidates
 are grid points too, and then the walk is unnecessary. A walk from seed i ends at a reciprocal
 pair (i', j') whose i' is itself a grid point, and seed i' finds that pair directly; so the

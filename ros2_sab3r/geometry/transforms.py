@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 
 def make_T(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -35,11 +34,6 @@ def pose_distance(T_a: np.ndarray, T_b: np.ndarray) -> tuple[float, float]:
     """(translation m, rotation deg) between two camera poses T_WC."""
     T_ab = invert(T_a) @ T_b
     return float(np.linalg.norm(T_ab[:3, 3])), rotation_angle_deg(T_ab[:3, :3])
-
-
-def exp_se3(xi: np.ndarray) -> np.ndarray:
-    """(6,) (rotation vector, translation) -> (4, 4); used for small pose updates."""
-    return make_T(Rotation.from_rotvec(xi[:3]).as_matrix(), xi[3:])
 
 
 def is_rigid(T: np.ndarray, tol: float = 1e-3) -> bool:

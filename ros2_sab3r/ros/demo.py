@@ -29,7 +29,7 @@ _STATUS_NAMES = {LocatedObject.STATUS_FOUND: 'FOUND', LocatedObject.STATUS_NOT_F
                  LocatedObject.STATUS_AMBIGUOUS: 'AMBIGUOUS'}
 
 
-STANDIN = 'ros2_sab3r.eval.standin:SyntheticSceneBackend'
+STANDIN = 'ros2_sab3r.sim.standin:SyntheticSceneBackend'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.param:
         if ':=' not in item:
             parser.error(f'--param {item!r}: write NAME:=VALUE, e.g. model.dtype:=bf16')
-    from ros2_sab3r.eval.standin import SceneSpec
+    from ros2_sab3r.sim.standin import SceneSpec
 
     try:
         spec = SceneSpec.parse(args.scene)

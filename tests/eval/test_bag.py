@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ros2_sab3r.eval.bag import BagError, BagTopics, GroundTruthBagWriter, read_bag
-from ros2_sab3r.eval.standin import SceneSpec
+from ros2_sab3r.sim.standin import SceneSpec
 from tests.eval.conftest import SCENE_TEXT
 
 pytestmark = pytest.mark.unit

@@ -13,8 +13,8 @@ from ros2_sab3r.config import config_from_flat
 from ros2_sab3r.eval.bag import GroundTruthBagWriter, read_bag
 from ros2_sab3r.eval.cli import main
 from ros2_sab3r.eval.evaluate import EvalOptions, Evaluator
-from ros2_sab3r.eval.standin import SceneSpec
 from ros2_sab3r.inference.factory import load_model
+from ros2_sab3r.sim.standin import SceneSpec
 from tests.eval.conftest import SCENE_TEXT
 
 pytestmark = pytest.mark.unit
@@ -32,7 +32,7 @@ def ideal(synthetic_bag, tmp_path_factory):
 
 
 def _perturbed(bag_path, perturbation: str) -> dict:
-    cfg = config_from_flat({'model.backend': 'ros2_sab3r.eval.standin:PerturbedSceneBackend',
+    cfg = config_from_flat({'model.backend': 'ros2_sab3r.sim.standin:PerturbedSceneBackend',
                             'model.checkpoint': f'{SCENE_TEXT};{perturbation}'})
     bag = read_bag(bag_path, progress=False)
     return Evaluator(cfg, load_model(cfg.model), OPTIONS).evaluate(bag).results

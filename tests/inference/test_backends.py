@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from ros2_sab3r.config import ModelConfig
-from ros2_sab3r.eval.standin import HashTextEncoderStandIn
 from ros2_sab3r.inference import Backend, BackendUnavailable
 from ros2_sab3r.inference.factory import load_model
 from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
 from ros2_sab3r.inference.torch_backend import TorchBackend
 from ros2_sab3r.model.checkpoint import save_network
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn
 from ros2_sab3r.types import CameraFrame, PairPrediction
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
 
-STANDIN_TEXT = 'ros2_sab3r.eval.standin:HashTextEncoderStandIn'
+STANDIN_TEXT = 'ros2_sab3r.sim.standin:HashTextEncoderStandIn'
 FIELDS = ('X', 'C', 'D', 'D_conf', 'S_clip', 'S_dino')
 
 

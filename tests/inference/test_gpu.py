@@ -117,15 +117,15 @@ def test_tensorrt_through_load_model_and_the_pipeline(export_dir, tiny_net, tmp_
     import dataclasses
 
     from ros2_sab3r.config import ModelConfig, config_from_flat
-    from ros2_sab3r.eval.synthetic import make_scene
     from ros2_sab3r.inference.factory import load_model
     from ros2_sab3r.pipeline import Pipeline
+    from ros2_sab3r.sim.synthetic import make_scene
 
     out, _ = export_dir
     model = dataclasses.replace(
         ModelConfig(), backend='tensorrt', checkpoint=str(out), device='cuda', dtype='fp32',
         image_height=48, image_width=64, engine_cache_dir=str(tmp_path),
-        text_encoder='ros2_sab3r.eval.standin:HashTextEncoderStandIn')
+        text_encoder='ros2_sab3r.sim.standin:HashTextEncoderStandIn')
     loaded = load_model(model)
     frames = make_scene(seed=0).sequence(4, 128, 96)
     statuses = []

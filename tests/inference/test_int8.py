@@ -19,8 +19,6 @@ import pytest
 import torch
 
 from ros2_sab3r.config import ModelConfig, config_from_flat
-from ros2_sab3r.eval.standin import HashTextEncoderStandIn
-from ros2_sab3r.eval.synthetic import make_scene
 from ros2_sab3r.inference import export as export_mod
 from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.export import (
@@ -36,6 +34,8 @@ from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
 from ros2_sab3r.inference.torch_backend import TorchBackend
 from ros2_sab3r.model.network import DecoderGraph
 from ros2_sab3r.pipeline import Pipeline
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn
+from ros2_sab3r.sim.synthetic import make_scene
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
 
@@ -43,7 +43,7 @@ onnx = pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime.quantization')
 
 SIZE = (48, 64)
-STANDIN_TEXT = 'ros2_sab3r.eval.standin:HashTextEncoderStandIn'
+STANDIN_TEXT = 'ros2_sab3r.sim.standin:HashTextEncoderStandIn'
 
 
 @pytest.fixture(scope='module')

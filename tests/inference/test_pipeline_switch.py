@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from ros2_sab3r.config import config_from_flat
-from ros2_sab3r.eval.standin import HashTextEncoderStandIn
-from ros2_sab3r.eval.synthetic import make_scene
 from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
 from ros2_sab3r.inference.torch_backend import TorchBackend
 from ros2_sab3r.pipeline import Pipeline
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn
+from ros2_sab3r.sim.synthetic import make_scene
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
 

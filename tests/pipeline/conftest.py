@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from pipeline_doubles import HashTextEncoderDouble
 import pytest
 
 from ros2_sab3r.config import config_from_flat
-from ros2_sab3r.eval.groundtruth_backend import GroundTruthBackend
-from ros2_sab3r.eval.synthetic import make_scene
 from ros2_sab3r.pipeline import Pipeline
+from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
+from ros2_sab3r.sim.synthetic import make_scene
+from tests.doubles import HashTextEncoderDouble
 
 # 256x192 keeps the suite fast; the feature stride of 4 px matches SAB3R-like 8 px at 512x384.
 WIDTH, HEIGHT, STRIDE = 256, 192, 4

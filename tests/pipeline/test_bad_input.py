@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import threading
 
-from conftest import make_backend, make_pipeline
 import numpy as np
-from pipeline_doubles import CorruptingBackendDouble
 import pytest
 
-from ros2_sab3r.eval.synthetic import look_at
 from ros2_sab3r.geometry.transforms import rotation_angle_deg
 from ros2_sab3r.query.engine import LocateError
+from ros2_sab3r.sim.synthetic import look_at
 from ros2_sab3r.types import STATUS_NOT_FOUND, CameraFrame, LocateQuery
+from tests.doubles import CorruptingBackendDouble
+from tests.pipeline.conftest import make_backend, make_pipeline
 
 pytestmark = pytest.mark.slow
 

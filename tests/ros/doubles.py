@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from ros2_sab3r.eval.standin import SyntheticSceneBackend
+from ros2_sab3r.sim.standin import SyntheticSceneBackend
 
 
 class SlowBackendDouble(SyntheticSceneBackend):

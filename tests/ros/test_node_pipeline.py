@@ -18,10 +18,10 @@ from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from ros2_sab3r.config import PerceptionConfig  # noqa: E402
-from ros2_sab3r.eval.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
 from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
+from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap  # noqa: E402
 
 from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
@@ -36,7 +36,7 @@ OVERLAY = f"""/**:
       camera_info_topics: ['NS/cam/camera_info']
       queue_size: 10
     model:
-      backend: 'ros2_sab3r.eval.standin:SyntheticSceneBackend'
+      backend: 'ros2_sab3r.sim.standin:SyntheticSceneBackend'
       checkpoint: '{SCENE}'
     publish:
       status_rate_hz: 10.0

@@ -16,11 +16,11 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scrip
 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from ros2_sab3r.eval.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.mapping.persistence import MapFileError  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
 from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
+from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.srv import Locate, SaveMap  # noqa: E402
 
 from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
@@ -28,7 +28,7 @@ from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 
-def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.eval.standin:'
+def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.sim.standin:'
              'SyntheticSceneBackend', queue_size: int = 2, compressed: bool = False) -> str:
     images = ', '.join(f"'NS/cam{i}/image_raw'" for i in range(topics))
     return f"""/**:

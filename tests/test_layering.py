@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-PACKAGE = Path(__file__).resolve().parents[2] / 'ros2_sab3r'
+PACKAGE = Path(__file__).resolve().parents[1] / 'ros2_sab3r'
 ROS_MODULES = {
     'rclpy', 'rcl_interfaces', 'builtin_interfaces', 'std_msgs', 'std_srvs', 'sensor_msgs',
     'geometry_msgs', 'nav_msgs', 'visualization_msgs', 'lifecycle_msgs', 'tf2_msgs',

@@ -1,6 +1,6 @@
 """Stand-ins that let the node and the demo run end to end without network weights.
 
-Selected in the node with ``model.backend: ros2_sab3r.eval.standin:SyntheticSceneBackend``; the
+Selected in the node with ``model.backend: ros2_sab3r.sim.standin:SyntheticSceneBackend``; the
 scene is described in ``model.checkpoint`` as ``synthetic:seed=0,frames=48,width=256,height=192``.
 Both sides (the node's backend and whoever publishes the camera images, e.g. the demo) render the
 same deterministic scene, and the backend answers each image from the ground truth of the frame
@@ -17,8 +17,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from ros2_sab3r.config import ModelConfig
-from ros2_sab3r.eval.groundtruth_backend import GroundTruthBackend
-from ros2_sab3r.eval.synthetic import (
+from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
+from ros2_sab3r.sim.synthetic import (
     NYU40,
     NYU40_ID,
     SyntheticFrame,

@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from ros2_sab3r.eval.synthetic import NYU40, SyntheticFrame, backproject
+from ros2_sab3r.sim.synthetic import NYU40, SyntheticFrame, backproject
 from ros2_sab3r.types import CameraFrame, PairPrediction, TextEncoder, ViewPrediction
 
 DESCRIPTOR_DIM = 24

@@ -14,7 +14,7 @@ from ros2_sab3r.config import (
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_valid():

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ros2_sab3r.eval.standin import HashTextEncoderStandIn
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn
 
 
 class HashTextEncoderDouble(HashTextEncoderStandIn):
