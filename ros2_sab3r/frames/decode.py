@@ -1,6 +1,6 @@
 """Decoding of image and camera-info message fields into numpy, without message types.
 
-Both the ROS node (``ros/conversions.py`` re-exports these) and the rosbag reader of the
+Both the ROS node (``ros/perception_node.py``) and the rosbag reader of the
 evaluation (``eval/bag.py``, which must not import the ROS layer) decode the same
 ``sensor_msgs/Image`` fields, so the logic lives here once. cv_bridge is not usable (no ROS 2
 wheel; the PyPI ``cv-bridge`` decodes 16UC1 wrongly and fails on numpy >= 2.3).

@@ -19,9 +19,9 @@ import numpy as np
 import rclpy
 from sensor_msgs.msg import CameraInfo, Image
 
+from ros2_sab3r.frames.decode import rgb_to_image_fields
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
 from ros2_sab3r.ros import messages, qos
-from ros2_sab3r.ros.conversions import rgb_to_image_fields
 from ros2_sab3r.ros.process import params_file, stop_process
 from ros2_sab3r.srv import Locate
 

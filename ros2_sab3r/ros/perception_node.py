@@ -34,6 +34,7 @@ from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import MarkerArray
 
 from ros2_sab3r.config import PerceptionConfig
+from ros2_sab3r.frames.decode import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
@@ -41,7 +42,6 @@ from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import LocateError, validate_query
 from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.ros import messages, qos
-from ros2_sab3r.ros.conversions import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 from ros2_sab3r.types import CameraFrame

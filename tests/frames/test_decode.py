@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ros2_sab3r.ros.conversions import (
+from ros2_sab3r.frames.decode import (
     SUPPORTED_ENCODINGS,
     ConversionError,
     camera_info_to_K,

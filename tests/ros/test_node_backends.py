@@ -15,12 +15,12 @@ from lifecycle_msgs.msg import State  # noqa: E402
 from lifecycle_msgs.srv import GetState  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
+from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.model.arch import load_config  # noqa: E402
 from ros2_sab3r.model.checkpoint import save_network  # noqa: E402
 from ros2_sab3r.model.network import create_network  # noqa: E402
 from ros2_sab3r.msg import PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.sim.synthetic import make_scene  # noqa: E402
 from ros2_sab3r.srv import Locate  # noqa: E402
 

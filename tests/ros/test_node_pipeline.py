@@ -18,9 +18,9 @@ from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from ros2_sab3r.config import PerceptionConfig  # noqa: E402
+from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap  # noqa: E402
 

@@ -16,10 +16,10 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scrip
 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
+from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.mapping.persistence import MapFileError  # noqa: E402
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
 from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.ros.conversions import rgb_to_image_fields  # noqa: E402
 from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
 from ros2_sab3r.srv import Locate, SaveMap  # noqa: E402
 
