@@ -1,0 +1,260 @@
+"""The prepared check for a lent GPU: network stages and the pipeline, one command, JSON out.
+
+    python benchmarks/device_check.py                    # on the GPU machine (under 8 minutes)
+    python benchmarks/device_check.py --smoke            # here on the CPU: tiny model, seconds
+
+What it measures, with the release architecture (``sab3r_cd``: 769.7 M parameters) and random
+weights (the timings do not depend on the values), for each backbone dtype (fp16, bf16) with CUDA
+graphs off and on:
+
+- ``encode``: one image through the encoder;
+- ``decode_geometry``: both decoders and the geometry heads of both views (pointmaps,
+  confidences, descriptors): what a tracked frame needs;
+- ``feature_heads_view``: the CLIP and DINO heads of one view on already decoded tokens: what a
+  new keyframe adds for its own view;
+- ``decode_full``: decoders and every head of both views (what every decode runs today);
+- ``tracked_frame``: encode + decode_geometry (the target of issue #16: at most 8 ms);
+- ``full_pair``: both images encoded as one batch + decode_full (target: at most 15 ms);
+
+each as the median of CUDA-event timings after warm-up, with the peak memory allocated; then the
+pipeline's frames per second on a rendered synthetic sequence through the torch backend, in posed
+and unposed mode (with random weights registration often fails: the status counts say how many
+frames were skipped, and those frames cost less, so the rate is an upper bound of the real one).
+
+It needs only torch and numpy (and scipy/pillow for the pipeline part): no ROS, no open_clip, no
+network. What is missing is reported as skipped with the reason and the rest still runs. A
+deadline (``--deadline-s``) stops starting new measurements so the run ends in time. The JSON goes
+to ``--out`` (default ``$OUT/device_check.json`` when ``OUT`` is set, else ``device_check.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Callable
+import json
+import os
+from pathlib import Path
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ros2_sab3r.model.network import Sab3rNet, create_network  # noqa: E402
+
+TARGETS_MS = {'full_pair': 15.0, 'tracked_frame': 8.0}  # bf16 with CUDA graphs, H100/H200
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+class Clock:
+    """Median wall time of a stage in ms: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str, warmup: int, repeat: int) -> None:
+        self.cuda = device == 'cuda'
+        self.warmup, self.repeat = warmup, repeat
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeat):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(times)
+
+
+def captured(fn: Callable[[], object]) -> Callable[[], None]:
+    """`fn` (no arguments, static tensors) captured once as a CUDA graph; returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # capture wants a warmed-up side stream
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def stage_functions(net: Sab3rNet, size: tuple[int, int], device: str
+                    ) -> dict[str, Callable[[], object]]:
+    """The measured stages as argument-free functions of static inputs (graph-capturable)."""
+    H, W = size
+    gen = torch.Generator(device=device).manual_seed(0)
+    img1 = torch.rand(1, 3, H, W, device=device, generator=gen) * 2 - 1
+    img2 = torch.rand(1, 3, H, W, device=device, generator=gen) * 2 - 1
+    both = torch.cat([img1, img2])
+    a, b = net.encode(img1), net.encode(img2)
+    t1, _ = net.decode_tokens(a, b)
+    layers1 = tuple(t.float() for t in t1.layers)
+    head1, head2 = net.heads()
+    names = [fh.name for fh in net.cfg.feature_heads]
+
+    def decode_geometry():
+        u1, u2 = net.decode_tokens(a, b)
+        return (head1.geometry(tuple(t.float() for t in u1.layers), u1.grid),
+                head2.geometry(tuple(t.float() for t in u2.layers), u2.grid))
+
+    def feature_heads_view():
+        return [head1.feature(n, layers1, t1.grid) for n in names]
+
+    def tracked_frame():
+        net.encode(img2)
+        return decode_geometry()
+
+    def full_pair():
+        e = net.encode(both)
+        ea = type(e)(e.tokens[:1], e.grid, e.image_size)
+        eb = type(e)(e.tokens[1:], e.grid, e.image_size)
+        return net.decode(ea, eb)
+
+    return {'encode': lambda: net.encode(img1), 'decode_geometry': decode_geometry,
+            'feature_heads_view': feature_heads_view, 'decode_full': lambda: net.decode(a, b),
+            'tracked_frame': tracked_frame, 'full_pair': full_pair}
+
+
+def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, clock: Clock
+                    ) -> dict:
+    net.set_backbone_dtype(DTYPES[dtype])
+    row: dict = {'dtype': dtype, 'cuda_graphs': graphs, 'ms': {}, 'peak_mib': {}}
+    with torch.inference_mode():
+        for name, fn in stage_functions(net, size, device).items():
+            if device == 'cuda':
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            run = captured(fn) if graphs else fn
+            row['ms'][name] = round(clock.median_ms(run), 3)
+            if device == 'cuda':
+                row['peak_mib'][name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            del run
+    return row
+
+
+def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, frames: int
+                     ) -> dict:
+    """Frames per second of Pipeline.step over a rendered synthetic sequence, posed and unposed."""
+    from ros2_sab3r.config import config_from_flat
+    from ros2_sab3r.inference.torch_backend import TorchBackend
+    from ros2_sab3r.pipeline import Pipeline
+    from ros2_sab3r.sim.standin import HashTextEncoderStandIn
+    from ros2_sab3r.sim.synthetic import make_scene
+
+    H, W = size
+    clip = net.cfg.feature_head('clip')
+    text = HashTextEncoderStandIn(clip.out_dim if clip is not None else 512)
+    sequence = make_scene(seed=0).sequence(frames, W, H)
+    backend = TorchBackend(net, size, device=device, dtype=dtype, cuda_graphs=graphs)
+    out = {}
+    for posed in (True, False):
+        flat = {'frames.pose_source': 'tf' if posed else 'none', 'model.image_height': H,
+                'model.image_width': W}
+        pipeline = Pipeline(config_from_flat(flat), backend, text)
+        camera_frames = [f.camera_frame(posed=posed) for f in sequence]
+        pipeline.step(camera_frames[0])  # warm-up outside the timing
+        pipeline.reset()
+        t = time.perf_counter()
+        results = [pipeline.step(f) for f in camera_frames]
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+        out['posed' if posed else 'unposed'] = {
+            'fps': round(len(results) / seconds, 2), 'frames': len(results),
+            'statuses': dict(Counter(str(getattr(r.status, 'value', r.status))
+                                     for r in results)),
+            'voxels': results[-1].voxels}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny_cd at 64x48 on the CPU, fp32 only: checks the script itself')
+    parser.add_argument('--architecture', default=None, help='default: sab3r_cd (tiny_cd with '
+                        '--smoke)')
+    parser.add_argument('--size', default=None, help='HxW of the network input (default 384x512)')
+    parser.add_argument('--frames', type=int, default=None, help='pipeline frames per mode')
+    parser.add_argument('--repeat', type=int, default=None, help='timed runs per stage')
+    parser.add_argument('--deadline-s', type=float, default=420.0,
+                        help='start no new measurement after this many seconds')
+    parser.add_argument('--out', type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    device = 'cuda' if torch.cuda.is_available() and not args.smoke else 'cpu'
+    arch = args.architecture or ('tiny_cd' if args.smoke else 'sab3r_cd')
+    size = tuple(int(v) for v in (args.size or ('48x64' if args.smoke else '384x512')).split('x'))
+    frames = args.frames or (6 if args.smoke else 60)
+    repeat = args.repeat or (3 if args.smoke else 20)
+    out_path = args.out or Path(os.environ.get('OUT', '.')) / 'device_check.json'
+    report: dict = {
+        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'architecture': arch, 'size_hw': size,
+        'torch': torch.__version__, 'python': platform.python_version(), 'device': device,
+        'gpu': torch.cuda.get_device_name(0) if device == 'cuda' else None,
+        'load_average': os.getloadavg(), 'targets_ms': TARGETS_MS, 'network': [],
+        'pipeline': {}, 'skipped': []}
+    if device == 'cpu' and not args.smoke:
+        report['skipped'].append('no CUDA device: run with --smoke for the CPU check')
+        dtypes, graph_settings = ['fp32'], [False]
+    elif device == 'cpu':
+        dtypes, graph_settings = ['fp32'], [False]
+        report['skipped'].append('CUDA graphs and fp16/bf16: CPU smoke run')
+    else:
+        dtypes, graph_settings = ['fp16', 'bf16'], [False, True]
+
+    torch.manual_seed(0)
+    net = create_network(arch, device).eval()
+    for head in net.heads():  # as the torch backend runs them
+        head.to(memory_format=torch.channels_last)
+    report['parameters'] = sum(p.numel() for p in net.parameters())
+    clock = Clock(device, warmup=2 if args.smoke else 5, repeat=repeat)
+    for dtype in dtypes:
+        for graphs in graph_settings:
+            if time.perf_counter() - started > args.deadline_s:
+                report['skipped'].append(f'network {dtype} graphs={graphs}: deadline')
+                continue
+            try:
+                row = measure_network(net, size, device, dtype, graphs, clock)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                report['skipped'].append(f'network {dtype} graphs={graphs}: {exc}')
+                continue
+            report['network'].append(row)
+            print(f"{dtype:5s} graphs={'on ' if graphs else 'off'} "
+                  + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
+    pipeline_dtype = 'bf16' if device == 'cuda' else 'fp32'
+    if time.perf_counter() - started > args.deadline_s:
+        report['skipped'].append('pipeline: deadline')
+    else:
+        try:
+            report['pipeline'] = {'dtype': pipeline_dtype, 'cuda_graphs': device == 'cuda',
+                                  **measure_pipeline(net, size, device, pipeline_dtype,
+                                                     device == 'cuda', frames)}
+            print('pipeline', json.dumps(report['pipeline']), flush=True)
+        except ImportError as exc:  # scipy/pillow missing on the machine
+            report['skipped'].append(f'pipeline: {exc}')
+    best = {k: min((r['ms'][k] for r in report['network']), default=None) for k in TARGETS_MS}
+    for k, target in TARGETS_MS.items():
+        print(f'{k}: best {best[k]} ms (target <= {target} ms on an H100/H200, bf16 + graphs)')
+    report['seconds'] = round(time.perf_counter() - started, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1) + '\n')
+    print(f'wrote {out_path} after {report["seconds"]} s; load average {os.getloadavg()}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
