@@ -50,6 +50,7 @@ from ros2_sab3r.geometry.registration import (
 )
 from ros2_sab3r.geometry.transforms import apply, is_rigid
 from ros2_sab3r.inference import Backend
+from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import MapSnapshot, SemanticVoxelMap
 from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_network
@@ -66,16 +67,6 @@ from ros2_sab3r.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def resample_cells(S: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(h0, w0, F) feature grid -> (h, w, F): the cell whose centre covers each new cell's centre
-    (both grids span the same network input)."""
-    h0, w0 = S.shape[:2]
-    h, w = hw
-    ys = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
-    return S[ys[:, None], xs[None, :]]
 
 
 class PredictionError(ValueError):
@@ -127,7 +118,6 @@ class Pipeline:
         self.map = self._new_map()
         self.query = QueryEngine(self.cfg.query, text_encoder)
         self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
-        self._cells_cache: dict[tuple, np.ndarray] = {}
         self.frames_processed = 0
         self.frames_skipped = 0
 
@@ -352,56 +342,7 @@ class Pipeline:
         self.window.insert(WindowKeyframe(kf, tokens, metric=True))
         self._integrate(kf, lat)
 
-    def _cells(self, hw: tuple[int, int], fhw: tuple[int, int], stride: int) -> np.ndarray:
-        """(n,) index of the feature cell that covers each fused pixel (every `stride`-th pixel
-        each way, row-major), cached per resolution."""
-        key = (hw, fhw, stride)
-        if key not in self._cells_cache:
-            H, W = hw
-            h, w = fhw
-            ys = np.arange(0, H, stride) * h // H
-            xs = np.arange(0, W, stride) * w // W
-            self._cells_cache[key] = (ys[:, None] * w + xs[None, :]).reshape(-1)
-        return self._cells_cache[key]
-
-    @staticmethod
-    def _edge_filtered_cells(Z: np.ndarray, cells: np.ndarray, fhw: tuple[int, int],
-                             tol: float, stride: int) -> np.ndarray:
-        """Drop the feature of pixels whose depth differs from their cell centre's by > tol.
-
-        A feature cell covers several pixels; where it straddles a depth edge (an object in front
-        of a wall) its feature belongs to the surface at its centre, and spreading it over the
-        pixels behind would paint a halo of the object's class onto the wall. Z: (H, W) depth;
-        cells: (n,) of the pixels fused (every `stride`-th each way).
-        """
-        H, W = Z.shape
-        h, w = fhw
-        cy = ((np.arange(h) + 0.5) * H / h).astype(np.int64)
-        cx = ((np.arange(w) + 0.5) * W / w).astype(np.int64)
-        z_cell = Z[cy[:, None], cx[None, :]].reshape(-1)  # (h*w,)
-        z = Z[::stride, ::stride].reshape(-1)
-        zc = z_cell[cells]
-        far = np.abs(z - zc) > tol * np.maximum(np.abs(zc), 1e-6)
-        return np.where(far, -1, cells)
-
     def _integrate(self, kf: PosedKeyframe, lat: dict) -> None:
         t = time.perf_counter()
-        s = self.cfg.mapping.integration_stride
-        S = kf.S_clip if kf.S_clip is not None else kf.S_dino
-        cells = None
-        if S is not None:
-            cells = self._cells(kf.X.shape[:2], S.shape[:2], s)
-            tol = self.cfg.mapping.feature_edge_tolerance
-            if tol > 0 and S.shape[:2] != kf.X.shape[:2]:
-                cells = self._edge_filtered_cells(kf.X[..., 2], cells, S.shape[:2], tol, s)
-        S_dino = kf.S_dino
-        if S_dino is not None and kf.S_clip is not None and S_dino.shape[:2] != S.shape[:2]:
-            # the map indexes both features by one cell grid: the CLIP one (heads may differ in
-            # stride, e.g. DINO at 1/4 and CLIP at full resolution)
-            S_dino = resample_cells(S_dino, S.shape[:2])
-        X_W = apply(kf.T_WC, kf.X[::s, ::s].reshape(-1, 3))
-        self.map.integrate(
-            X_W, kf.C[::s, ::s].reshape(-1), kf.rgb[::s, ::s].reshape(-1, 3), kf.stamp_ns, cells,
-            None if kf.S_clip is None else kf.S_clip.reshape(-1, kf.S_clip.shape[-1]),
-            None if S_dino is None else S_dino.reshape(-1, S_dino.shape[-1]))
+        fuse_keyframe(self.map, kf, self.cfg.mapping)
         lat['integrate'] = lat.get('integrate', 0.0) + 1e3 * (time.perf_counter() - t)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests.doubles import FinerDinoBackendDouble
@@ -12,11 +11,6 @@ pytestmark = pytest.mark.unit
 
 
 def test_dino_and_clip_features_on_different_grids(scene, frames, text_encoder):
-
-    from ros2_sab3r.pipeline import resample_cells
-
-    S = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)
-    np.testing.assert_array_equal(resample_cells(S.repeat(2, 0).repeat(2, 1), (4, 6)), S)
     backend = FinerDinoBackendDouble(make_backend(scene, frames[:8], text_encoder))
     pipeline = make_pipeline(backend, text_encoder, posed=True)
     results = run(pipeline, frames[:8], posed=True)
