@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 import math
 import textwrap
+from types import MappingProxyType
 from typing import Any
 
 PARAM_META = 'ros2_sab3r.param'
@@ -20,6 +21,12 @@ PARAM_META = 'ros2_sab3r.param'
 TEXT_PROMPTS = ('raw', 'single', 'ensemble')
 # Scoring of a Locate query (query.relevancy_mode), see ros2_sab3r/query/engine.py.
 RELEVANCY_MODES = ('lerf', 'official')
+# Options of the stand-in backend's synthetic scene (model.standin_scene) and of the deliberate
+# errors of its perturbed variant, with their types; see ros2_sab3r/sim/standin.py.
+STANDIN_SCENE_OPTIONS = MappingProxyType(
+    {'seed': int, 'frames': int, 'width': int, 'height': int, 'fps': float})
+STANDIN_PERTURBATIONS = MappingProxyType({'pose_noise_deg': float, 'swap': str})
+STANDIN_SCENE_EXAMPLE = 'seed=0,frames=48,width=256,height=192,fps=5'
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,11 @@ class ModelConfig:
     cuda_graphs: bool = param(
         False, 'torch on CUDA: capture encoder and decoder as CUDA graphs (static shapes; less '
         'launch overhead)', read_only=True)
+    standin_scene: str = param(
+        '', "stand-in backends of ros2_sab3r.sim.standin only: the synthetic scene they render, "
+        f"'{STANDIN_SCENE_EXAMPLE}' (options left out keep these values; "
+        "PerturbedSceneBackend takes ';pose_noise_deg=DEG,swap=CLASS:CLASS' after it); "
+        'empty: all defaults', read_only=True)
     engine_cache_dir: str = param(
         '', 'tensorrt: directory of built engines and the timing cache, keyed by GPU, TensorRT '
         "version and ONNX hash; empty: 'engines' inside the export directory", read_only=True)
@@ -323,12 +335,65 @@ class PerceptionConfig:
                                  'of 16 (the patch size)')
         if not self.frames.map_frame:
             raise ValueError('frames.map_frame must not be empty')
+        parse_standin_scene(self.model.standin_scene)
         gravity = self.mapping.gravity_in_map
         if len(gravity) != 3 or not 0.5 < math.sqrt(sum(g * g for g in gravity)) < 1.5:
             raise ValueError(
                 f'mapping.gravity_in_map={gravity!r} must be 3 numbers of length 1, e.g. '
                 '[0.0, 0.0, -1.0] for a z-up map')
         return self
+
+
+def _parse_options(text: str, types: Mapping[str, type], what: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(','))):
+        key, sep, value = item.partition('=')
+        key, value = key.strip(), value.strip()
+        if not sep or key not in types:
+            raise ValueError(f'model.standin_scene: bad {what} option {item!r}; expected '
+                             f'NAME=VALUE with NAME one of {", ".join(types)}')
+        if types[key] is str:
+            values[key] = value
+            continue
+        try:
+            values[key] = types[key](value)
+        except ValueError as err:
+            raise ValueError(f'model.standin_scene: {what} option {key}={value!r} is not '
+                             f'{"an integer" if types[key] is int else "a number"}') from err
+        if not math.isfinite(values[key]):
+            raise ValueError(f'model.standin_scene: {what} option {key}={value!r} must be finite')
+    return values
+
+
+def parse_standin_scene(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model.standin_scene`` -> (scene options, perturbations), each ``{name: value}``.
+
+    The text is comma-separated ``NAME=VALUE`` scene options (:data:`STANDIN_SCENE_OPTIONS`),
+    optionally followed by ``;`` and perturbations (:data:`STANDIN_PERTURBATIONS`). A leading
+    ``synthetic:`` is accepted: bags written by ``sab3r-convert synthetic`` record the scene so.
+    Raises ValueError naming the bad option.
+    """
+    text = text.strip()
+    text = text[len('synthetic:'):] if text.startswith('synthetic:') else text
+    scene_text, _, perturb_text = text.partition(';')
+    scene = _parse_options(scene_text, STANDIN_SCENE_OPTIONS, 'scene')
+    perturb = _parse_options(perturb_text, STANDIN_PERTURBATIONS, 'perturbation')
+    for key, least in (('frames', 2), ('width', 32), ('height', 32)):
+        if scene.get(key, least) < least:
+            raise ValueError(f'model.standin_scene: {key}={scene[key]} is below {least}; the '
+                             'scene is too small to map')
+    if scene.get('fps', 1.0) <= 0:
+        raise ValueError(f'model.standin_scene: fps={scene["fps"]} must be positive')
+    if perturb.get('pose_noise_deg', 0.0) < 0:
+        raise ValueError('model.standin_scene: pose_noise_deg must not be negative')
+    swap = perturb.get('swap')
+    if swap is not None:
+        pair = tuple(swap.split(':'))
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f'model.standin_scene: swap={swap!r} must be CLASS:CLASS, e.g. '
+                             'chair:sofa')
+        perturb['swap'] = pair
+    return scene, perturb
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from ros2_sab3r.config import (
     PerceptionConfig,
     config_from_flat,
     param_infos,
+    parse_standin_scene,
     render_params_yaml,
 )
 
@@ -53,6 +54,10 @@ def test_every_parameter_is_described():
     ('frames.map_frame', '', 'must not be empty'),
     ('mapping.max_voxels', 1.5, 'must be of type int'),
     ('no.such', 1, 'unknown parameter'),
+    ('model.standin_scene', 'frames=1', 'too small to map'),
+    ('model.standin_scene', 'seed=x', 'not an integer'),
+    ('model.standin_scene', 'colour=red', 'bad scene option'),
+    ('model.standin_scene', 'seed=0;swap=chair', 'CLASS:CLASS'),
 ])
 def test_invalid_values_are_rejected_with_the_reason(name, value, message):
     with pytest.raises(ValueError, match=message):
@@ -62,6 +67,12 @@ def test_invalid_values_are_rejected_with_the_reason(name, value, message):
 def test_plugin_backend_path_is_accepted():
     cfg = config_from_flat({'model.backend': 'my_pkg.backends:MyBackend'})
     assert cfg.model.backend == 'my_pkg.backends:MyBackend'
+
+
+def test_standin_scene_parses_into_scene_options_and_perturbations():
+    assert parse_standin_scene('') == ({}, {})
+    assert parse_standin_scene('synthetic:seed=2,fps=2.5;pose_noise_deg=3,swap=chair:sofa') == (
+        {'seed': 2, 'fps': 2.5}, {'pose_noise_deg': 3.0, 'swap': ('chair', 'sofa')})
 
 
 def test_int_promotes_to_float():

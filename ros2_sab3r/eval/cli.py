@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--device', default='', choices=('', 'cpu', 'cuda'))
     m.add_argument('--standin', action='store_true',
                    help='the ground-truth stand-in backend on the synthetic scene recorded in '
-                   'the bag (tests the tooling; says nothing about SAB3R)')
+                   'the bag, as model.standin_scene (tests the tooling; says nothing about '
+                   'SAB3R)')
     m.add_argument('--pose-source', choices=('none', 'tf'), default='',
                    help="frames.pose_source; 'tf' takes camera poses from the bag's /tf")
     m.add_argument('--param', action='append', type=_param, default=[], metavar='NAME=VALUE',
@@ -100,7 +101,7 @@ def config_from_args(args, bag_info: dict):
             raise BagError('--standin needs a synthetic bag (written by `sab3r-convert '
                            'synthetic`); this bag records no synthetic scene')
         flat.setdefault('model.backend', STANDIN)
-        flat.setdefault('model.checkpoint', scene)
+        flat.setdefault('model.standin_scene', scene)
     for key, value in (('model.backend', args.backend), ('model.checkpoint', args.checkpoint),
                        ('model.device', args.device), ('frames.pose_source', args.pose_source)):
         if value:

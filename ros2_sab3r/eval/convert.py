@@ -43,11 +43,12 @@ def convert_synthetic(out: Path, seed: int = 0, frames: int = 40, width: int = 2
                       progress: bool = True) -> int:
     """Render a synthetic scene into a bag; returns the number of frames written.
 
-    The scene is recorded in the label map (``synthetic_scene``), so ``sab3r-eval --standin``
-    can rebuild the stand-in backend for it (it answers frames by their stamps).
+    The scene is recorded in the label map (``synthetic_scene``, a ``model.standin_scene``
+    value), so ``sab3r-eval --standin`` can rebuild the stand-in backend for it (it answers
+    frames by their stamps).
     """
     spec = SceneSpec(seed=seed, frames=frames, width=width, height=height, fps=fps)
-    text = f'synthetic:seed={seed},frames={frames},width={width},height={height},fps={fps:g}'
+    text = 'synthetic:' + spec.text()
     SceneSpec.parse(text)  # same validation as the node's stand-in
     _, rendered = spec.render()
     with GroundTruthBagWriter(out, storage=storage) as w:

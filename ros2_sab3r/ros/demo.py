@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--checkpoint', default='',
                         help='SAB3R checkpoint for the real network; empty: the stand-in backend')
     parser.add_argument('--backend', default='torch', help='backend used with --checkpoint')
-    parser.add_argument('--scene', default='synthetic:seed=0,frames=40,width=256,height=192',
-                        help='synthetic scene replayed as the camera')
+    parser.add_argument('--scene', default='seed=0,frames=40,width=256,height=192',
+                        help='synthetic scene replayed as the camera (as model.standin_scene)')
     parser.add_argument('--queries', nargs='+', default=None,
                         help='Locate queries (default: two objects in the scene, one absent)')
     parser.add_argument('--text-encoder', default='',
@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.checkpoint:
-        backend, checkpoint = args.backend, args.checkpoint
-        print(f'ros2_sab3r demo: the {backend} backend runs {checkpoint} on a synthetic scene.')
+        model_params = [f'model.backend:={args.backend}', f'model.checkpoint:={args.checkpoint}']
+        print(f'ros2_sab3r demo: the {args.backend} backend runs {args.checkpoint} on a '
+              'synthetic scene.')
     else:
-        backend, checkpoint = STANDIN, args.scene
+        model_params = [f'model.backend:={STANDIN}', f'model.standin_scene:={spec.text()}']
         print('ros2_sab3r demo: NO CHECKPOINT CONFIGURED, so the node runs the ground-truth '
               "STAND-IN backend (answers come from the synthetic scene's ground truth, not "
               'from SAB3R); pass --checkpoint FILE to run the real network.', flush=True)
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
            '--params-file', str(params_file()), '-r', f'__ns:={ns}',
            '-p', f'camera.image_topics:=[{ns}/camera/image_raw]',
            '-p', f'camera.camera_info_topics:=[{ns}/camera/camera_info]',
-           '-p', f'model.backend:={backend}', '-p', f'model.checkpoint:={checkpoint}',
            '-p', 'camera.queue_size:=10']
+    for item in model_params:
+        cmd += ['-p', item]
     if args.text_encoder:
         cmd += ['-p', f'model.text_encoder:={args.text_encoder}']
     for item in args.param:

@@ -165,8 +165,9 @@ class PerceptionNode(LifecycleNode):
             try:
                 loaded = load_model(cfg.model)
             except BackendUnavailable as err:
-                if cfg.model.checkpoint:
-                    # A model was asked for and cannot be used: say why and go back to
+                if cfg.model.checkpoint or ':' in cfg.model.backend:
+                    # A model was asked for (weights, or a 'module:Class' backend such as the
+                    # stand-in) and cannot be used: say why and go back to
                     # unconfigured (on_error) instead of running without it.
                     self.get_logger().error(
                         f'activate failed, the model cannot be loaded: {err}. The node returns to '

@@ -59,6 +59,7 @@ def _start_node(args, cfg, image_topic: str, info_topic: str, log_path: Path):
            '-p', f'camera.camera_info_topics:=[{info_topic}]',
            '-p', f'model.backend:={cfg.model.backend}',
            '-p', f'model.checkpoint:={cfg.model.checkpoint}',
+           '-p', f'model.standin_scene:={cfg.model.standin_scene}',
            '-p', f'model.device:={cfg.model.device}',
            '-p', f'frames.pose_source:={cfg.frames.pose_source}']
     log = open(log_path, 'w', encoding='utf-8')  # noqa: SIM115 (closed with the process)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     result['configuration'] = {'command': ['sab3r-eval', *argv], 'node': args.node,
                                'rate': args.rate, 'bag': str(args.bag),
                                'started_node': bool(args.start_node),
-                               'backend': cfg.model.backend, 'checkpoint': cfg.model.checkpoint}
+                               'backend': cfg.model.backend, 'checkpoint': cfg.model.checkpoint,
+                               'standin_scene': cfg.model.standin_scene}
     write_json(result, out / 'live.json')
     _report(result, out)
     print(f"live replay: {result['frames_published']} frames published, "

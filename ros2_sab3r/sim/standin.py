@@ -1,12 +1,11 @@
 """Stand-ins that let the node and the demo run end to end without network weights.
 
 Selected in the node with ``model.backend: ros2_sab3r.sim.standin:SyntheticSceneBackend``; the
-scene is described in ``model.checkpoint`` as ``synthetic:seed=0,frames=48,width=256,height=192``.
+scene is described in ``model.standin_scene`` as ``seed=0,frames=48,width=256,height=192``.
 Both sides (the node's backend and whoever publishes the camera images, e.g. the demo) render the
 same deterministic scene, and the backend answers each image from the ground truth of the frame
 with the same stamp. Nothing produced this way says anything about SAB3R's quality.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ import hashlib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ros2_sab3r.config import ModelConfig
+from ros2_sab3r.config import STANDIN_SCENE_EXAMPLE, ModelConfig, parse_standin_scene
 from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
 from ros2_sab3r.sim.synthetic import (
     NYU40,
@@ -52,7 +51,7 @@ class HashTextEncoderStandIn:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """Which synthetic sequence to render: parsed from 'synthetic:seed=0,frames=48,...'."""
+    """Which synthetic sequence to render (``model.standin_scene``, see its description)."""
 
     seed: int = 0
     frames: int = 48
@@ -62,23 +61,17 @@ class SceneSpec:
 
     @classmethod
     def parse(cls, text: str) -> SceneSpec:
-        body = text.split(':', 1)[1] if text.startswith('synthetic:') else text
-        values: dict[str, float] = {}
-        for item in filter(None, (p.strip() for p in body.split(','))):
-            key, sep, value = item.partition('=')
-            if not sep or key not in cls.__dataclass_fields__:
-                raise ValueError(
-                    f'bad synthetic scene option {item!r} in {text!r}; expected e.g. '
-                    "'synthetic:seed=0,frames=48,width=256,height=192,fps=5'")
-            try:
-                values[key] = float(value) if key == 'fps' else int(value)
-            except ValueError as err:
-                raise ValueError(
-                    f'synthetic scene option {key}={value!r} is not a number') from err
-        spec = cls(**values)
-        if spec.frames < 2 or spec.width < 32 or spec.height < 32 or spec.fps <= 0:
-            raise ValueError(f'synthetic scene {spec} is too small to map')
-        return spec
+        """'seed=0,frames=48,...' (a leading 'synthetic:' is accepted); ValueError if bad."""
+        scene, perturbation = parse_standin_scene(text)
+        if perturbation:
+            raise ValueError(f'synthetic scene {text!r} carries a perturbation; expected e.g. '
+                             f'{STANDIN_SCENE_EXAMPLE!r}')
+        return cls(**scene)
+
+    def text(self) -> str:
+        """The ``model.standin_scene`` value that names this scene."""
+        return (f'seed={self.seed},frames={self.frames},width={self.width},'
+                f'height={self.height},fps={self.fps:g}')
 
     def render(self) -> tuple[SyntheticScene, list[SyntheticFrame]]:
         scene = make_scene(seed=self.seed)
@@ -89,9 +82,18 @@ class SceneSpec:
 class SyntheticSceneBackend(GroundTruthBackend):
     """GroundTruthBackend for a scene named by parameters (see the module docstring)."""
 
+    perturbation: Perturbation | None = None  # deliberate errors: PerturbedSceneBackend only
+
     @classmethod
     def from_config(cls, model: ModelConfig) -> SyntheticSceneBackend:
-        spec = SceneSpec.parse(model.checkpoint or 'synthetic:')
+        if model.checkpoint:
+            raise ValueError(f'model.checkpoint={model.checkpoint!r}: the stand-in loads no '
+                             'weights; its scene is model.standin_scene (clear model.checkpoint)')
+        scene_options, perturbation = parse_standin_scene(model.standin_scene)
+        if perturbation and cls.perturbation is None:
+            raise ValueError(f'model.standin_scene={model.standin_scene!r} names a perturbation; '
+                             'only ros2_sab3r.sim.standin:PerturbedSceneBackend applies one')
+        spec = SceneSpec(**scene_options)
         scene, frames = spec.render()
         backend = cls(frames, HashTextEncoderStandIn())
         backend.scene, backend.spec = scene, spec
@@ -101,7 +103,7 @@ class SyntheticSceneBackend(GroundTruthBackend):
 
 @dataclass(frozen=True)
 class Perturbation:
-    """Deliberate errors for the evaluation's own tests: parsed from 'pose_noise_deg=3,swap=a:b'.
+    """Deliberate errors for the evaluation's own tests: 'pose_noise_deg=3,swap=a:b'.
 
     ``pose_noise_deg``: each pair's view-2 points are turned about view 1's camera by a random
     rotation of this many degrees (fixed per pair), so registration yields wrong relative poses;
@@ -111,25 +113,11 @@ class Perturbation:
     pose_noise_deg: float = 0.0
     swap: tuple[str, str] | None = None
 
-    @classmethod
-    def parse(cls, text: str) -> Perturbation:
-        values: dict = {}
-        for item in filter(None, (p.strip() for p in text.split(','))):
-            key, _, value = item.partition('=')
-            if key == 'pose_noise_deg':
-                values[key] = float(value)
-            elif key == 'swap' and value.count(':') == 1:
-                values[key] = tuple(value.split(':'))
-            else:
-                raise ValueError(f'bad perturbation {item!r}; expected pose_noise_deg=DEG or '
-                                 'swap=CLASS:CLASS')
-        return cls(**values)
-
 
 class PerturbedSceneBackend(SyntheticSceneBackend):
     """The stand-in with deliberate errors (:class:`Perturbation`), to check that evaluation
-    metrics fall when they should. ``model.checkpoint`` is the scene, ';', the perturbation:
-    ``synthetic:seed=0,frames=40;pose_noise_deg=3,swap=chair:sofa``.
+    metrics fall when they should. ``model.standin_scene`` is the scene, ';', the perturbation:
+    ``seed=0,frames=40;pose_noise_deg=3,swap=chair:sofa``.
     """
 
     name = 'groundtruth PERTURBED (stand-in, synthetic scenes only)'
@@ -137,9 +125,8 @@ class PerturbedSceneBackend(SyntheticSceneBackend):
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> PerturbedSceneBackend:
-        scene_text, _, perturb_text = (model.checkpoint or 'synthetic:').partition(';')
-        backend = super().from_config(ModelConfig(backend=model.backend, checkpoint=scene_text))
-        backend.perturbation = Perturbation.parse(perturb_text)
+        backend = super().from_config(model)
+        backend.perturbation = Perturbation(**parse_standin_scene(model.standin_scene)[1])
         return backend
 
     def decode(self, a, b):

@@ -33,7 +33,7 @@ def ideal(synthetic_bag, tmp_path_factory):
 
 def _perturbed(bag_path, perturbation: str) -> dict:
     cfg = config_from_flat({'model.backend': 'ros2_sab3r.sim.standin:PerturbedSceneBackend',
-                            'model.checkpoint': f'{SCENE_TEXT};{perturbation}'})
+                            'model.standin_scene': f'{SCENE_TEXT};{perturbation}'})
     bag = read_bag(bag_path, progress=False)
     return Evaluator(cfg, load_model(cfg.model), OPTIONS).evaluate(bag).results
 
@@ -44,7 +44,7 @@ def test_report_files_and_configuration(ideal):
                  'semantic_map_top.png'):
         assert (out / name).stat().st_size > 0, name
     cfg = r['configuration']
-    assert cfg['parameters']['model.checkpoint'] == SCENE_TEXT
+    assert cfg['parameters']['model.standin_scene'] == SCENE_TEXT
     assert 'stand-in' in cfg['backend'] and cfg['bag']['frames'] == 24
     assert cfg['options']['group_sizes'] == [2, 3] and cfg['command'][0] == 'sab3r-eval'
     assert r['skipped'] == {}

@@ -28,7 +28,7 @@ from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-SCENE = 'synthetic:seed=0,frames=40,width=256,height=192'
+SCENE = 'seed=0,frames=40,width=256,height=192'
 OVERLAY = f"""/**:
   ros__parameters:
     camera:
@@ -37,7 +37,7 @@ OVERLAY = f"""/**:
       queue_size: 10
     model:
       backend: 'ros2_sab3r.sim.standin:SyntheticSceneBackend'
-      checkpoint: '{SCENE}'
+      standin_scene: '{SCENE}'
     publish:
       status_rate_hz: 10.0
       map_rate_hz: 5.0

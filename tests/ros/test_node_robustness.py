@@ -40,7 +40,7 @@ def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.sim.standin
       compressed: {str(compressed).lower()}
     model:
       backend: '{backend}'
-      checkpoint: '{scene}'
+      standin_scene: '{scene}'
     publish:
       status_rate_hz: 20.0
 """
@@ -99,7 +99,7 @@ def _settled(status: list[PerceptionStatus]) -> bool:
 
 
 def test_compressed_jpeg_and_png_with_a_corrupt_frame(ros_node, tmp_path):
-    scene_spec = 'synthetic:seed=1,frames=10,width=160,height=120'
+    scene_spec = 'seed=1,frames=10,width=160,height=120'
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10, compressed=True))
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
@@ -127,7 +127,7 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
     their capacity, everything received is either processed or counted as dropped, memory stays
     flat, and Locate calls made in parallel during the burst all answer (a query never waits
     for inference)."""
-    scene_spec = 'synthetic:seed=2,frames=90,width=320,height=240'
+    scene_spec = 'seed=2,frames=90,width=320,height=240'
     node_proc = NodeProcess(
         tmp_path, _overlay(scene_spec, topics=3, backend='tests.ros.doubles:SlowBackendDouble'),
         env={'SAB3R_TEST_DECODE_DELAY_S': '0.3'})
@@ -184,7 +184,7 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
 
 
 def test_concurrent_locate_calls_agree(ros_node, tmp_path):
-    scene_spec = 'synthetic:seed=0,frames=16,width=160,height=120'
+    scene_spec = 'seed=0,frames=16,width=160,height=120'
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     try:
         scene, frames = SceneSpec.parse(scene_spec).render()
@@ -217,7 +217,7 @@ def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig)
     from ros2_sab3r.config import MappingConfig
     from ros2_sab3r.mapping.persistence import read_map
 
-    scene_spec = 'synthetic:seed=3,frames=24,width=320,height=240'
+    scene_spec = 'seed=3,frames=24,width=320,height=240'
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     out = tmp_path / 'maps'
     out.mkdir()
@@ -262,7 +262,7 @@ def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tm
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
 
-    scene_spec = 'synthetic:seed=0,frames=8,width=160,height=120'
+    scene_spec = 'seed=0,frames=8,width=160,height=120'
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     try:
         scene, frames = SceneSpec.parse(scene_spec).render()
@@ -299,7 +299,7 @@ def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tm
 
 
 def test_a_bag_that_loops_resets_the_window_and_map(ros_node, tmp_path):
-    scene_spec = 'synthetic:seed=0,frames=12,width=160,height=120'
+    scene_spec = 'seed=0,frames=12,width=160,height=120'
     node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
