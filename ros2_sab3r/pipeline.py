@@ -39,16 +39,15 @@ from ros2_sab3r.frames.keyframes import (
 )
 from ros2_sab3r.geometry.focal import estimate_focal, intrinsics_from_focal
 from ros2_sab3r.geometry.matching import overlap_ratio
-from ros2_sab3r.geometry.refine import PairConstraint, refine_keyframe
+from ros2_sab3r.geometry.refine import refine_against_window
 from ros2_sab3r.geometry.registration import (
     RegistrationError,
     bootstrap_scale_posed,
-    confident_sample,
     pair_scale_posed,
     register_to_keyframe,
     similarity_to_T,
 )
-from ros2_sab3r.geometry.transforms import apply, is_rigid
+from ros2_sab3r.geometry.transforms import is_rigid
 from ros2_sab3r.inference import Backend
 from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
@@ -238,8 +237,7 @@ class Pipeline:
                               pred.view2.D_conf, g.min_confidence)
         kf_latest = latest.keyframe
         sim = self._timed(lat, 'pose', register_to_keyframe, pred.view2.X, pred.view2.C,
-                          kf_latest.X, kf_latest.C, g.min_confidence, g.min_points,
-                          g.max_points_per_pair)
+                          kf_latest.X, kf_latest.C, g)
         depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
         if sim.rmse > g.max_registration_rmse * depth:
             raise RegistrationError(
@@ -249,40 +247,25 @@ class Pipeline:
         if not needs_keyframe_by_overlap(overlap, self.cfg.keyframes):
             return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC,
                               overlap=overlap)
-        edges = [(latest, pred, sim.s)]
+        edges = [(kf_latest, pred.view2, sim.s)]
         for other in self.window.recent(self.cfg.keyframes.pairs_per_keyframe)[1:]:
             p = self._decode(lat, tokens, other.tokens)
             try:
                 s = self._timed(lat, 'pose', register_to_keyframe, p.view2.X, p.view2.C,
-                                other.keyframe.X, other.keyframe.C, g.min_confidence,
-                                g.min_points, g.max_points_per_pair)
+                                other.keyframe.X, other.keyframe.C, g)
             except RegistrationError as exc:
                 log.debug('pair with keyframe %d not used: %s', other.keyframe.keyframe_id, exc)
                 continue
-            edges.append((other, p, s.s))
+            edges.append((other.keyframe, p.view2, s.s))
         scale = sim.s
         if g.refine_iterations > 0:
-            T_WC, scales = self._timed(lat, 'refine', self._refine, T_WC, edges, depth)
-            scale = float(scales[0])
+            refined = self._timed(lat, 'refine', refine_against_window, T_WC, edges, g, depth)
+            T_WC, scale = refined.T_WC, float(refined.scales[0])
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
         self._insert(kf, tokens, lat)
         return StepResult(stamp_ns=frame.stamp_ns, status='keyframe',
                           reason=f'overlap {overlap:.2f} < {self.cfg.keyframes.min_overlap}',
                           T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
-
-    def _refine(self, T_WC: np.ndarray, edges, depth: float):
-        g = self.cfg.geometry
-        per_pair = max(g.max_points_per_pair // (2 * len(edges)), 50)
-        constraints = []
-        for wk, p, s in edges:
-            kf = wk.keyframe
-            idx = confident_sample(np.minimum(p.view2.C, kf.C), g.min_confidence, per_pair,
-                                   p.view2.X, kf.X)
-            Y = apply(kf.T_WC, kf.X.reshape(-1, 3)[idx].astype(np.float64))
-            w = p.view2.C.reshape(-1)[idx] * kf.C.reshape(-1)[idx]
-            constraints.append(PairConstraint(p.view2.X.reshape(-1, 3)[idx], Y, w, s))
-        res = refine_keyframe(T_WC, constraints, g.refine_iterations, 0.01 * depth)
-        return res.T_WC, res.scales
 
     def _step_posed(self, frame: CameraFrame, lat: dict) -> StepResult:
         g = self.cfg.geometry
@@ -311,14 +294,12 @@ class Pipeline:
         for wk in partners:
             p = self._decode(lat, tokens, wk.tokens)
             kf = wk.keyframe
-            args = (p.view2.X, p.view2.C, kf.X, kf.C, T_WC, kf.T_WC, g.min_confidence,
-                    g.min_points, g.max_points_per_pair)
+            args = (p.view2.X, p.view2.C, kf.X, kf.C, T_WC, kf.T_WC, g)
             try:
                 if wk.metric:
                     s = self._timed(lat, 'pose', pair_scale_posed, *args)
                 else:
-                    s, k = self._timed(lat, 'pose', bootstrap_scale_posed, *args,
-                                       g.min_baseline_m)
+                    s, k = self._timed(lat, 'pose', bootstrap_scale_posed, *args)
                     fixed = dataclasses.replace(kf, X=(kf.X / k).astype(np.float32))
                     self.window.replace_latest(WindowKeyframe(fixed, wk.tokens, metric=True))
                     self._integrate(fixed, lat)

@@ -13,12 +13,16 @@ took ~100 ms.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ros2_sab3r.geometry.transforms import make_T
+from ros2_sab3r.config import GeometryConfig
+from ros2_sab3r.geometry.registration import confident_sample
+from ros2_sab3r.geometry.transforms import apply, make_T
+from ros2_sab3r.types import PosedKeyframe, ViewPrediction
 
 
 @dataclass(frozen=True)
@@ -118,3 +122,30 @@ def refine_keyframe(T_WC0: np.ndarray, pairs: list[PairConstraint], iterations: 
             break
     rmse = float(np.sqrt((w * norm ** 2).sum() / w.sum()))
     return RefinementResult(make_T(R, t), np.exp(log_s), rmse, steps)
+
+
+def pair_constraints(pairs: Sequence[tuple[PosedKeyframe, ViewPrediction, float]],
+                     cfg: GeometryConfig) -> list[PairConstraint]:
+    """One constraint per window pair (keyframe j, view 2 of the pair (new i, j), pair scale).
+
+    Each pair gets an even share of geometry.max_points_per_pair (at least 50) of the pixels
+    confident in both views, weighted by the confidence products.
+    """
+    per_pair = max(cfg.max_points_per_pair // (2 * len(pairs)), 50)
+    out = []
+    for kf, view2, s in pairs:
+        idx = confident_sample(np.minimum(view2.C, kf.C), cfg.min_confidence, per_pair,
+                               view2.X, kf.X)
+        Y = apply(kf.T_WC, kf.X.reshape(-1, 3)[idx].astype(np.float64))
+        w = view2.C.reshape(-1)[idx] * kf.C.reshape(-1)[idx]
+        out.append(PairConstraint(view2.X.reshape(-1, 3)[idx], Y, w, s))
+    return out
+
+
+def refine_against_window(T_WC0: np.ndarray,
+                          pairs: Sequence[tuple[PosedKeyframe, ViewPrediction, float]],
+                          cfg: GeometryConfig, depth: float) -> RefinementResult:
+    """Refine a new keyframe's pose and pair scales against its window pairs (see
+    :func:`pair_constraints`); residuals beyond 1% of the scene `depth` count as outliers."""
+    return refine_keyframe(T_WC0, pair_constraints(pairs, cfg), cfg.refine_iterations,
+                           0.01 * depth)

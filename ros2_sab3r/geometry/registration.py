@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ros2_sab3r.config import GeometryConfig
 from ros2_sab3r.geometry.transforms import invert, make_T
 
 
@@ -83,43 +84,47 @@ def confident_sample(C: np.ndarray, min_confidence: float, max_points: int,
     return idx
 
 
+def shared_sample(Q_j: np.ndarray, C_q: np.ndarray, X_j: np.ndarray, C_j: np.ndarray,
+                  cfg: GeometryConfig, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices, weights) of the pixels of j confident in both views, at most
+    geometry.max_points_per_pair; weights are the confidence products. Raises RegistrationError
+    when fewer than geometry.min_points are left (`purpose` completes the message)."""
+    idx = confident_sample(np.minimum(C_q, C_j), cfg.min_confidence, cfg.max_points_per_pair,
+                           Q_j, X_j)
+    if len(idx) < cfg.min_points:
+        raise RegistrationError(
+            f'only {len(idx)} confident shared points (need {cfg.min_points}) {purpose}')
+    w = (C_q.reshape(-1)[idx] * C_j.reshape(-1)[idx]).astype(np.float64)
+    return idx, w
+
+
 def register_to_keyframe(Q_j: np.ndarray, C_q: np.ndarray, X_j: np.ndarray, C_j: np.ndarray,
-                         min_confidence: float, min_points: int, max_points: int
-                         ) -> Similarity:
+                         cfg: GeometryConfig) -> Similarity:
     """Similarity mapping j's points seen from i (pair scale, i's frame) onto j's canonical points.
 
     Q_j, X_j: (H, W, 3); C_q, C_j: (H, W). Weighted by the product of confidences, with one robust
     re-weighting pass that drops points far beyond the median residual (occlusion edges, noise).
     Returns dst = X_j frame, src = i's pair frame: T_ji = (R, t) and scale s for i's pointmap.
     """
-    idx = confident_sample(np.minimum(C_q, C_j), min_confidence, max_points, Q_j, X_j)
-    if len(idx) < min_points:
-        raise RegistrationError(
-            f'only {len(idx)} confident shared points (need {min_points}): the views do not '
-            'overlap enough or the pointmap confidence is too low')
+    idx, w = shared_sample(Q_j, C_q, X_j, C_j, cfg, 'to register: the views do not overlap '
+                           'enough or the pointmap confidence is too low')
     src = Q_j.reshape(-1, 3)[idx]
     dst = X_j.reshape(-1, 3)[idx]
-    w = (C_q.reshape(-1)[idx] * C_j.reshape(-1)[idx]).astype(np.float64)
     sim = umeyama(src, dst, w)
     res = np.linalg.norm(sim.s * src @ sim.R.T + sim.t - dst, axis=-1)
     keep = res <= max(3.0 * np.median(res), 1e-6)
-    if keep.sum() >= max(min_points, 3) and not keep.all():
+    if keep.sum() >= max(cfg.min_points, 3) and not keep.all():
         sim = umeyama(src[keep], dst[keep], w[keep])
     return sim
 
 
 def pair_scale_posed(Q_j: np.ndarray, C_q: np.ndarray, X_j: np.ndarray, C_j: np.ndarray,
-                     T_W_i: np.ndarray, T_W_j: np.ndarray, min_confidence: float,
-                     min_points: int, max_points: int) -> float:
+                     T_W_i: np.ndarray, T_W_j: np.ndarray, cfg: GeometryConfig) -> float:
     """Scale s of a pair (i, j) when both poses are known and X_j is metric: Q_j ~ s T_ij X_j."""
-    idx = confident_sample(np.minimum(C_q, C_j), min_confidence, max_points, Q_j, X_j)
-    if len(idx) < min_points:
-        raise RegistrationError(
-            f'only {len(idx)} confident shared points (need {min_points}) to fix the pair scale')
+    idx, w = shared_sample(Q_j, C_q, X_j, C_j, cfg, 'to fix the pair scale')
     T_ij = invert(T_W_i) @ T_W_j
     Y = X_j.reshape(-1, 3)[idx].astype(np.float64) @ T_ij[:3, :3].T + T_ij[:3, 3]
     Q = Q_j.reshape(-1, 3)[idx].astype(np.float64)
-    w = C_q.reshape(-1)[idx] * C_j.reshape(-1)[idx]
     den = (w * (Y * Y).sum(-1)).sum()
     if den <= 0:
         raise RegistrationError('pair scale is undefined: the keyframe points are all at zero')
@@ -127,29 +132,24 @@ def pair_scale_posed(Q_j: np.ndarray, C_q: np.ndarray, X_j: np.ndarray, C_j: np.
 
 
 def bootstrap_scale_posed(Q_j: np.ndarray, C_q: np.ndarray, X_j: np.ndarray, C_j: np.ndarray,
-                          T_W_i: np.ndarray, T_W_j: np.ndarray, min_confidence: float,
-                          min_points: int, max_points: int, min_baseline: float
+                          T_W_i: np.ndarray, T_W_j: np.ndarray, cfg: GeometryConfig
                           ) -> tuple[float, float]:
     """Pair scale s and the scale k of an unscaled X_j (X_j = k * metric), from known poses.
 
     Q_j = s (R X_metric + t) = (s / k) R X_j + s t is linear in (s / k, s); the translation t
-    between the cameras is what makes s observable, so a baseline below `min_baseline` metres
+    between the cameras is what makes s observable, so a baseline below geometry.min_baseline_m
     (e.g. turning on the spot) raises RegistrationError and the caller waits for more motion.
     """
     T_ij = invert(T_W_i) @ T_W_j
     baseline = float(np.linalg.norm(T_ij[:3, 3]))
-    if baseline < min_baseline:
+    if baseline < cfg.min_baseline_m:
         raise RegistrationError(
-            f'baseline {baseline:.3f} m is below geometry.min_baseline_m={min_baseline}: the '
-            'metric scale is not observable yet (pure rotation); move the camera')
-    idx = confident_sample(np.minimum(C_q, C_j), min_confidence, max_points, Q_j, X_j)
-    if len(idx) < min_points:
-        raise RegistrationError(
-            f'only {len(idx)} confident shared points (need {min_points}) to fix the metric scale')
+            f'baseline {baseline:.3f} m is below geometry.min_baseline_m={cfg.min_baseline_m}: '
+            'the metric scale is not observable yet (pure rotation); move the camera')
+    idx, w = shared_sample(Q_j, C_q, X_j, C_j, cfg, 'to fix the metric scale')
     RX = X_j.reshape(-1, 3)[idx].astype(np.float64) @ T_ij[:3, :3].T  # (N, 3)
     t = T_ij[:3, 3]
     Q = Q_j.reshape(-1, 3)[idx].astype(np.float64)
-    w = C_q.reshape(-1)[idx] * C_j.reshape(-1)[idx]
     A = np.array([[(w * (RX * RX).sum(-1)).sum(), (w * (RX @ t)).sum()],
                   [(w * (RX @ t)).sum(), w.sum() * (t @ t)]])
     b = np.array([(w * (Q * RX).sum(-1)).sum(), (w * (Q @ t)).sum()])
