@@ -8,8 +8,9 @@ and TF of the bag are published unchanged (the recorded bytes) at the times they
 - end-to-end latency: from publishing an image to the node's ``~/keyframe_poses`` carrying that
   image's stamp (the node publishes a per-frame output for keyframes only, so only keyframes are
   timed);
-- dropped frames: images published minus images the node processed (its ``~/status`` counters,
-  taken relative to their values before playback), and the node's own drop counter;
+- frame accounting from the node's own ``~/status`` counters (relative to their values before
+  playback): images it received, processed, dropped (drop-oldest buffers, bad input) and still
+  queued, beside the images published here; published minus received were lost on the way;
 - the node's reported stage latencies.
 
 Writes OUT/live.json and OUT/live_report.md with a latency histogram.
@@ -58,10 +59,12 @@ def _start_node(args, cfg, image_topic: str, info_topic: str, log_path: Path):
            '-p', f'camera.image_topics:=[{image_topic}]',
            '-p', f'camera.camera_info_topics:=[{info_topic}]',
            '-p', f'model.backend:={cfg.model.backend}',
-           '-p', f'model.checkpoint:={cfg.model.checkpoint}',
-           '-p', f'model.standin_scene:={cfg.model.standin_scene}',
            '-p', f'model.device:={cfg.model.device}',
            '-p', f'frames.pose_source:={cfg.frames.pose_source}']
+    # rcl cannot parse an empty '-p name:=' override; empty strings are the defaults anyway
+    for name in ('checkpoint', 'standin_scene'):
+        if value := getattr(cfg.model, name):
+            cmd += ['-p', f'model.{name}:={value}']
     log = open(log_path, 'w', encoding='utf-8')  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
 
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(result, out / 'live.json')
     _report(result, out)
     print(f"live replay: {result['frames_published']} frames published, "
-          f"{result['frames_processed']} processed, {result['frames_dropped']} dropped; "
+          f"{result['frames_received']} received, {result['frames_processed']} processed, "
+          f"{result['frames_dropped']} dropped; "
           f"keyframe end-to-end latency median {result['end_to_end_ms'].get('median', 'n/a')} "
           f'ms; report {out / "live_report.md"}')
     return 0
@@ -177,7 +181,7 @@ def _play(node, executor, args, plan, topics) -> dict:
         base = (before.frames_received, before.frames_processed, before.frames_dropped) \
             if before else (0, 0, 0)
         return (s.frames_received - base[0], s.frames_processed - base[1],
-                s.frames_dropped - base[2])
+                s.frames_dropped - base[2], s.frames_queued)
 
     # Done when the node accounted for every image it received, and either received them all
     # or a few seconds passed (images lost on the way never arrive).
@@ -185,18 +189,19 @@ def _play(node, executor, args, plan, topics) -> dict:
     while time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.1)
         if status:
-            received, processed, dropped = counters()
-            settled = processed + dropped >= received
+            received, processed, dropped, queued = counters()
+            settled = queued == 0 and processed + dropped >= received
             if settled and (received >= len(published) or time.monotonic() > t0 + play_s + 5):
                 break
-    received, processed, dropped = counters() if status else (0, 0, 0)
+    received, processed, dropped, queued = counters() if status else (0, 0, 0, 0)
     lat = np.array([1e3 * (outputs[s] - published[s]) for s in published if s in outputs])
     last = status[-1] if status else None
     return {
+        # frames_* other than published are the node's own counters, not derived here
         'frames_published': len(published), 'frames_received': int(received),
-        'frames_processed': int(processed),
-        'frames_dropped': int(len(published) - processed),
-        'node_frames_dropped': int(dropped), 'playback_seconds': play_s,
+        'frames_processed': int(processed), 'frames_dropped': int(dropped),
+        'frames_queued': int(queued), 'frames_lost': int(len(published) - received),
+        'playback_seconds': play_s,
         'keyframes_timed': int(len(lat)),
         'end_to_end_ms': ({'mean': float(lat.mean()), 'median': float(np.median(lat)),
                            'p95': float(np.percentile(lat, 95)), 'max': float(lat.max()),
@@ -206,8 +211,9 @@ def _play(node, executor, args, plan, topics) -> dict:
                             if last else {}),
         'node_backend': last.backend if last else '',
         'protocol': 'end-to-end latency = time from publishing an image to receiving '
-                    '~/keyframe_poses with its stamp (keyframes only); dropped = published - '
-                    'processed by the node',
+                    '~/keyframe_poses with its stamp (keyframes only); received, processed, '
+                    "dropped and queued = the node's ~/status counters; lost = published - "
+                    'received',
     }
 
 
@@ -215,9 +221,10 @@ def _report(r: dict, out: Path) -> None:
     lines = ['# ros2_sab3r live replay', '', r['protocol'] + '.', '',
              f"- node {r['configuration']['node']} ({r['node_backend']}), rate "
              f"{r['configuration']['rate']}x, bag `{r['configuration']['bag']}`",
-             f"- frames: {r['frames_published']} published, {r['frames_received']} received, "
-             f"{r['frames_processed']} processed, {r['frames_dropped']} not processed "
-             f"({r['node_frames_dropped']} dropped by the node's buffers or as bad input)"]
+             f"- frames: {r['frames_published']} published, {r['frames_lost']} lost on the "
+             f"way, {r['frames_received']} received by the node: {r['frames_processed']} "
+             f"processed, {r['frames_dropped']} dropped (buffers or bad input), "
+             f"{r['frames_queued']} still queued"]
     e2e = r['end_to_end_ms']
     if e2e:
         lines.append(f"- end-to-end latency over {r['keyframes_timed']} keyframes: mean "

@@ -3,11 +3,11 @@
 import uuid
 
 import pytest
+import rclpy
 
 
 @pytest.fixture(scope='module')
 def ros_node():
-    rclpy = pytest.importorskip('rclpy', reason='installed by scripts/bootstrap.sh')
     rclpy.init()
     node = rclpy.create_node(f'test_client_{uuid.uuid4().hex[:6]}')
     yield node

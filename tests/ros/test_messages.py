@@ -2,15 +2,12 @@
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
+from std_msgs.msg import Header
 
-pytest.importorskip('rclpy', reason='ROS message wheels are installed by scripts/bootstrap.sh')
-
-from scipy.spatial.transform import Rotation  # noqa: E402
-from std_msgs.msg import Header  # noqa: E402
-
-from ros2_sab3r import types  # noqa: E402
-from ros2_sab3r.msg import LocatedObject  # noqa: E402
-from ros2_sab3r.ros import messages  # noqa: E402
+from ros2_sab3r import types
+from ros2_sab3r.msg import LocatedObject
+from ros2_sab3r.ros import messages
 
 pytestmark = pytest.mark.ros
 

@@ -3,28 +3,25 @@ backend, loaded, warmed up and fed camera images through the same parameters a r
 
 from __future__ import annotations
 
+import argparse
+import time
+
+from lifecycle_msgs.msg import State
+from lifecycle_msgs.srv import GetState
 import pytest
+from sensor_msgs.msg import Image
+import torch
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
-torch = pytest.importorskip('torch')
+from ros2_sab3r.frames.decode import rgb_to_image_fields
+from ros2_sab3r.model.arch import load_config
+from ros2_sab3r.model.checkpoint import save_network
+from ros2_sab3r.model.network import create_network
+from ros2_sab3r.msg import PerceptionStatus
+from ros2_sab3r.ros import messages, qos
+from ros2_sab3r.sim.synthetic import make_scene
+from ros2_sab3r.srv import Locate
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-from lifecycle_msgs.msg import State  # noqa: E402
-from lifecycle_msgs.srv import GetState  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
-
-from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
-from ros2_sab3r.model.arch import load_config  # noqa: E402
-from ros2_sab3r.model.checkpoint import save_network  # noqa: E402
-from ros2_sab3r.model.network import create_network  # noqa: E402
-from ros2_sab3r.msg import PerceptionStatus  # noqa: E402
-from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.sim.synthetic import make_scene  # noqa: E402
-from ros2_sab3r.srv import Locate  # noqa: E402
-
-from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
+from .rosgraph import NodeProcess, call, spin_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.model, pytest.mark.slow]
 

@@ -6,21 +6,18 @@ small overlay naming test topics) and talked to with the custom service types.
 
 from __future__ import annotations
 
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
 import pytest
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_srvs.srv import Trigger
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
+from ros2_sab3r.msg import LocatedObject, PerceptionStatus
+from ros2_sab3r.ros import qos
+from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 
-from lifecycle_msgs.msg import State, Transition  # noqa: E402
-from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
-
-from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
-from ros2_sab3r.ros import qos  # noqa: E402
-from ros2_sab3r.srv import LoadMap, Locate, SaveMap  # noqa: E402
-
-from .rosgraph import NodeProcess, call, publish_until, spin_until  # noqa: E402
+from .rosgraph import NodeProcess, call, publish_until, spin_until
 
 pytestmark = pytest.mark.ros
 

@@ -7,24 +7,21 @@ frames' stamps, and a saved map answers the same after reset + load.
 
 from __future__ import annotations
 
+from geometry_msgs.msg import PoseArray
 import numpy as np
 import pytest
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import MarkerArray
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
+from ros2_sab3r.config import PerceptionConfig
+from ros2_sab3r.frames.decode import rgb_to_image_fields
+from ros2_sab3r.msg import LocatedObject, PerceptionStatus
+from ros2_sab3r.ros import messages, qos
+from ros2_sab3r.sim.standin import SceneSpec
+from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 
-from geometry_msgs.msg import PoseArray  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
-from visualization_msgs.msg import MarkerArray  # noqa: E402
-
-from ros2_sab3r.config import PerceptionConfig  # noqa: E402
-from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
-from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
-from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
-from ros2_sab3r.srv import LoadMap, Locate, SaveMap  # noqa: E402
-
-from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
+from .rosgraph import NodeProcess, call, spin_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

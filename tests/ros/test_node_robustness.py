@@ -11,19 +11,17 @@ import time
 
 from PIL import Image as PILImage
 import pytest
+import rclpy
+from sensor_msgs.msg import CompressedImage, Image
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy wheels are installed by scripts/bootstrap.sh')
+from ros2_sab3r.frames.decode import rgb_to_image_fields
+from ros2_sab3r.mapping.persistence import MapFileError
+from ros2_sab3r.msg import LocatedObject, PerceptionStatus
+from ros2_sab3r.ros import messages, qos
+from ros2_sab3r.sim.standin import SceneSpec
+from ros2_sab3r.srv import Locate, SaveMap
 
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-
-from ros2_sab3r.frames.decode import rgb_to_image_fields  # noqa: E402
-from ros2_sab3r.mapping.persistence import MapFileError  # noqa: E402
-from ros2_sab3r.msg import LocatedObject, PerceptionStatus  # noqa: E402
-from ros2_sab3r.ros import messages, qos  # noqa: E402
-from ros2_sab3r.sim.standin import SceneSpec  # noqa: E402
-from ros2_sab3r.srv import Locate, SaveMap  # noqa: E402
-
-from .rosgraph import NodeProcess, call, spin_until  # noqa: E402
+from .rosgraph import NodeProcess, call, spin_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

@@ -22,8 +22,9 @@ VENV = Path(sys.prefix)
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
     generators = VENV / 'share' / 'rosidl_default_generators'
-    if shutil.which('cmake') is None or not generators.is_dir():
-        pytest.skip('cmake and the rosidl generator wheels are installed by scripts/bootstrap.sh')
+    assert shutil.which('cmake') is not None and generators.is_dir(), (
+        'cmake and the rosidl generator wheels are missing: run `make setup` '
+        '(scripts/bootstrap.sh installs them)')
     tmp = tmp_path_factory.mktemp('colcon')
     # a workspace like colcon's: src/ros2_sab3r (this checkout's .venv must not sit inside the
     # source tree, CMake refuses exported include paths that point into the sources)
