@@ -95,12 +95,12 @@ def keyframe_run(width: int, height: int, n: int, posed: bool):
     pipeline.map.integrate = recording
     results = [pipeline.step(f.camera_frame(posed=posed)) for f in frames]
     # the first keyframe decodes a self-pair and, posed, waits for motion: not a typical one
-    kf = [r.latency_ms for r in results[1:] if r.is_keyframe]
+    kf = [r.latency.ran() for r in results[1:] if r.is_keyframe]
     net = np.array([x.get('encode', 0) + x.get('decode', 0) for x in kf])
     integ = np.array([x.get('integrate', 0) for x in kf])
     total = np.array([x['total'] for x in kf])
-    tracked = [r.latency_ms['total'] - r.latency_ms.get('encode', 0)
-               - r.latency_ms.get('decode', 0) for r in results if r.status == 'tracked']
+    tracked = [r.latency.total - (r.latency.encode or 0) - (r.latency.decode or 0)
+               for r in results if r.status == 'tracked']
     stages = {k: float(np.median([x.get(k, 0) for x in kf])) for k in ('match', 'pose', 'refine')}
     return {'overhead_ms': float(np.median(total - net - integ)),
             'integrate_ms': float(np.median(integ)),

@@ -23,10 +23,12 @@ locate, save) which only read the latest immutable MapSnapshot and never wait fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import logging
 import threading
 import time
+from typing import TypeVar
 
 import numpy as np
 
@@ -56,19 +58,42 @@ from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_netwo
 from ros2_sab3r.query.engine import QueryEngine
 from ros2_sab3r.types import (
     CameraFrame,
+    FrameRejected,
     LocateQuery,
     LocateResult,
     PairPrediction,
     PosedKeyframe,
+    StepLatency,
     StepResult,
     TextEncoder,
     ViewPrediction,
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar('_T')
 
 
-class PredictionError(ValueError):
+class StageClock:
+    """Milliseconds per stage of one step (a stage run several times adds up), from the
+    clock's creation to :meth:`latency`."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self._ms: dict[str, float] = {}
+
+    def run(self, stage: str, fn: Callable[..., _T], *args) -> _T:
+        """fn(*args), its time added to `stage` (one of StepLatency's fields)."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._ms[stage] = self._ms.get(stage, 0.0) + 1e3 * (time.perf_counter() - t)
+
+    def latency(self) -> StepLatency:
+        return StepLatency(**self._ms, total=1e3 * (time.perf_counter() - self._start))
+
+
+class PredictionError(FrameRejected):
     """A backend output that cannot be used (wrong shapes, no finite points)."""
 
 
@@ -170,36 +195,39 @@ class Pipeline:
         if not isinstance(frame, CameraFrame):
             raise TypeError(f'Pipeline.step takes a CameraFrame, got {type(frame).__name__}')
         with self._write_lock:
-            t0 = time.perf_counter()
-            lat: dict[str, float] = {}
+            clock = StageClock()
             try:
-                result = (self._step_posed if self.posed else self._step_unposed)(frame, lat)
-            except (RegistrationError, PredictionError) as exc:
+                result = (self._step_posed if self.posed else self._step_unposed)(frame, clock)
+            except FrameRejected as exc:
                 result = self._skipped(frame, str(exc))
-            except ValueError as exc:
-                # Backend input errors (wrong size, unknown frame) are data problems, not bugs.
-                result = self._skipped(frame, f'{type(exc).__name__}: {exc}')
             self.frames_processed += 1
             if result.status == 'skipped':
                 self.frames_skipped += 1
                 log.debug('frame %d skipped: %s', frame.stamp_ns, result.reason)
-            lat['total'] = 1e3 * (time.perf_counter() - t0)
             return dataclasses.replace(
-                result, latency_ms=lat, keyframes_in_window=len(self.window),
+                result, latency=clock.latency(), keyframes_in_window=len(self.window),
                 keyframes_total=self.window.total, voxels=self.map.n_voxels)
 
     # ------------------------------------------------------------------------- internals
     def _skipped(self, frame: CameraFrame, reason: str) -> StepResult:
         return StepResult(stamp_ns=frame.stamp_ns, status='skipped', reason=reason)
 
-    def _timed(self, lat: dict, stage: str, fn, *args):
-        t = time.perf_counter()
-        out = fn(*args)
-        lat[stage] = lat.get(stage, 0.0) + 1e3 * (time.perf_counter() - t)
-        return out
+    def _backend_call(self, clock: StageClock, stage: str, fn: Callable[..., _T], *args) -> _T:
+        """A backend encode/decode; the ValueError a backend raises for input it cannot take
+        (wrong image size, a frame it does not know, tokens of another backend) rejects the
+        frame."""
+        try:
+            return clock.run(stage, fn, *args)
+        except FrameRejected:
+            raise
+        except ValueError as exc:
+            raise FrameRejected(f'{type(exc).__name__}: {exc}') from exc
 
-    def _decode(self, lat: dict, a, b) -> PairPrediction:
-        pred = self._timed(lat, 'decode', self.backend.decode, a, b)
+    def _encode(self, clock: StageClock, frame: CameraFrame):
+        return self._backend_call(clock, 'encode', self.backend.encode, frame)
+
+    def _decode(self, clock: StageClock, a, b) -> PairPrediction:
+        pred = self._backend_call(clock, 'decode', self.backend.decode, a, b)
         hw = tuple(pred.image_size)
         return dataclasses.replace(pred, view1=sanitize_view(pred.view1, hw, 'view 1'),
                                    view2=sanitize_view(pred.view2, hw, 'view 2'))
@@ -221,22 +249,22 @@ class Pipeline:
             rgb=resample_to_network(frame.image, X.shape[:2]), S_clip=view.S_clip,
             S_dino=view.S_dino, focal_estimated=estimated)
 
-    def _step_unposed(self, frame: CameraFrame, lat: dict) -> StepResult:
+    def _step_unposed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
         g = self.cfg.geometry
-        tokens = self._timed(lat, 'encode', self.backend.encode, frame)
+        tokens = self._encode(clock, frame)
         latest = self.window.latest()
         if latest is None:
-            pred = self._decode(lat, tokens, tokens)
+            pred = self._decode(clock, tokens, tokens)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
-            self._insert(kf, tokens, lat)
+            self._insert(kf, tokens, clock)
             return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason='first keyframe',
                               T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
-        pred = self._decode(lat, tokens, latest.tokens)
-        overlap = self._timed(lat, 'match', overlap_ratio, pred.view1.D, pred.view2.D,
+        pred = self._decode(clock, tokens, latest.tokens)
+        overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
                               self.cfg.keyframes.match_stride, pred.view1.D_conf,
                               pred.view2.D_conf, g.min_confidence)
         kf_latest = latest.keyframe
-        sim = self._timed(lat, 'pose', register_to_keyframe, pred.view2.X, pred.view2.C,
+        sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
                           kf_latest.X, kf_latest.C, g)
         depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
         if sim.rmse > g.max_registration_rmse * depth:
@@ -249,9 +277,9 @@ class Pipeline:
                               overlap=overlap)
         edges = [(kf_latest, pred.view2, sim.s)]
         for other in self.window.recent(self.cfg.keyframes.pairs_per_keyframe)[1:]:
-            p = self._decode(lat, tokens, other.tokens)
+            p = self._decode(clock, tokens, other.tokens)
             try:
-                s = self._timed(lat, 'pose', register_to_keyframe, p.view2.X, p.view2.C,
+                s = clock.run('pose', register_to_keyframe, p.view2.X, p.view2.C,
                                 other.keyframe.X, other.keyframe.C, g)
             except RegistrationError as exc:
                 log.debug('pair with keyframe %d not used: %s', other.keyframe.keyframe_id, exc)
@@ -259,15 +287,15 @@ class Pipeline:
             edges.append((other.keyframe, p.view2, s.s))
         scale = sim.s
         if g.refine_iterations > 0:
-            refined = self._timed(lat, 'refine', refine_against_window, T_WC, edges, g, depth)
+            refined = clock.run('refine', refine_against_window, T_WC, edges, g, depth)
             T_WC, scale = refined.T_WC, float(refined.scales[0])
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
-        self._insert(kf, tokens, lat)
+        self._insert(kf, tokens, clock)
         return StepResult(stamp_ns=frame.stamp_ns, status='keyframe',
                           reason=f'overlap {overlap:.2f} < {self.cfg.keyframes.min_overlap}',
                           T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
 
-    def _step_posed(self, frame: CameraFrame, lat: dict) -> StepResult:
+    def _step_posed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
         g = self.cfg.geometry
         if frame.T_WC is None:
             return self._skipped(frame, "no pose with the frame (frames.pose_source is 'tf'); "
@@ -277,8 +305,8 @@ class Pipeline:
             return self._skipped(frame, 'the frame pose is not a finite rigid transform')
         latest = self.window.latest()
         if latest is None:
-            tokens = self._timed(lat, 'encode', self.backend.encode, frame)
-            pred = self._decode(lat, tokens, tokens)
+            tokens = self._encode(clock, frame)
+            pred = self._decode(clock, tokens, tokens)
             kf = self._make_keyframe(frame, T_WC, pred.view1.X, pred.view1)
             # Its scale is unknown until the camera moves: kept in the window, fused later.
             self.window.insert(WindowKeyframe(kf, tokens, metric=False))
@@ -288,21 +316,21 @@ class Pipeline:
         new, why = needs_keyframe_by_pose(T_WC, latest.keyframe.T_WC, self.cfg.keyframes)
         if not new:
             return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC)
-        tokens = self._timed(lat, 'encode', self.backend.encode, frame)
+        tokens = self._encode(clock, frame)
         partners = self.window.recent(self.cfg.keyframes.pairs_per_keyframe)
         scaled_X = []
         for wk in partners:
-            p = self._decode(lat, tokens, wk.tokens)
+            p = self._decode(clock, tokens, wk.tokens)
             kf = wk.keyframe
             args = (p.view2.X, p.view2.C, kf.X, kf.C, T_WC, kf.T_WC, g)
             try:
                 if wk.metric:
-                    s = self._timed(lat, 'pose', pair_scale_posed, *args)
+                    s = clock.run('pose', pair_scale_posed, *args)
                 else:
-                    s, k = self._timed(lat, 'pose', bootstrap_scale_posed, *args)
+                    s, k = clock.run('pose', bootstrap_scale_posed, *args)
                     fixed = dataclasses.replace(kf, X=(kf.X / k).astype(np.float32))
                     self.window.replace_latest(WindowKeyframe(fixed, wk.tokens, metric=True))
-                    self._integrate(fixed, lat)
+                    self._integrate(fixed, clock)
             except RegistrationError as exc:
                 if not wk.metric:
                     raise
@@ -315,15 +343,13 @@ class Pipeline:
             raise RegistrationError('no window keyframe shares enough confident points with this '
                                     'frame to fix its scale')
         kf = self._make_keyframe(frame, T_WC, scaled_X[0], view1)
-        self._insert(kf, tokens, lat)
+        self._insert(kf, tokens, clock)
         return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason=why, T_WC=T_WC,
                           keyframe_id=kf.keyframe_id)
 
-    def _insert(self, kf: PosedKeyframe, tokens, lat: dict) -> None:
+    def _insert(self, kf: PosedKeyframe, tokens, clock: StageClock) -> None:
         self.window.insert(WindowKeyframe(kf, tokens, metric=True))
-        self._integrate(kf, lat)
+        self._integrate(kf, clock)
 
-    def _integrate(self, kf: PosedKeyframe, lat: dict) -> None:
-        t = time.perf_counter()
-        fuse_keyframe(self.map, kf, self.cfg.mapping)
-        lat['integrate'] = lat.get('integrate', 0.0) + 1e3 * (time.perf_counter() - t)
+    def _integrate(self, kf: PosedKeyframe, clock: StageClock) -> None:
+        clock.run('integrate', fuse_keyframe, self.map, kf, self.cfg.mapping)

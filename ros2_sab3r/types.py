@@ -16,7 +16,7 @@ Nothing in this module imports ROS; values are numpy arrays.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -102,6 +102,38 @@ class PosedKeyframe:
     focal_estimated: bool = False  # True when K came from the pointmap (no CameraInfo)
 
 
+class FrameRejected(ValueError):
+    """A frame the pipeline cannot use: the backend refused its input or produced unusable
+    output, or it could not be registered. ``Pipeline.step`` reports it as a skipped frame with
+    this message; any other exception escaping a step is a bug and propagates."""
+
+
+@dataclass(frozen=True)
+class StepLatency:
+    """Milliseconds spent per stage of one ``Pipeline.step``; None for a stage that did not run.
+
+    A stage that runs several times in one step (decoding against several keyframes) counts
+    its total.
+    """
+
+    encode: float | None = None  # backend.encode of the frame
+    decode: float | None = None  # backend.decode of every pair
+    match: float | None = None  # descriptor overlap with the latest keyframe (unposed)
+    pose: float | None = None  # registration / pair scales
+    refine: float | None = None  # window refinement of a new keyframe (unposed)
+    integrate: float | None = None  # fusion into the map
+    total: float = 0.0  # the whole step
+
+    @classmethod
+    def stages(cls) -> tuple[str, ...]:
+        """Stage names in pipeline order, 'total' last."""
+        return tuple(f.name for f in fields(cls))
+
+    def ran(self) -> dict[str, float]:
+        """Stage -> ms of the stages that ran (and 'total')."""
+        return {k: v for k in self.stages() if (v := getattr(self, k)) is not None}
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What ``Pipeline.step`` did with one frame."""
@@ -115,8 +147,7 @@ class StepResult:
     keyframes_in_window: int = 0
     keyframes_total: int = 0
     voxels: int = 0  # voxels in the map after this step
-    latency_ms: dict = field(default_factory=dict)  # stage -> ms: encode, decode, match, pose,
-    #                                                 refine, integrate, total
+    latency: StepLatency = field(default_factory=StepLatency)
 
     @property
     def is_keyframe(self) -> bool:

@@ -36,11 +36,10 @@ from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.inference.factory import LoadedModel
 from ros2_sab3r.pipeline import Pipeline, resample_to_network
 from ros2_sab3r.query.labels import label_voxels
-from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery, StepResult
+from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery, StepLatency, StepResult
 
 log = logging.getLogger(__name__)
 
-STAGES = ('encode', 'decode', 'match', 'pose', 'refine', 'integrate', 'total')
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Evaluator:
 
         pipeline, steps, wall = self._run_sequence(bag.frames, posed)
         out['sequence'] = self._sequence_stats(bag, steps, wall, pipeline)
-        plots['latency_total_ms'] = [s.latency_ms.get('total', 0.0) for s in steps]
+        plots['latency_total_ms'] = [s.latency.total for s in steps]
 
         if has_pose:
             out['pose'] = self._pose(bag.frames, steps, plots)
@@ -176,13 +175,14 @@ class Evaluator:
         skipped = [s for s in steps if s.status == 'skipped']
         span_s = (bag.frames[-1].camera.stamp_ns - bag.frames[0].camera.stamp_ns) / 1e9
         lat = {}
-        for stage in STAGES:
-            vals = np.array([s.latency_ms[stage] for s in steps if stage in s.latency_ms])
+        ran = [s.latency.ran() for s in steps]
+        for stage in StepLatency.stages():
+            vals = np.array([r[stage] for r in ran if stage in r])
             if len(vals):
                 lat[stage] = {'mean': float(vals.mean()), 'median': float(np.median(vals)),
                               'p95': float(np.percentile(vals, 95)), 'max': float(vals.max()),
                               'frames': int(len(vals))}
-        kf_lat = np.array([s.latency_ms['total'] for s in steps if s.is_keyframe])
+        kf_lat = np.array([s.latency.total for s in steps if s.is_keyframe])
         snap = pipeline.snapshot()
         feature_bytes = snap.n_voxels * (snap.clip_dim + snap.dino_dim) * 2  # fp16 features
         mem = {'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

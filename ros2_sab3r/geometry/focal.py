@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ros2_sab3r.types import FrameRejected
+
+
+class FocalError(FrameRejected):
+    """The pointmap has too few valid points to estimate a focal length."""
+
 
 def estimate_focal(X: np.ndarray, mask: np.ndarray | None = None,
                    pp: tuple[float, float] | None = None, iterations: int = 10,
@@ -25,7 +31,7 @@ def estimate_focal(X: np.ndarray, mask: np.ndarray | None = None,
     if mask is not None:
         valid &= mask[::subsample, ::subsample].reshape(-1)
     if valid.sum() < 10:
-        raise ValueError(
+        raise FocalError(
             f'cannot estimate the focal length: only {int(valid.sum())} valid points in the '
             'pointmap; give the camera intrinsics (CameraInfo) or check the backend output')
     a = P[valid, :2] / P[valid, 2:3]

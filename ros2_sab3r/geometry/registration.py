@@ -15,9 +15,10 @@ import numpy as np
 
 from ros2_sab3r.config import GeometryConfig
 from ros2_sab3r.geometry.transforms import invert, make_T
+from ros2_sab3r.types import FrameRejected
 
 
-class RegistrationError(ValueError):
+class RegistrationError(FrameRejected):
     """A pair cannot be registered (too few confident points, degenerate geometry)."""
 
 

@@ -44,7 +44,7 @@ from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
-from ros2_sab3r.types import CameraFrame
+from ros2_sab3r.types import CameraFrame, StepLatency
 
 NODE_NAME = 'perception_node'
 _THROTTLE_S = 5.0
@@ -93,7 +93,7 @@ class PerceptionNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._next_camera = 0
         self._last_stamp_ns = 0
-        self._latencies: dict[str, float] = {}
+        self._latencies = StepLatency()
         self._keyframes_in_window = 0
         self._keyframes_total = 0
         self._published_map_version = -1
@@ -425,8 +425,8 @@ class PerceptionNode(LifecycleNode):
                 continue
             with self._lock:
                 self._processed += 1
-                self._latencies = dict(result.latency_ms)
-                self._latencies['total'] = (time.perf_counter() - t0) * 1e3
+                self._latencies = replace(result.latency,
+                                          total=(time.perf_counter() - t0) * 1e3)
                 self._keyframes_in_window = result.keyframes_in_window
                 self._keyframes_total = result.keyframes_total
             if result.status == 'skipped':
@@ -600,12 +600,12 @@ class PerceptionNode(LifecycleNode):
         with self._lock:
             lat = self._latencies
             msg.latency_convert_ms = float(self._latency_convert_ms)
-            msg.latency_encode_ms = float(lat.get('encode', 0.0))
-            msg.latency_decode_ms = float(lat.get('decode', 0.0))
-            msg.latency_pose_ms = float(lat.get('pose', 0.0) + lat.get('match', 0.0)
-                                        + lat.get('refine', 0.0))
-            msg.latency_integrate_ms = float(lat.get('integrate', 0.0))
-            msg.latency_total_ms = float(lat.get('total', 0.0))
+            msg.latency_encode_ms = float(lat.encode or 0.0)
+            msg.latency_decode_ms = float(lat.decode or 0.0)
+            msg.latency_pose_ms = float((lat.pose or 0.0) + (lat.match or 0.0)
+                                        + (lat.refine or 0.0))
+            msg.latency_integrate_ms = float(lat.integrate or 0.0)
+            msg.latency_total_ms = float(lat.total)
             msg.keyframes_in_window = self._keyframes_in_window
             msg.keyframes_total = self._keyframes_total
             msg.frames_received = self._received

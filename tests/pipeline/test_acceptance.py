@@ -41,6 +41,17 @@ def test_unposed_trajectory_error_below_2cm_and_1deg(unposed_run, frames):
     assert results[-1].keyframes_in_window <= pipeline.cfg.keyframes.window_size
 
 
+def test_step_latency_names_the_stages_that_ran(unposed_run):
+    _, results = unposed_run
+    for r in results:
+        ran = r.latency.ran()
+        assert {'encode', 'decode', 'total'} <= set(ran), ran
+        assert sum(v for k, v in ran.items() if k != 'total') <= r.latency.total
+        # only a keyframe is fused; the first keyframe is not registered to anything
+        assert ('integrate' in ran) == r.is_keyframe
+        assert ('match' in ran) == (r is not results[0])
+
+
 def test_unposed_focal_is_estimated_from_the_pointmap(unposed_run, frames):
     pipeline, _ = unposed_run
     kf = pipeline.window.latest().keyframe

@@ -92,6 +92,21 @@ def test_posed_mode_without_pose_or_with_bad_pose(scene, frames, text_encoder):
     assert pipeline.step(f).status == 'skipped'
 
 
+def test_a_bug_is_not_a_skipped_frame(scene, frames, text_encoder, monkeypatch):
+    """Only FrameRejected (bad data) skips a frame; any other ValueError is a bug and surfaces."""
+    import ros2_sab3r.pipeline as pipeline_module
+
+    pipeline = make_pipeline(make_backend(scene, frames[:2], text_encoder), text_encoder, False)
+    assert pipeline.step(frames[0].camera_frame()).status == 'keyframe'
+
+    def broken(*args):
+        raise ValueError('operands could not be broadcast together')
+
+    monkeypatch.setattr(pipeline_module, 'overlap_ratio', broken)
+    with pytest.raises(ValueError, match='broadcast'):
+        pipeline.step(frames[1].camera_frame())
+
+
 def test_wrong_image_size_and_unknown_frame_are_skipped(scene, frames, text_encoder):
     pipeline = make_pipeline(make_backend(scene, frames[:2], text_encoder), text_encoder, False)
     small = CameraFrame(stamp_ns=frames[0].stamp_ns, frame_id='cam',
