@@ -6,12 +6,13 @@ map is being saved.
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 import signal
 import time
 
 from PIL import Image as PILImage
 import pytest
-import rclpy
 from sensor_msgs.msg import CompressedImage, Image
 
 from ros2_sab3r.frames.decode import rgb_to_image_fields
@@ -24,6 +25,9 @@ from ros2_sab3r.srv import Locate, SaveMap
 from .rosgraph import NodeProcess, call, spin_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+# PYTHONPATH entry whose sitecustomize.py makes the node's map writer stop half-way.
+SAVE_FAULT_HOOK = Path(__file__).parent / 'save_fault'
 
 
 def _overlay(scene: str, topics: int = 1, backend: str = 'ros2_sab3r.sim.standin:'
@@ -212,11 +216,17 @@ def test_concurrent_locate_calls_agree(ros_node, tmp_path):
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGKILL], ids=['sigint', 'sigkill'])
 def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig):
+    """The second save stops half-way (save_fault/sitecustomize.py) and the signal comes then."""
     from ros2_sab3r.config import MappingConfig
     from ros2_sab3r.mapping.persistence import read_map
 
     scene_spec = 'seed=3,frames=24,width=320,height=240'
-    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10))
+    control = tmp_path / 'fault'
+    control.mkdir()
+    env = {'SAB3R_TEST_SAVE_FAULT': str(control),
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(SAVE_FAULT_HOOK),
+                                                       os.environ.get('PYTHONPATH')]))}
+    node_proc = NodeProcess(tmp_path, _overlay(scene_spec, queue_size=10), env=env)
     out = tmp_path / 'maps'
     out.mkdir()
     path = out / 'map.npz'
@@ -229,31 +239,30 @@ def test_signal_during_save_map_keeps_the_previous_file(ros_node, tmp_path, sig)
                      SaveMap.Request(path=str(path)))
         assert first.success, first.message
         before = path.read_bytes()
+        (control / 'armed').touch()
         client = ros_node.create_client(SaveMap, f'{node_proc.name}/save_map')
         assert client.wait_for_service(timeout_sec=10)
         client.call_async(SaveMap.Request(path=str(path)))
-        # Signal as soon as the second save has its temporary file open (or after 2 s if the
-        # save was too quick to be seen).
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and not any(out.glob('.map.npz.*.tmp')):
-            rclpy.spin_once(ros_node, timeout_sec=0.0)
+        assert spin_until(ros_node, lambda: (control / 'writing').exists(), timeout=30), (
+            node_proc.log())
+        partial = list(out.glob('.map.npz.*.tmp'))
+        assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before), partial
         node_proc.proc.send_signal(sig)
         node_proc.proc.wait(30)
         ros_node.destroy_client(client)
     finally:
         code = node_proc.stop()
-    if sig == signal.SIGINT:
-        assert code == 0, node_proc.log()
-        assert 'Traceback' not in node_proc.log(), node_proc.log()
-    # Whatever the timing, the map file is either the old one or a complete new one.
-    after = path.read_bytes()
+    assert path.read_bytes() == before  # the interrupted save did not touch the map file
     try:
         read_map(path, MappingConfig(), 512)
     except MapFileError as err:  # pragma: no cover - the failure this test exists for
         pytest.fail(f'map file damaged by {sig.name}: {err}')
-    assert after == before or len(after) > 0.5 * len(before)
-    if sig == signal.SIGINT:  # an orderly exit leaves no temporary file behind
+    if sig == signal.SIGINT:  # an orderly exit: status 0, the temporary file removed
+        assert code == 0, node_proc.log()
+        assert 'Traceback' not in node_proc.log(), node_proc.log()
         assert not list(out.glob('.map.npz.*.tmp')), (list(out.iterdir()), node_proc.log())
+    else:  # nothing runs after SIGKILL: the half-written temporary file is all that is left
+        assert list(out.glob('.map.npz.*.tmp')) == partial
 
 
 def test_deactivate_activate_keeps_model_and_map_cleanup_frees_them(ros_node, tmp_path):
