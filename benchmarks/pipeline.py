@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -86,14 +87,14 @@ def keyframe_run(width: int, height: int, n: int, posed: bool):
     pipeline = Pipeline(config_from_flat({'frames.pose_source': 'tf' if posed else 'none'}),
                         backend, text)
     calls = []
-    integrate = pipeline.map.integrate
+    integrate = SemanticVoxelMap.integrate
 
-    def recording(*args):
+    def recording(self, *args):
         calls.append(args)
-        return integrate(*args)
+        return integrate(self, *args)
 
-    pipeline.map.integrate = recording
-    results = [pipeline.step(f.camera_frame(posed=posed)) for f in frames]
+    with mock.patch.object(SemanticVoxelMap, 'integrate', recording):
+        results = [pipeline.step(f.camera_frame(posed=posed)) for f in frames]
     # the first keyframe decodes a self-pair and, posed, waits for motion: not a typical one
     kf = [r.latency.ran() for r in results[1:] if r.is_keyframe]
     net = np.array([x.get('encode', 0) + x.get('decode', 0) for x in kf])
@@ -226,7 +227,8 @@ def memory_run(n_frames: int, width: int = 256, height: int = 192, max_voxels: i
         pipeline.step(CameraFrame(stamp_ns=(i + 1) * 10 ** 8, frame_id='cam',
                                   image=backend.image, K=backend.K, T_WC=T))
         if i % every == 0 or i == n_frames - 1:
-            out.append((i, rss_mb(), pipeline.map.n_voxels, len(pipeline.window)))
+            out.append((i, rss_mb(), pipeline.snapshot().n_voxels,
+                        len(pipeline.keyframe_poses())))
     return out, pipeline
 
 
@@ -248,7 +250,7 @@ def main() -> None:
     samples, pipeline = memory_run(args.memory_frames)
     late = [s for s in samples if s[0] >= samples[-1][0] / 2]  # after the map is full
     slope = np.polyfit([s[0] for s in late], [s[1] for s in late], 1)[0] * 1000
-    cap = pipeline.cfg.mapping.max_voxels
+    cap = pipeline.config.mapping.max_voxels
     bounded = all(s[2] <= cap for s in samples)
     row(f'memory over {args.memory_frames} frames (posed, 256x192, max_voxels {cap})',
         f'RSS {samples[1][1]:.0f} -> {samples[-1][1]:.0f} MB, slope {slope:+.2f} MB/1000 '

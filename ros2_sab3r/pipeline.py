@@ -23,7 +23,7 @@ locate, save) which only read the latest immutable MapSnapshot and never wait fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import logging
 import threading
@@ -56,6 +56,7 @@ from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import MapSnapshot, SemanticVoxelMap
 from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_network
 from ros2_sab3r.query.engine import QueryEngine
+from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.types import (
     CameraFrame,
     FrameRejected,
@@ -134,38 +135,67 @@ class Pipeline:
 
     def __init__(self, config: PerceptionConfig, backend: Backend, text_encoder: TextEncoder
                  ) -> None:
-        self.cfg = config.validate()
-        self.backend = backend
-        self.text_encoder = text_encoder
-        self.posed = self.cfg.frames.pose_source == 'tf'
-        self.window = KeyframeWindow(self.cfg.keyframes.window_size)
-        self.map = self._new_map()
-        self.query = QueryEngine(self.cfg.query, text_encoder)
+        self._cfg = config.validate()
+        self._backend = backend
+        self._text_encoder = text_encoder
+        self._posed = self._cfg.frames.pose_source == 'tf'
+        self._window = KeyframeWindow(self._cfg.keyframes.window_size)
+        self._map = self._new_map()
+        self._query = QueryEngine(self._cfg.query, text_encoder)
         self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
         self.frames_processed = 0
         self.frames_skipped = 0
 
     def _new_map(self) -> SemanticVoxelMap:
-        gravity = np.asarray(self.cfg.mapping.gravity_in_map, float) if self.posed else None
-        return SemanticVoxelMap(self.cfg.mapping, clip_dim=self.text_encoder.dim,
-                                gravity=gravity, frame=self.cfg.frames.map_frame)
+        gravity = np.asarray(self._cfg.mapping.gravity_in_map, float) if self._posed else None
+        return SemanticVoxelMap(self._cfg.mapping, clip_dim=self._text_encoder.dim,
+                                gravity=gravity, frame=self._cfg.frames.map_frame)
 
     # --------------------------------------------------------------------------- readers
+    @property
+    def config(self) -> PerceptionConfig:
+        """The validated configuration the pipeline runs with."""
+        return self._cfg
+
+    def keyframe_poses(self) -> list[np.ndarray]:
+        """(4, 4) T_WC of the keyframes in the window, oldest first."""
+        return [item.keyframe.T_WC for item in self._window]
+
+    def latest_keyframe(self) -> PosedKeyframe | None:
+        """The newest keyframe of the window, None before the first."""
+        latest = self._window.latest()
+        return None if latest is None else latest.keyframe
+
+    def label_map(self, labels: Sequence[str], snapshot: MapSnapshot | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Closed-set labelling of `snapshot` (default: the latest): (label index (N,) int32,
+        score (N,) float32) per voxel, see :func:`ros2_sab3r.query.labels.label_voxels`."""
+        snap = self._map.snapshot() if snapshot is None else snapshot
+        return label_voxels(snap, self._query.embed(list(labels)), self._cfg.query.temperature,
+                            self._cfg.query.threads)
+
     def snapshot(self) -> MapSnapshot:
         """The latest immutable map snapshot (never blocks)."""
-        return self.map.snapshot()
+        return self._map.snapshot()
 
     def locate(self, query: LocateQuery, snapshot: MapSnapshot | None = None) -> LocateResult:
         """Answer a Locate request on `snapshot` (default: the latest); raises LocateError on
         bad input."""
-        return self.query.locate(self.map.snapshot() if snapshot is None else snapshot, query)
+        return self._query.locate(self._map.snapshot() if snapshot is None else snapshot, query)
 
     def save(self, path) -> None:
         """Write the latest snapshot of the map to `path` atomically (npz + JSON metadata)."""
-        save_map(self.map, path, extra={'pose_source': self.cfg.frames.pose_source,
-                                        'backend': getattr(self.backend, 'name', '')})
+        save_map(self._map, path, extra={'pose_source': self._cfg.frames.pose_source,
+                                        'backend': getattr(self._backend, 'name', '')})
 
     # --------------------------------------------------------------------------- writers
+    def close(self) -> None:
+        """Release the backend's resources now (TensorRT: GPU buffers and engines) rather than
+        when it is garbage-collected; the pipeline is not used afterwards."""
+        close = getattr(self._backend, 'close', None)
+        if close is not None:
+            close()
+
     def load(self, path) -> None:
         """Replace the map by the one in `path`; on any error the current map is kept.
 
@@ -173,20 +203,20 @@ class Pipeline:
         frames (which start a new trajectory) are not registered against it: loading is for
         querying. In posed mode new frames keep extending it.
         """
-        mf = read_map(path, self.cfg.mapping, self.text_encoder.dim)
-        new_map = map_from_file(mf, self.cfg.mapping, frame=self.cfg.frames.map_frame)
+        mf = read_map(path, self._cfg.mapping, self._text_encoder.dim)
+        new_map = map_from_file(mf, self._cfg.mapping, frame=self._cfg.frames.map_frame)
         with self._write_lock:
-            self.map = new_map
-            self.window.clear()
-        if not self.posed:
+            self._map = new_map
+            self._window.clear()
+        if not self._posed:
             log.warning('loaded map %s in unposed mode: new frames start a new trajectory and are '
                         'not relocalised against it', path)
 
     def reset(self) -> None:
         """Forget keyframes and map (e.g. after the robot was carried elsewhere)."""
         with self._write_lock:
-            self.window.clear()
-            self.map.clear()
+            self._window.clear()
+            self._map.clear()
             self.frames_processed = 0
             self.frames_skipped = 0
 
@@ -197,7 +227,7 @@ class Pipeline:
         with self._write_lock:
             clock = StageClock()
             try:
-                result = (self._step_posed if self.posed else self._step_unposed)(frame, clock)
+                result = (self._step_posed if self._posed else self._step_unposed)(frame, clock)
             except FrameRejected as exc:
                 result = self._skipped(frame, str(exc))
             self.frames_processed += 1
@@ -205,8 +235,8 @@ class Pipeline:
                 self.frames_skipped += 1
                 log.debug('frame %d skipped: %s', frame.stamp_ns, result.reason)
             return dataclasses.replace(
-                result, latency=clock.latency(), keyframes_in_window=len(self.window),
-                keyframes_total=self.window.total, voxels=self.map.n_voxels)
+                result, latency=clock.latency(), keyframes_in_window=len(self._window),
+                keyframes_total=self._window.total, voxels=self._map.n_voxels)
 
     # ------------------------------------------------------------------------- internals
     def _skipped(self, frame: CameraFrame, reason: str) -> StepResult:
@@ -224,10 +254,10 @@ class Pipeline:
             raise FrameRejected(f'{type(exc).__name__}: {exc}') from exc
 
     def _encode(self, clock: StageClock, frame: CameraFrame):
-        return self._backend_call(clock, 'encode', self.backend.encode, frame)
+        return self._backend_call(clock, 'encode', self._backend.encode, frame)
 
     def _decode(self, clock: StageClock, a, b) -> PairPrediction:
-        pred = self._backend_call(clock, 'decode', self.backend.decode, a, b)
+        pred = self._backend_call(clock, 'decode', self._backend.decode, a, b)
         hw = tuple(pred.image_size)
         return dataclasses.replace(pred, view1=sanitize_view(pred.view1, hw, 'view 1'),
                                    view2=sanitize_view(pred.view2, hw, 'view 2'))
@@ -237,22 +267,22 @@ class Pipeline:
         H, W = X.shape[:2]
         if frame.K is not None:
             return intrinsics_to_network(frame.K, frame.image.shape[:2], (H, W)), False
-        f = estimate_focal(X, mask=C >= self.cfg.geometry.min_confidence)
+        f = estimate_focal(X, mask=C >= self._cfg.geometry.min_confidence)
         return intrinsics_from_focal(f, W, H), True
 
     def _make_keyframe(self, frame: CameraFrame, T_WC: np.ndarray, X: np.ndarray,
                        view: ViewPrediction) -> PosedKeyframe:
         K, estimated = self._intrinsics(frame, X, view.C)
         return PosedKeyframe(
-            keyframe_id=self.window.total, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
+            keyframe_id=self._window.total, stamp_ns=frame.stamp_ns, frame_id=frame.frame_id,
             T_WC=T_WC, K=K, X=X.astype(np.float32), C=view.C,
             rgb=resample_to_network(frame.image, X.shape[:2]), S_clip=view.S_clip,
             S_dino=view.S_dino, focal_estimated=estimated)
 
     def _step_unposed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
-        g = self.cfg.geometry
+        g = self._cfg.geometry
         tokens = self._encode(clock, frame)
-        latest = self.window.latest()
+        latest = self._window.latest()
         if latest is None:
             pred = self._decode(clock, tokens, tokens)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
@@ -261,7 +291,7 @@ class Pipeline:
                               T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
         pred = self._decode(clock, tokens, latest.tokens)
         overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
-                              self.cfg.keyframes.match_stride, pred.view1.D_conf,
+                              self._cfg.keyframes.match_stride, pred.view1.D_conf,
                               pred.view2.D_conf, g.min_confidence)
         kf_latest = latest.keyframe
         sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
@@ -272,11 +302,11 @@ class Pipeline:
                 f'registration to keyframe {kf_latest.keyframe_id} is inconsistent (RMS '
                 f'{sim.rmse:.3f} m at depth {depth:.2f} m, above geometry.max_registration_rmse)')
         T_WC = kf_latest.T_WC @ similarity_to_T(sim)
-        if not needs_keyframe_by_overlap(overlap, self.cfg.keyframes):
+        if not needs_keyframe_by_overlap(overlap, self._cfg.keyframes):
             return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC,
                               overlap=overlap)
         edges = [(kf_latest, pred.view2, sim.s)]
-        for other in self.window.recent(self.cfg.keyframes.pairs_per_keyframe)[1:]:
+        for other in self._window.recent(self._cfg.keyframes.pairs_per_keyframe)[1:]:
             p = self._decode(clock, tokens, other.tokens)
             try:
                 s = clock.run('pose', register_to_keyframe, p.view2.X, p.view2.C,
@@ -292,32 +322,32 @@ class Pipeline:
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
         self._insert(kf, tokens, clock)
         return StepResult(stamp_ns=frame.stamp_ns, status='keyframe',
-                          reason=f'overlap {overlap:.2f} < {self.cfg.keyframes.min_overlap}',
+                          reason=f'overlap {overlap:.2f} < {self._cfg.keyframes.min_overlap}',
                           T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
 
     def _step_posed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
-        g = self.cfg.geometry
+        g = self._cfg.geometry
         if frame.T_WC is None:
             return self._skipped(frame, "no pose with the frame (frames.pose_source is 'tf'); "
                                         'check TF between the map and camera frames')
         T_WC = np.asarray(frame.T_WC, dtype=np.float64)
         if not is_rigid(T_WC):
             return self._skipped(frame, 'the frame pose is not a finite rigid transform')
-        latest = self.window.latest()
+        latest = self._window.latest()
         if latest is None:
             tokens = self._encode(clock, frame)
             pred = self._decode(clock, tokens, tokens)
             kf = self._make_keyframe(frame, T_WC, pred.view1.X, pred.view1)
             # Its scale is unknown until the camera moves: kept in the window, fused later.
-            self.window.insert(WindowKeyframe(kf, tokens, metric=False))
+            self._window.insert(WindowKeyframe(kf, tokens, metric=False))
             return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', T_WC=T_WC,
                               keyframe_id=kf.keyframe_id,
                               reason='first keyframe; map waits for motion to fix the scale')
-        new, why = needs_keyframe_by_pose(T_WC, latest.keyframe.T_WC, self.cfg.keyframes)
+        new, why = needs_keyframe_by_pose(T_WC, latest.keyframe.T_WC, self._cfg.keyframes)
         if not new:
             return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC)
         tokens = self._encode(clock, frame)
-        partners = self.window.recent(self.cfg.keyframes.pairs_per_keyframe)
+        partners = self._window.recent(self._cfg.keyframes.pairs_per_keyframe)
         scaled_X = []
         for wk in partners:
             p = self._decode(clock, tokens, wk.tokens)
@@ -329,7 +359,7 @@ class Pipeline:
                 else:
                     s, k = clock.run('pose', bootstrap_scale_posed, *args)
                     fixed = dataclasses.replace(kf, X=(kf.X / k).astype(np.float32))
-                    self.window.replace_latest(WindowKeyframe(fixed, wk.tokens, metric=True))
+                    self._window.replace_latest(WindowKeyframe(fixed, wk.tokens, metric=True))
                     self._integrate(fixed, clock)
             except RegistrationError as exc:
                 if not wk.metric:
@@ -348,8 +378,8 @@ class Pipeline:
                           keyframe_id=kf.keyframe_id)
 
     def _insert(self, kf: PosedKeyframe, tokens, clock: StageClock) -> None:
-        self.window.insert(WindowKeyframe(kf, tokens, metric=True))
+        self._window.insert(WindowKeyframe(kf, tokens, metric=True))
         self._integrate(kf, clock)
 
     def _integrate(self, kf: PosedKeyframe, clock: StageClock) -> None:
-        clock.run('integrate', fuse_keyframe, self.map, kf, self.cfg.mapping)
+        clock.run('integrate', fuse_keyframe, self._map, kf, self._cfg.mapping)

@@ -34,8 +34,8 @@ from ros2_sab3r.eval import metrics
 from ros2_sab3r.eval.bag import BagData, BagFrame
 from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.inference.factory import LoadedModel
-from ros2_sab3r.pipeline import Pipeline, resample_to_network
-from ros2_sab3r.query.labels import label_voxels
+from ros2_sab3r.model.preprocess import resample_to_network
+from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery, StepLatency, StepResult
 
 log = logging.getLogger(__name__)
@@ -323,11 +323,9 @@ class Evaluator:
 
     def _voxel_labels(self, snap, names: dict[int, str], pipeline: Pipeline) -> np.ndarray:
         """(N,) class id of each voxel by cosine with the class embeddings, -1 without feature
-        (the same labelling as the node's map cloud: query.labels.label_voxels)."""
+        (the same labelling as the node's map cloud: Pipeline.label_map)."""
         ids = np.array(sorted(names))
-        E = pipeline.query.embed([names[i] for i in ids])
-        idx, _ = label_voxels(snap, E, pipeline.cfg.query.temperature,
-                              pipeline.cfg.query.threads)
+        idx, _ = pipeline.label_map([names[i] for i in ids], snap)
         return np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
 
     def _map_metrics(self, pipeline: Pipeline, align: metrics.Similarity3,

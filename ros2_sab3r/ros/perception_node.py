@@ -40,7 +40,6 @@ from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import LocateError, validate_query
-from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
@@ -283,9 +282,7 @@ class PerceptionNode(LifecycleNode):
             self.destroy_publisher(pub)
         self._pubs = {}
         if self._pipeline is not None:
-            close = getattr(self._pipeline.backend, 'close', None)
-            if close is not None:  # TensorRT: GPU buffers and engines, now rather than at GC
-                close()
+            self._pipeline.close()  # TensorRT: GPU buffers and engines, now rather than at GC
         self._pipeline = None  # frees the backend (and its GPU memory) with the last reference
         self._backend_name = ''
         self._no_model_reason = 'the node is not configured'
@@ -446,7 +443,7 @@ class PerceptionNode(LifecycleNode):
             return
         header = Header(stamp=messages.stamp_from_ns(frame.stamp_ns),
                         frame_id=cfg.frames.map_frame)
-        poses = [item.keyframe.T_WC for item in pipeline.window]
+        poses = pipeline.keyframe_poses()
         pose_array, path = messages.poses_to_msgs(header, poses)
         self._pubs['poses'].publish(pose_array)
         self._pubs['path'].publish(path)
@@ -467,8 +464,7 @@ class PerceptionNode(LifecycleNode):
         extra = None
         labels = self._cfg.publish.map_labels if self._cfg else ()
         if labels:
-            label, score = label_voxels(snap, pipeline.query.embed(list(labels)),
-                                        self._cfg.query.temperature, self._cfg.query.threads)
+            label, score = pipeline.label_map(labels, snap)
             extra = {'label': label, 'score': score}
         pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors, extra))
 

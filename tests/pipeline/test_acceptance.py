@@ -38,7 +38,7 @@ def test_unposed_trajectory_error_below_2cm_and_1deg(unposed_run, frames):
     # keyframes are a subset, the encoder ran once per frame and the window is bounded
     n_kf = sum(r.is_keyframe for r in results)
     assert 3 <= n_kf < 60
-    assert results[-1].keyframes_in_window <= pipeline.cfg.keyframes.window_size
+    assert results[-1].keyframes_in_window <= pipeline.config.keyframes.window_size
 
 
 def test_step_latency_names_the_stages_that_ran(unposed_run):
@@ -54,7 +54,7 @@ def test_step_latency_names_the_stages_that_ran(unposed_run):
 
 def test_unposed_focal_is_estimated_from_the_pointmap(unposed_run, frames):
     pipeline, _ = unposed_run
-    kf = pipeline.window.latest().keyframe
+    kf = pipeline.latest_keyframe()
     assert kf.focal_estimated is False  # frames carried K
     from ros2_sab3r.geometry.focal import estimate_focal
     f = estimate_focal(kf.X, kf.C > 1.5)
@@ -66,7 +66,7 @@ def test_locate_every_class_posed(posed_run, scene, frames):
     assert all(r.status != 'skipped' for r in results), [r.reason for r in results]
     keyframe_stamps = {r.stamp_ns for r in results if r.is_keyframe}
     seen = [f for f in frames if f.stamp_ns in keyframe_stamps]
-    reference = observed_centroids(seen, pipeline.cfg.mapping.voxel_size_m)
+    reference = observed_centroids(seen, pipeline.config.mapping.voxel_size_m)
     labels = scene.labels
     result = pipeline.locate(LocateQuery(queries=tuple(labels)))
     truth = {o.label: o for o in scene.objects}
