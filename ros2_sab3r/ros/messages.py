@@ -1,7 +1,7 @@
 """Pipeline values <-> ROS messages: clouds, Locate requests and answers, markers, poses.
 
 sensor_msgs_py (the usual PointCloud2 helper) is not published as a wheel, so clouds are packed
-with numpy structured arrays here; tests round-trip them through :func:`cloud_to_arrays`.
+with numpy structured arrays here (tests unpack them with tests/ros/clouds.py).
 """
 
 from __future__ import annotations
@@ -42,12 +42,6 @@ def pack_rgb(colors: np.ndarray) -> np.ndarray:
     return packed.astype(np.uint32).view(np.float32)
 
 
-def unpack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_rgb`: (N,) float32 -> (N, 3) uint8."""
-    v = np.ascontiguousarray(rgb, np.float32).view(np.uint32)
-    return np.stack([(v >> 16) & 255, (v >> 8) & 255, v & 255], axis=1).astype(np.uint8)
-
-
 def arrays_to_cloud(header: Header, X: np.ndarray, colors: np.ndarray | None = None,
                     extra: dict[str, np.ndarray] | None = None) -> PointCloud2:
     """Pack (N, 3) points, optional (N, 3) uint8 colours and extra float32 fields."""
@@ -76,19 +70,6 @@ def arrays_to_cloud(header: Header, X: np.ndarray, colors: np.ndarray | None = N
     msg.is_dense = bool(np.isfinite(X).all())
     msg.data = data.tobytes()
     return msg
-
-
-def cloud_to_arrays(msg: PointCloud2) -> dict[str, np.ndarray]:
-    """Unpack the float32 fields of a PointCloud2 into {name: (N,) array} ('rgb' -> (N, 3))."""
-    n = msg.width * msg.height
-    fields = [f for f in msg.fields if f.datatype == PointField.FLOAT32 and f.count == 1]
-    dtype = np.dtype({'names': [f.name for f in fields], 'formats': [np.float32] * len(fields),
-                      'offsets': [f.offset for f in fields], 'itemsize': msg.point_step})
-    data = np.frombuffer(bytes(msg.data), dtype, count=n)
-    out = {name: np.array(data[name]) for name in data.dtype.names}
-    if 'rgb' in out:
-        out['rgb'] = unpack_rgb(out['rgb'])
-    return out
 
 
 def _pose(position: np.ndarray, quat_xyzw: np.ndarray) -> Pose:

@@ -9,6 +9,8 @@ from ros2_sab3r import types
 from ros2_sab3r.msg import LocatedObject
 from ros2_sab3r.ros import messages
 
+from .clouds import cloud_to_arrays
+
 pytestmark = pytest.mark.ros
 
 
@@ -20,7 +22,7 @@ def test_cloud_round_trip():
     msg = messages.arrays_to_cloud(Header(frame_id='map'), X, rgb, {'score': score})
     assert [f.name for f in msg.fields] == ['x', 'y', 'z', 'rgb', 'score']
     assert msg.point_step == 20 and msg.row_step == 20 * 50 and len(msg.data) == 1000
-    out = messages.cloud_to_arrays(msg)
+    out = cloud_to_arrays(msg)
     np.testing.assert_array_equal(np.stack([out['x'], out['y'], out['z']], 1), X)
     np.testing.assert_array_equal(out['rgb'], rgb)
     np.testing.assert_array_equal(out['score'], score)

@@ -21,6 +21,7 @@ from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.sim.standin import SceneSpec
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 
+from .clouds import cloud_to_arrays
 from .rosgraph import NodeProcess, call, spin_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -97,7 +98,7 @@ def test_map_is_built_and_published(ros_node, replayed):
     stamps = {f.stamp_ns for f in frames}
     assert messages.ns_from_stamp(cloud.header.stamp) in stamps
     assert poses[-1].header.frame_id == 'map' and len(poses[-1].poses) >= 2
-    xyz = messages.cloud_to_arrays(cloud)
+    xyz = cloud_to_arrays(cloud)
     assert np.isfinite(xyz['x']).all() and xyz['rgb'].shape == (cloud.width, 3)
     # publish.map_labels: a closed-set label and its score per voxel; the scene's walls and
     # floor are most of what the camera saw
@@ -162,7 +163,7 @@ def test_locate_publishes_markers_and_relevancy(ros_node, replayed):
     cloud = relevancy[-1]
     assert cloud.header.frame_id == 'map' and cloud.header.stamp == best.header.stamp
     assert cloud.width == status[-1].voxels
-    fields = messages.cloud_to_arrays(cloud)
+    fields = cloud_to_arrays(cloud)
     r = fields['relevancy']
     assert ((r >= 0) & (r <= 1)).all() and r.max() >= best.score - 1e-6
     # the located object's voxels are the relevant ones: those near its centroid score higher
