@@ -22,9 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ros2_sab3r.model.network import create_network  # noqa: E402
-
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+from ros2_sab3r.model.network import BACKBONE_DTYPES, create_network  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--config', default='mast3r_vitl_512')
     parser.add_argument('--small', action='store_true', help='tiny_cd config at 64x48')
     parser.add_argument('--size', default='512x384', help='WxH of both images')
-    parser.add_argument('--dtype', default='fp32', choices=tuple(DTYPES))
+    parser.add_argument('--dtype', default='fp32', choices=tuple(BACKBONE_DTYPES))
     parser.add_argument('--threads', type=int, default=0, help='0: torch default')
     parser.add_argument('--repeat', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=1)
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     net = create_network(args.config)
     if args.dtype != 'fp32':
-        net.set_backbone_dtype(DTYPES[args.dtype])
+        net.set_backbone_dtype(BACKBONE_DTYPES[args.dtype])
     build_s = time.perf_counter() - start
     gen = torch.Generator().manual_seed(0)
     img1 = torch.rand(1, 3, height, width, generator=gen) * 2 - 1

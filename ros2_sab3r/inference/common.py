@@ -1,8 +1,9 @@
 """Pieces every backend shares: frame preprocessing, the token handle, outputs by name.
 
 The decoder graph's outputs carry the official MASt3R names (``pts3d_1``, ``conf_1``, ``desc_1``,
-``desc_conf_1``, ``clip_1``, ``dino_1``, ``pts3d_in_other_view_2``, ...); :func:`pair_from_named`
-turns them into the pipeline's :class:`PairPrediction`, whichever runtime produced them.
+``desc_conf_1``, ``clip_1``, ``dino_1``, ``pts3d_in_other_view_2``, ..., named in
+:mod:`ros2_sab3r.model.outputs`); :func:`pair_from_named` turns them into the pipeline's
+:class:`PairPrediction`, whichever runtime produced them.
 """
 
 from __future__ import annotations
@@ -14,18 +15,9 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ros2_sab3r.model.outputs import OUTPUT_FIELDS, PREDICTION_FIELDS, REQUIRED_OUTPUTS
 from ros2_sab3r.model.preprocess import fixed_crop
 from ros2_sab3r.types import CameraFrame, PairPrediction, ViewPrediction
-
-# Decoder output name -> (view, ViewPrediction field).
-OUTPUT_FIELDS: dict[str, tuple[int, str]] = {
-    'pts3d_1': (1, 'X'), 'conf_1': (1, 'C'), 'desc_1': (1, 'D'), 'desc_conf_1': (1, 'D_conf'),
-    'clip_1': (1, 'S_clip'), 'dino_1': (1, 'S_dino'),
-    'pts3d_in_other_view_2': (2, 'X'), 'conf_2': (2, 'C'), 'desc_2': (2, 'D'),
-    'desc_conf_2': (2, 'D_conf'), 'clip_2': (2, 'S_clip'), 'dino_2': (2, 'S_dino'),
-}
-REQUIRED_OUTPUTS = ('pts3d_1', 'conf_1', 'desc_1', 'desc_conf_1', 'pts3d_in_other_view_2',
-                    'conf_2', 'desc_2', 'desc_conf_2')
 
 
 @dataclass(frozen=True)
@@ -63,7 +55,8 @@ def pair_from_named(named: Mapping[str, np.ndarray], image_size: tuple[int, int]
     for name, array in named.items():
         if name in OUTPUT_FIELDS:
             view, field = OUTPUT_FIELDS[name]
-            views[view][field] = np.ascontiguousarray(array[0], dtype=np.float32)
+            views[view][PREDICTION_FIELDS[field]] = np.ascontiguousarray(array[0],
+                                                                         dtype=np.float32)
     return PairPrediction(view1=ViewPrediction(**views[1]), view2=ViewPrediction(**views[2]),
                           image_size=tuple(image_size), extras=dict(extras or {}))
 

@@ -17,11 +17,10 @@ import torch
 
 from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.common import ArrayGraphBackend
-from ros2_sab3r.model.network import DecoderGraph, Sab3rNet
+from ros2_sab3r.model.network import BACKBONE_DTYPES, DecoderGraph, Sab3rNet
+from ros2_sab3r.model.preprocess import check_patch_multiple
 
 log = logging.getLogger(__name__)
-
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 class _CudaGraphStage:
@@ -57,8 +56,9 @@ class TorchBackend(ArrayGraphBackend):
             raise BackendUnavailable(
                 "model.dtype 'int8' is the onnxruntime backend's quantised CPU graphs "
                 "(sab3r-export --int8); the torch backend runs 'fp32', 'fp16' or 'bf16'")
-        if dtype not in DTYPES:
-            raise BackendUnavailable(f'model.dtype={dtype!r} is not one of {", ".join(DTYPES)}')
+        if dtype not in BACKBONE_DTYPES:
+            raise BackendUnavailable(
+                f'model.dtype={dtype!r} is not one of {", ".join(BACKBONE_DTYPES)}')
         if device == 'cuda' and not torch.cuda.is_available():
             raise BackendUnavailable(
                 "model.device is 'cuda' but torch sees no CUDA device (torch "
@@ -66,12 +66,13 @@ class TorchBackend(ArrayGraphBackend):
         if cuda_graphs and device != 'cuda':
             raise BackendUnavailable("model.cuda_graphs needs model.device 'cuda'")
         p = net.cfg.patch_size
-        if input_size[0] % p or input_size[1] % p:
+        try:
+            check_patch_multiple(input_size, p, 'network input')
+        except ValueError as exc:
             raise BackendUnavailable(
-                f'network input {input_size[0]}x{input_size[1]} is not a multiple of the patch '
-                f'size {p}; set model.image_height/model.image_width to multiples of {p}')
+                f'{exc}; set model.image_height/model.image_width to multiples of {p}') from None
         self.net = net.to(device).eval()
-        self.net.set_backbone_dtype(DTYPES[dtype])
+        self.net.set_backbone_dtype(BACKBONE_DTYPES[dtype])
         # The heads are convolution stacks up to full resolution, which oneDNN (CPU) and cuDNN
         # run fastest channels-last (sab3r_cd decode on 2 CPU threads: 8.9 s -> 7.5 s). Only the
         # weights' memory layout changes, not their values or the outputs.

@@ -25,6 +25,7 @@ from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.inference.manifest import ExportError, ExportManifest, GraphPair, read_manifest
 from ros2_sab3r.inference.trt_engine import ensure_engines, import_tensorrt
+from ros2_sab3r.model.outputs import DECODER_INPUTS, ENCODER_INPUT, ENCODER_OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,10 @@ class TensorRTBackend(ArrayGraphBackend):
             raise BackendUnavailable(
                 f'{decoder_engine.name} outputs {sorted(self._decoder.outputs)} differ from the '
                 f'export manifest {sorted(expected)}; delete the engine cache and rebuild')
-        if self._encoder.shape('image') != (1, 3, *self.input_size):
-            raise BackendUnavailable(f'{encoder_engine.name} takes {self._encoder.shape("image")}'
-                                     f', the manifest says {(1, 3, *self.input_size)}; rebuild')
+        image_shape = self._encoder.shape(ENCODER_INPUT)
+        if image_shape != (1, 3, *self.input_size):
+            raise BackendUnavailable(f'{encoder_engine.name} takes {image_shape}, the manifest '
+                                     f'says {(1, 3, *self.input_size)}; rebuild')
         log.info('%s: %s, %s', self.name, encoder_engine.name, decoder_engine.name)
 
     @classmethod
@@ -145,10 +147,10 @@ class TensorRTBackend(ArrayGraphBackend):
 
     def encode_array(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) float32 tokens (host)."""
-        return self._run(self._encoder, {'image': image})['tokens']
+        return self._run(self._encoder, {ENCODER_INPUT: image})[ENCODER_OUTPUT]
 
     def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run(self._decoder, {'tokens1': tokens1, 'tokens2': tokens2})
+        return self._run(self._decoder, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
 
     def close(self) -> None:
         """Free the GPU buffers (the node's deactivate); the backend is unusable afterwards.

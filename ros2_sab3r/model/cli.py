@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from ros2_sab3r.model.checkpoint import CheckpointError, load_network, save_network
-from ros2_sab3r.model.outputs import PairOutput
+from ros2_sab3r.model.network import BACKBONE_DTYPES
+from ros2_sab3r.model.outputs import PairOutput, named_outputs
 from ros2_sab3r.model.preprocess import load_image, tensor_to_u8
-
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 def _add_loading_args(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +35,7 @@ def _add_loading_args(parser: argparse.ArgumentParser) -> None:
 
 def pair_output_arrays(out: PairOutput) -> dict[str, np.ndarray]:
     """Official output names, arrays with the batch dimension kept."""
-    arrays: dict[str, np.ndarray] = {}
-    for v, view in ((1, out.view1), (2, out.view2)):
-        pts_name = 'pts3d_1' if v == 1 else 'pts3d_in_other_view_2'
-        named = {pts_name: view.pts3d, f'conf_{v}': view.conf, f'desc_{v}': view.desc,
-                 f'desc_conf_{v}': view.desc_conf, f'clip_{v}': view.clip, f'dino_{v}': view.dino}
-        for name, t in named.items():
-            if t is not None:
-                arrays[name] = t.detach().float().cpu().numpy()
-    return arrays
+    return {name: t.detach().float().cpu().numpy() for name, t in named_outputs(out).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--image2', help='second image file')
     parser.add_argument('--out', required=True, help='output .npz')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
-    parser.add_argument('--dtype', default='fp32', choices=tuple(DTYPES),
+    parser.add_argument('--dtype', default='fp32', choices=tuple(BACKBONE_DTYPES),
                         help='backbone precision; heads and post-processing stay fp32')
     parser.add_argument('--long-side', type=int, default=512, help='network input long side')
     parser.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
@@ -74,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'sab3r-infer: {exc}', file=sys.stderr)
         return 2
     if args.dtype != 'fp32':
-        net.set_backbone_dtype(DTYPES[args.dtype])
+        net.set_backbone_dtype(BACKBONE_DTYPES[args.dtype])
     if args.pair:
         with np.load(args.pair) as data:
             img1 = torch.from_numpy(np.asarray(data['img1'], dtype=np.float32))

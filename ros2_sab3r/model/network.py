@@ -20,9 +20,23 @@ from torch import nn
 from ros2_sab3r.model.arch import NetworkConfig
 from ros2_sab3r.model.heads import DownstreamHead
 from ros2_sab3r.model.layers import DecoderBlock, EncoderBlock, rope_tables
-from ros2_sab3r.model.outputs import EncodedImage, PairOutput, ViewOutput, ViewTokens
+from ros2_sab3r.model.outputs import (
+    DECODER_INPUTS,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    EncodedImage,
+    PairOutput,
+    ViewOutput,
+    ViewTokens,
+    named_outputs,
+    output_names,
+)
+from ros2_sab3r.model.preprocess import check_patch_multiple
 
 logger = logging.getLogger(__name__)
+
+# Backbone precisions by the names used in parameters and on command lines (model.dtype).
+BACKBONE_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 BACKBONE_MODULES = ('patch_embed', 'enc_blocks', 'enc_norm', 'decoder_embed', 'dec_blocks',
                     'dec_norm', 'dec_blocks2')
@@ -106,8 +120,7 @@ class Sab3rNet(nn.Module):
         # Image sizes are static by design (ints, constants in an exported graph).
         big_h, big_w = int(img.shape[2]), int(img.shape[3])
         p = self.cfg.patch_size
-        if big_h % p or big_w % p:
-            raise ValueError(f'image size {big_h}x{big_w} is not a multiple of the patch size {p}')
+        check_patch_multiple((big_h, big_w), p)
         grid = (big_h // p, big_w // p)
         x = self.patch_embed(img.to(self.backbone_dtype))  # (B, N, enc)
         rope = rope_tables(grid, self.cfg.enc_head_dim, self.cfg.rope_base, x.device, x.dtype)
@@ -168,7 +181,8 @@ class Sab3rNet(nn.Module):
 class EncoderGraph(nn.Module):
     """Export wrapper: images (B, 3, H, W) -> encoder tokens (B, N, enc_dim)."""
 
-    output_names = ('tokens',)
+    input_names = (ENCODER_INPUT,)
+    output_names = (ENCODER_OUTPUT,)
 
     def __init__(self, net: Sab3rNet) -> None:
         super().__init__()
@@ -182,6 +196,8 @@ class DecoderGraph(nn.Module):
     """Export wrapper: (tokens1, tokens2) -> flat tuple of per-view outputs, in
     :attr:`output_names` order. Image sizes are fixed at construction (static shapes)."""
 
+    input_names = DECODER_INPUTS
+
     def __init__(self, net: Sab3rNet, image_size1: tuple[int, int],
                  image_size2: tuple[int, int] | None = None) -> None:
         super().__init__()
@@ -191,21 +207,13 @@ class DecoderGraph(nn.Module):
         self.image_size2 = tuple(image_size2 or image_size1)
         self.grid1 = (self.image_size1[0] // p, self.image_size1[1] // p)
         self.grid2 = (self.image_size2[0] // p, self.image_size2[1] // p)
-        names = []
-        for v in (1, 2):
-            pts = 'pts3d_1' if v == 1 else 'pts3d_in_other_view_2'
-            names += [pts, f'conf_{v}', f'desc_{v}', f'desc_conf_{v}']
-            names += [f'{h.name}_{v}' for h in net.cfg.feature_heads]
-        self.output_names = tuple(names)
+        self.output_names = output_names([h.name for h in net.cfg.feature_heads])
 
     def forward(self, tokens1: torch.Tensor, tokens2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net.decode(EncodedImage(tokens1, self.grid1, self.image_size1),
                               EncodedImage(tokens2, self.grid2, self.image_size2))
-        flat: list[torch.Tensor] = []
-        for view in (out.view1, out.view2):
-            flat += [view.pts3d, view.conf, view.desc, view.desc_conf]
-            flat += [getattr(view, h.name) for h in self.net.cfg.feature_heads]
-        return tuple(flat)
+        named = named_outputs(out)
+        return tuple(named[name] for name in self.output_names)
 
 
 def create_network(cfg: NetworkConfig | str, device: torch.device | str = 'cpu') -> Sab3rNet:

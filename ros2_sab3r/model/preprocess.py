@@ -27,6 +27,17 @@ import PIL.ImageOps
 if TYPE_CHECKING:
     import torch
 
+PATCH_SIZE = 16  # of every shipped architecture (NetworkConfig.patch_size)
+
+
+def check_patch_multiple(size: tuple[int, int], patch_size: int = PATCH_SIZE,
+                         what: str = 'image size') -> None:
+    """ValueError unless both sides of ``size`` (H, W) are multiples of ``patch_size``: the one
+    check of a network input size (network, export, backends, parameters)."""
+    h, w = size
+    if h % patch_size or w % patch_size:
+        raise ValueError(f'{what} {h}x{w} is not a multiple of the patch size {patch_size}')
+
 
 @dataclass(frozen=True)
 class NetworkCrop:
@@ -92,7 +103,7 @@ def _centre_crop(original: tuple[int, int], resized: tuple[int, int], size: tupl
     return NetworkCrop(tuple(original), (H2, W2), ((H2 - H) // 2, (W2 - W) // 2), (H, W))
 
 
-def official_crop(image_hw: tuple[int, int], long_side: int = 512, patch_size: int = 16,
+def official_crop(image_hw: tuple[int, int], long_side: int = 512, patch_size: int = PATCH_SIZE,
                   square_ok: bool = False) -> NetworkCrop:
     """The official loader's geometry: long side to ``long_side``, crop to patch multiples."""
     h1, w1 = image_hw
@@ -186,7 +197,7 @@ def u8_to_array(u8: np.ndarray) -> np.ndarray:
 
 
 def prepare_image(image: PIL.Image.Image | np.ndarray, long_side: int = 512,
-                  patch_size: int = 16, square_ok: bool = False) -> PreparedImage:
+                  patch_size: int = PATCH_SIZE, square_ok: bool = False) -> PreparedImage:
     """Preprocess one RGB image (PIL image or (H, W, 3) uint8 array) like the official loader."""
     pil = _as_pil(image)
     crop = official_crop((pil.height, pil.width), long_side, patch_size, square_ok)
@@ -202,7 +213,7 @@ def prepare_fixed(image: PIL.Image.Image | np.ndarray, net_hw: tuple[int, int]) 
     return PreparedImage(tensor=u8_to_tensor(u8), image_u8=u8, crop=crop)
 
 
-def load_image(path: str | Path, long_side: int = 512, patch_size: int = 16,
+def load_image(path: str | Path, long_side: int = 512, patch_size: int = PATCH_SIZE,
                square_ok: bool = False) -> PreparedImage:
     """Open an image file (EXIF orientation applied) and preprocess it."""
     with PIL.Image.open(path) as img:

@@ -6,8 +6,6 @@ with numpy structured arrays here (tests unpack them with tests/ros/clouds.py).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point, Pose, PoseArray, PoseStamped, TransformStamped, Vector3
 from nav_msgs.msg import Path
@@ -101,20 +99,6 @@ def transform_from_matrix(header: Header, child: str, T: np.ndarray) -> Transfor
     tf.transform.translation = Vector3(x=pose.position.x, y=pose.position.y, z=pose.position.z)
     tf.transform.rotation = pose.orientation
     return tf
-
-
-def transform_located(obj: types.LocatedObject, T_TM: np.ndarray) -> types.LocatedObject:
-    """Express a located object in another frame: T_TM maps map points into the target frame."""
-    R, t = T_TM[:3, :3], T_TM[:3, 3]
-    box = obj.box
-    if box is not None:
-        q = (Rotation.from_matrix(R) * Rotation.from_quat(box.quat_xyzw)).as_quat()
-        box = types.OrientedBox(center=R @ box.center + t, quat_xyzw=q, size=box.size)
-    return replace(
-        obj,
-        centroid=None if obj.centroid is None else R @ obj.centroid + t,
-        box=box,
-        points=None if obj.points is None else (obj.points @ R.T + t).astype(np.float32))
 
 
 def locate_query_from_request(request) -> types.LocateQuery:

@@ -36,10 +36,11 @@ from visualization_msgs.msg import MarkerArray
 from ros2_sab3r.config import PerceptionConfig
 from ros2_sab3r.frames.decode import ConversionError, camera_info_to_K, image_to_rgb
 from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
+from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
-from ros2_sab3r.query.engine import LocateError, validate_query
+from ros2_sab3r.query.engine import BadLocateRequest, EmptyMapError, LocateError, validate_query
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
@@ -478,22 +479,23 @@ class PerceptionNode(LifecycleNode):
                    ) -> Locate.Response:
         cfg = self._cfg
         assert cfg is not None
+        query = messages.locate_query_from_request(request)
+        pipeline = self._pipeline  # one reference: cleanup may drop it meanwhile
+        response.success = False
         try:
-            query = validate_query(messages.locate_query_from_request(request), cfg.query)
-        except LocateError as err:
-            response.success = False
+            if pipeline is None:  # no engine: a malformed request is still answered as such
+                validate_query(query, cfg.query)
+                response.message = self._no_map_reason()
+                return response
+            snapshot = pipeline.snapshot()
+            result = pipeline.locate(query, snapshot)  # validates the request
+        except BadLocateRequest as err:
             response.message = f'bad request: {err}'
             return response
-        pipeline = self._pipeline  # one reference: cleanup may drop it meanwhile
-        snapshot = None if pipeline is None else pipeline.snapshot()
-        if snapshot is None or snapshot.empty:
-            response.success = False
+        except EmptyMapError:
             response.message = self._no_map_reason()
             return response
-        try:
-            result = pipeline.locate(query, snapshot)
         except LocateError as err:
-            response.success = False
             response.message = str(err)
             return response
         frame, objects, note = result.frame or cfg.frames.map_frame, list(result.objects), ''
@@ -504,7 +506,7 @@ class PerceptionNode(LifecycleNode):
             except TransformLookupError as err:
                 note = f'; answered in {frame!r}, not {target!r}: {err}'
             else:
-                objects = [messages.transform_located(o, T_TM) for o in objects]
+                objects = [transform_located(o, T_TM) for o in objects]
                 frame = target
         header = Header(stamp=messages.stamp_from_ns(result.map_stamp_ns), frame_id=frame)
         response.objects = [messages.located_to_msg(o, header) for o in objects]

@@ -6,6 +6,7 @@ from scipy.spatial.transform import Rotation
 from std_msgs.msg import Header
 
 from ros2_sab3r import types
+from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.msg import LocatedObject
 from ros2_sab3r.ros import messages
 
@@ -71,7 +72,7 @@ def test_transform_located_moves_every_geometric_field():
     T = np.eye(4)
     T[:3, :3] = Rotation.from_euler('z', 90, degrees=True).as_matrix()
     T[:3, 3] = [0.0, 0.0, 1.0]
-    moved = messages.transform_located(_found(), T)
+    moved = transform_located(_found(), T)
     np.testing.assert_allclose(moved.centroid, [-2.0, 1.0, 1.5], atol=1e-9)
     np.testing.assert_allclose(moved.box.center, [-2.0, 1.0, 1.5], atol=1e-9)
     np.testing.assert_allclose(moved.points[0], [-2.0, 1.0, 1.5], atol=1e-6)
