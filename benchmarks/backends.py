@@ -191,12 +191,8 @@ def _run(spec: dict, timeout: float) -> dict:
 def _ensure_export(config: str, seed: int, size: tuple[int, int], export_dir: Path,
                    threads: int, int8: bool) -> bool:
     """Export once into ``export_dir``; returns whether int8 graphs are there (when asked)."""
-    from ros2_sab3r.inference.export import (
-        Int8ParityError,
-        export_network,
-        model_code_sha256,
-        weights_sha256,
-    )
+    from ros2_sab3r.inference.export import export_network, model_code_sha256, weights_sha256
+    from ros2_sab3r.inference.int8 import Int8ParityError
     from ros2_sab3r.inference.manifest import ExportError, read_manifest
 
     net = _make_net(config, seed)

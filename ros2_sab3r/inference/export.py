@@ -9,38 +9,38 @@ its own pair of graphs with static shapes, because:
 - the official curope CUDA kernel is not used at all (it cannot be exported);
 - no in-place operation is traced (the layers are written without them).
 
-After export every graph is checked with ``onnx.checker``, inspected for ops with data-dependent
-shapes, and run in ONNX Runtime with the session options the backend uses (rotary fusions
-disabled, see :mod:`ros2_sab3r.inference.ort_backend`); every output is compared with torch
-against :data:`PARITY_TOLERANCES` and the figures are printed and written to the manifest. An
-export that runs but differs fails.
+After export every graph is checked with ``onnx.checker`` and inspected for ops with
+data-dependent shapes (:func:`check_graph`), then run in ONNX Runtime with the session options the
+backend uses (rotary fusions disabled, see :mod:`ros2_sab3r.inference.ort_backend`); every output
+is compared with torch against the written-down tolerances of :mod:`ros2_sab3r.inference.parity`
+and the figures are printed and written to the manifest. An export that runs but differs fails.
 
 ``--int8`` adds a dynamically quantised pair per size for ONNX Runtime on the CPU
-(``model.dtype: int8``), made from the checked fp32 graphs with onnxruntime's own quantiser
-(:data:`INT8_RECIPE`) and checked the same way against :data:`INT8_PARITY_TOLERANCES`.
+(``model.dtype: int8``), made from the checked fp32 graphs by :mod:`ros2_sab3r.inference.int8`
+and checked the same way against its own tolerances.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
 import hashlib
 import logging
 from pathlib import Path
-import shutil
 import sys
 import warnings
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ros2_sab3r.inference.common import parse_size
+from ros2_sab3r.inference.int8 import (
+    INT8_PARITY_TOLERANCES,
+    INT8_RECIPE,
+    Int8ParityError,
+    quantize_int8,
+)
 from ros2_sab3r.inference.manifest import (
-    DECODER_INPUTS,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
     MANIFEST_NAME,
     ExportError,
     ExportManifest,
@@ -48,50 +48,21 @@ from ros2_sab3r.inference.manifest import (
     file_sha256,
     graph_files,
 )
+from ros2_sab3r.inference.parity import (
+    PARITY_TOLERANCES,
+    ParityFigure,
+    example_image,
+    parity_check,
+)
 from ros2_sab3r.model.network import DecoderGraph, EncoderGraph, Sab3rNet
+from ros2_sab3r.model.preprocess import check_patch_multiple
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 DEFAULT_SIZES = ((384, 512), (288, 512))
-# Largest |ORT - torch| allowed per output, relative to the largest |torch| value of that output
-# (fp32 on CPU; the encoder error reaches the decoder, whose inputs are ORT's own tokens).
-# Measured on random-weight tiny and full-size networks: ~1e-6 (tiny) to ~1e-5 (ViT-L).
-PARITY_TOLERANCES: dict[str, float] = {
-    'tokens': 1e-4, 'pts3d': 1e-3, 'conf': 1e-3, 'desc': 1e-3, 'desc_conf': 1e-3,
-    'clip': 1e-3, 'dino': 1e-3,
-}
-# The int8 graphs (sab3r-export --int8): relative RMS error per output (see compare()).
-# Measured on random-weight networks, worst output: tiny/tiny_cd at 32x48..48x64 3.1% (dino),
-# tokens 2.0%, desc 2.6%, pts3d 0.6%; sab3r_cd at 384x512 2.5% (desc), tokens 2.0%, pts3d 1.0%,
-# clip/dino 1.2%. Random weights say how much the quantiser perturbs the network, not what that
-# does to a trained model's accuracy: evaluate int8 with sab3r-eval on real weights first.
-INT8_PARITY_TOLERANCES: dict[str, float] = {
-    'tokens': 5e-2, 'pts3d': 5e-2, 'conf': 5e-2, 'desc': 5e-2, 'desc_conf': 5e-2,
-    'clip': 5e-2, 'dino': 5e-2,
-}
-INT8_RECIPE = ('dynamic int8 (onnxruntime.quantization.quantize_dynamic): matmuls with constant '
-               'weights use int8 weights per output channel and uint8 activations quantised per '
-               'run; attention (activation x activation) and all convolutions stay fp32')
 # Ops whose output shape depends on data (or that hide control flow): none may appear.
 DYNAMIC_OPS = frozenset({'NonZero', 'Unique', 'Loop', 'If', 'Scan', 'Compress', 'Range'})
-
-
-class Int8ParityError(ExportError):
-    """The fp32 export is complete (``manifest``), but an int8 pair failed its parity check."""
-
-    def __init__(self, message: str, manifest: ExportManifest) -> None:
-        super().__init__(message)
-        self.manifest = manifest
-
-
-def tolerance_for(output: str, tolerances: dict[str, float] = PARITY_TOLERANCES) -> float:
-    """'pts3d_in_other_view_2' -> the 'pts3d' tolerance, 'desc_conf_1' -> 'desc_conf', ..."""
-    base = output.rsplit('_', 1)[0] if output[-1].isdigit() else output
-    base = 'pts3d' if base.startswith('pts3d') else base
-    if base not in tolerances:
-        raise KeyError(f'no parity tolerance written down for output {output!r}')
-    return tolerances[base]
 
 
 def weights_sha256(net: Sab3rNet) -> str:
@@ -106,44 +77,6 @@ def weights_sha256(net: Sab3rNet) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class ParityFigure:
-    output: str
-    max_abs: float  # max |ORT - torch|
-    rel: float  # 'max': max_abs / max |torch|; 'rms': rms(ORT - torch) / rms(torch)
-    tol: float  # allowed rel
-    measure: str = 'max'
-
-    @property
-    def ok(self) -> bool:
-        return bool(np.isfinite(self.rel)) and self.rel <= self.tol
-
-    def line(self) -> str:
-        name = 'rel' if self.measure == 'max' else 'rms rel'
-        return (f'{self.output:<24s} max|diff| {self.max_abs:.3e}  {name} {self.rel:.3e}  '
-                f'tol {self.tol:.0e}  {"ok" if self.ok else "FAIL"}')
-
-
-def compare(output: str, got: np.ndarray, want: np.ndarray,
-            tolerances: dict[str, float] = PARITY_TOLERANCES,
-            measure: str = 'max') -> ParityFigure:
-    """Parity of one output. 'max' (fp32 graphs): the worst element against the output's
-    range. 'rms' (int8 graphs, whose rounding error is spread over every element): relative
-    root-mean-square error, the usual measure of quantisation error."""
-    tol = tolerance_for(output, tolerances)
-    if got.shape != want.shape:
-        return ParityFigure(output, float('inf'), float('inf'), tol, measure)
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(got - want)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    if measure == 'rms':
-        rms = float(np.sqrt(np.mean(diff ** 2))) if diff.size else 0.0
-        scale = float(np.sqrt(np.mean(want ** 2))) if want.size else 0.0
-        return ParityFigure(output, max_abs, rms / max(scale, 1e-12), tol, measure)
-    scale = float(np.abs(want).max()) if want.size else 0.0
-    return ParityFigure(output, max_abs, max_abs / max(scale, 1e-12), tol, measure)
-
-
 def model_code_sha256() -> str:
     """Hash of the network's source files: an export from other model code is another graph
     even with the same weights (recorded in the manifest's versions)."""
@@ -151,62 +84,6 @@ def model_code_sha256() -> str:
     for path in sorted((Path(__file__).resolve().parents[1] / 'model').glob('*.py')):
         digest.update(path.name.encode() + b'\0' + path.read_bytes())
     return digest.hexdigest()
-
-
-class _QuietRoot(logging.Filter):
-    """onnxruntime's quantiser logs advice on the root logger ('consider pre-processing');
-    the export runs its own checks, so those lines are dropped while it runs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-
-def quantize_int8(src: Path, dst: Path, reduce_range: bool = False) -> None:
-    """Write the dynamically quantised copy of graph ``src`` to ``dst`` (:data:`INT8_RECIPE`).
-
-    Convolutions are left in fp32 on purpose: ONNX Runtime runs dynamically quantised
-    convolutions (ConvInteger) about 4x slower than its fp32 ones (measured on the sab3r_cd
-    heads), while its integer matmuls are about 3x faster than fp32 ones. ``reduce_range``
-    quantises weights to 7 bits, for x86 CPUs without VNNI where 8-bit products can saturate.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    for stale in graph_files(dst):
-        stale.unlink(missing_ok=True)
-    quiet = _QuietRoot()
-    logging.getLogger().addFilter(quiet)
-    try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=['MatMul'], per_channel=True,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         use_external_data_format=True,
-                         extra_options={'MatMulConstBOnly': True})
-    except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
-        raise ExportError(f'quantising {src.name} to int8 failed ({type(exc).__name__}: {exc})'
-                          ) from exc
-    finally:
-        logging.getLogger().removeFilter(quiet)
-    # The quantiser writes its external data through a private temporary file (mode 0600):
-    # give both files the fp32 graph's mode, so a node running as another user can read them.
-    for path in graph_files(dst):
-        if path.exists():
-            shutil.copymode(src, path)
-
-
-def ort_session_options(level: str = 'all', threads: int = 0):
-    """Session options shared by the export check and the ONNX Runtime backend."""
-    import onnxruntime as ort
-
-    levels = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = levels[level]
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return opts
 
 
 def check_graph(path: Path) -> None:
@@ -240,44 +117,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: Sequence[s
         torch.onnx.export(module, args, str(path), opset_version=opset,
                           input_names=list(inputs), output_names=list(outputs),
                           do_constant_folding=True, dynamo=False)
-
-
-def _example_image(size: tuple[int, int], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    # A smooth random image in [-1, 1] (pure noise would be an unusual input for a real model).
-    low = torch.rand(1, 3, max(size[0] // 16, 1), max(size[1] // 16, 1), generator=gen)
-    img = torch.nn.functional.interpolate(low, size=size, mode='bilinear', align_corners=False)
-    return img * 2 - 1  # (1, 3, H, W)
-
-
-def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, int],
-                 output_names: Sequence[str], level: str = 'all', threads: int = 0,
-                 seed: int = 0, tolerances: dict[str, float] = PARITY_TOLERANCES,
-                 measure: str = 'max') -> list[ParityFigure]:
-    """Run both graphs in ONNX Runtime (CPU) on two images; compare every output with torch."""
-    import onnxruntime as ort
-
-    from ros2_sab3r.inference.ort_backend import DISABLED_OPTIMIZERS
-
-    img1, img2 = _example_image(size, seed), _example_image(size, seed + 1)
-    with torch.inference_mode():
-        ref1, ref2 = net.encode(img1).tokens, net.encode(img2).tokens
-        ref_out = DecoderGraph(net, size)(ref1, ref2)
-    providers = ['CPUExecutionProvider']
-    enc = ort.InferenceSession(str(encoder), ort_session_options(level, threads),
-                               providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
-    t1 = enc.run(None, {'image': img1.numpy()})[0]
-    t2 = enc.run(None, {'image': img2.numpy()})[0]
-    del enc
-    figures = [compare('tokens', t1, ref1.float().numpy(), tolerances, measure),
-               compare('tokens', t2, ref2.float().numpy(), tolerances, measure)]
-    figures = [max(figures, key=lambda f: f.rel)]
-    dec = ort.InferenceSession(str(decoder), ort_session_options(level, threads),
-                               providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS)
-    outs = dec.run(list(output_names), {'tokens1': t1, 'tokens2': t2})
-    for name, got, want in zip(output_names, outs, ref_out):
-        figures.append(compare(name, got, want.float().numpy(), tolerances, measure))
-    return figures
 
 
 def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[int, int],
@@ -327,10 +166,11 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a half-done export has no manifest
     net = net.float().to('cpu').eval()
-    p = net.cfg.patch_size
-    for h, w in sizes:
-        if h % p or w % p:
-            raise ExportError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+    for size in sizes:
+        try:
+            check_patch_multiple(size, net.cfg.patch_size)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
     graphs = []
     int8_failures: list[str] = []
     per_size = (4 if check else 2) + ((3 if check else 1) if int8 else 0)
@@ -340,16 +180,17 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         h, w = size
         enc_path, dec_path = out_dir / f'encoder_{h}x{w}.onnx', out_dir / f'decoder_{h}x{w}.onnx'
         enc_graph, dec_graph = EncoderGraph(net).eval(), DecoderGraph(net, size).eval()
-        img = _example_image(size, 0)
+        img = example_image(size, 0)
         with torch.inference_mode():
             tokens = net.encode(img).tokens
         steps.set_postfix_str(f'{h}x{w} encoder')
         with torch.no_grad():
-            _export(enc_graph, (img,), enc_path, ENCODER_INPUTS, ENCODER_OUTPUTS, opset)
+            _export(enc_graph, (img,), enc_path, enc_graph.input_names, enc_graph.output_names,
+                    opset)
         steps.update()
         steps.set_postfix_str(f'{h}x{w} decoder + heads')
         with torch.no_grad():
-            _export(dec_graph, (tokens.clone(), tokens.clone()), dec_path, DECODER_INPUTS,
+            _export(dec_graph, (tokens.clone(), tokens.clone()), dec_path, dec_graph.input_names,
                     dec_graph.output_names, opset)
         steps.update()
         names = tuple(dec_graph.output_names)

@@ -24,9 +24,6 @@ from typing import Any
 MANIFEST_NAME = 'manifest.json'
 FORMAT_NAME = 'ros2_sab3r-onnx'
 FORMAT_VERSION = 1
-ENCODER_INPUTS = ('image',)
-ENCODER_OUTPUTS = ('tokens',)
-DECODER_INPUTS = ('tokens1', 'tokens2')
 
 
 class ExportError(ValueError):

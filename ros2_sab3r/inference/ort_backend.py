@@ -6,7 +6,8 @@ ONNX Runtime's rotary-embedding fusion assumes 1D positions; applied to our 2D R
 first half of each head, columns on the second) it would compute the wrong rotation. The core
 session optimisers of current releases do not include it, but the fusions named in
 :data:`DISABLED_OPTIMIZERS` are switched off whatever the release, and the export parity check runs
-with exactly these session options (so a fusion that corrupts outputs fails the export).
+with exactly these session options (:func:`ort_session`, so a fusion that corrupts outputs fails
+the export).
 
 ``model.dtype: int8`` loads the export's dynamically quantised pair (``sab3r-export --int8``):
 every matmul with constant weights runs on int8 weights (per output channel) and uint8 activations
@@ -31,11 +32,38 @@ from ros2_sab3r.inference.manifest import (
     read_manifest,
     verify_files,
 )
+from ros2_sab3r.model.outputs import DECODER_INPUTS, ENCODER_INPUT
 
 log = logging.getLogger(__name__)
 
 DISABLED_OPTIMIZERS = ['RotaryEmbeddingFusion', 'GroupQueryAttentionFusion',
                        'GroupQueryAttentionPreNormFusion', 'AttentionFusion']
+
+
+def ort_session_options(level: str = 'all', threads: int = 0):
+    """Session options shared by the export check and the ONNX Runtime backend."""
+    import onnxruntime as ort
+
+    levels = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def ort_session(path: Path, options, providers: list):
+    """An InferenceSession on ``path`` with :data:`DISABLED_OPTIMIZERS` switched off (the backend
+    and the export's parity check open every graph this way)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), options, providers=providers,
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -90,13 +118,11 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
     def __init__(self, export_dir: str | Path, input_size: tuple[int, int],
                  options: OrtOptions = OrtOptions(), verify: bool = True) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401 - here only to say what to install
         except ImportError as exc:
             raise BackendUnavailable(
                 f'onnxruntime is not installed ({exc}); pip install onnxruntime (CPU) or '
                 'onnxruntime-gpu') from None
-        from ros2_sab3r.inference.export import ort_session_options
-
         self.export_dir = Path(export_dir).expanduser()
         try:
             self.manifest: ExportManifest = read_manifest(self.export_dir)
@@ -112,12 +138,8 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
         self.providers = _providers(options, self.export_dir)
         sess_opts = ort_session_options(options.optimization, options.threads)
         try:
-            self._encoder = ort.InferenceSession(str(enc_path), sess_opts,
-                                                 providers=self.providers,
-                                                 disabled_optimizers=DISABLED_OPTIMIZERS)
-            self._decoder = ort.InferenceSession(str(dec_path), sess_opts,
-                                                 providers=self.providers,
-                                                 disabled_optimizers=DISABLED_OPTIMIZERS)
+            self._encoder = ort_session(enc_path, sess_opts, self.providers)
+            self._decoder = ort_session(dec_path, sess_opts, self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types; report the file
             raise BackendUnavailable(
                 f'onnxruntime cannot load {self.export_dir} ({type(exc).__name__}: {exc}); '
@@ -141,9 +163,9 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
 
     def encode_array(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) tokens."""
-        return self._encoder.run(None, {'image': image})[0]
+        return self._encoder.run(None, {ENCODER_INPUT: image})[0]
 
     def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
         """Raw decoder outputs by official name (batch first)."""
-        outs = self._decoder.run(self._outputs, {'tokens1': tokens1, 'tokens2': tokens2})
+        outs = self._decoder.run(self._outputs, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
         return dict(zip(self._outputs, outs))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -15,18 +17,21 @@ from ros2_sab3r.inference.export import (
     ExportError,
     check_graph,
     export_network,
-    tolerance_for,
     weights_sha256,
 )
 from ros2_sab3r.inference.manifest import read_manifest
-from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+from ros2_sab3r.inference.ort_backend import (
+    DISABLED_OPTIMIZERS,
+    OnnxRuntimeBackend,
+    OrtOptions,
+    ort_session_options,
+)
+from ros2_sab3r.inference.parity import PARITY_TOLERANCES, tolerance_for
 from ros2_sab3r.model.network import DecoderGraph
+from ros2_sab3r.model.outputs import ENCODER_OUTPUT
 from tests.inference.conftest import SIZES
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
-
-onnx = pytest.importorskip('onnx')
-ort = pytest.importorskip('onnxruntime')
 
 
 def _images(size, seed):
@@ -45,7 +50,7 @@ def test_manifest_describes_the_export(export_dir, tiny_net):
         assert g.output_names == DecoderGraph(tiny_net, g.image_size).output_names
         assert g.token_shape == (1, g.image_size[0] * g.image_size[1] // 256, 32)
         # Every output was compared at export time and is inside its written-down tolerance.
-        assert set(g.parity) == {'tokens', *g.output_names}
+        assert set(g.parity) == {ENCODER_OUTPUT, *g.output_names}
         for name, fig in g.parity.items():
             assert fig['rel'] <= fig['tol'] == tolerance_for(name), name
 
@@ -71,7 +76,7 @@ def test_onnxruntime_matches_torch_for_every_output(export_dir, tiny_net, size):
         ref = dict(zip(manifest.graph_for(size).output_names,
                        DecoderGraph(tiny_net, size)(ref_t1, ref_t2)))
     t1, t2 = backend.encode_array(img1.numpy()), backend.encode_array(img2.numpy())
-    np.testing.assert_allclose(t1, ref_t1.numpy(), atol=tolerance_for('tokens') *
+    np.testing.assert_allclose(t1, ref_t1.numpy(), atol=tolerance_for(ENCODER_OUTPUT) *
                                float(ref_t1.abs().max()), rtol=0)
     got = backend.decode_arrays(t1, t2)
     assert set(got) == set(ref)
@@ -86,11 +91,9 @@ def test_no_rotary_fusion_in_the_optimised_graph(export_dir, tmp_path):
     """ORT's 1D rotary fusion would corrupt the 2D RoPE: the optimised graph must not have it."""
     out, manifest = export_dir
     g = manifest.graphs[0]
-    opts = export_mod.ort_session_options('all', 1)
+    opts = ort_session_options('all', 1)
     optimised = tmp_path / 'optimised.onnx'
     opts.optimized_model_filepath = str(optimised)
-    from ros2_sab3r.inference.ort_backend import DISABLED_OPTIMIZERS
-
     ort.InferenceSession(str(out / g.decoder), opts, providers=['CPUExecutionProvider'],
                          disabled_optimizers=DISABLED_OPTIMIZERS)
     ops = {n.op_type for n in onnx.load(str(optimised)).graph.node}
@@ -117,7 +120,7 @@ def test_modified_or_missing_files_and_wrong_sizes_are_refused(export_dir, tmp_p
 
 
 def test_an_export_that_differs_fails_and_writes_no_manifest(tiny_net, tmp_path, monkeypatch):
-    monkeypatch.setitem(export_mod.PARITY_TOLERANCES, 'conf', 0.0)
+    monkeypatch.setitem(PARITY_TOLERANCES, 'conf', 0.0)
     with pytest.raises(ExportError, match=r'differs from torch.*conf_1'):
         export_network(tiny_net, tmp_path, [(32, 32)], progress=False)
     assert not (tmp_path / 'manifest.json').exists()

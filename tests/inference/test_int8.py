@@ -15,32 +15,27 @@ from pathlib import Path
 import stat
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from ros2_sab3r.config import ModelConfig, config_from_flat
 from ros2_sab3r.inference import export as export_mod
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.export import (
-    INT8_PARITY_TOLERANCES,
-    ExportError,
-    Int8ParityError,
-    export_network,
-    tolerance_for,
-)
+from ros2_sab3r.inference.export import ExportError, export_network
 from ros2_sab3r.inference.factory import load_model
+from ros2_sab3r.inference.int8 import INT8_PARITY_TOLERANCES, Int8ParityError
 from ros2_sab3r.inference.manifest import read_manifest
 from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+from ros2_sab3r.inference.parity import PARITY_TOLERANCES, tolerance_for
 from ros2_sab3r.inference.torch_backend import TorchBackend
 from ros2_sab3r.model.network import DecoderGraph
+from ros2_sab3r.model.outputs import ENCODER_OUTPUT
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.sim.standin import HashTextEncoderStandIn
 from ros2_sab3r.sim.synthetic import make_scene
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
-
-onnx = pytest.importorskip('onnx')
-pytest.importorskip('onnxruntime.quantization')
 
 SIZE = (48, 64)
 STANDIN_TEXT = 'ros2_sab3r.sim.standin:HashTextEncoderStandIn'
@@ -67,7 +62,7 @@ def test_manifest_has_both_precisions_with_their_own_parity(int8_dir, tmp_path):
     assert int8.encoder == 'encoder_48x64_int8.onnx' and int8.decoder == 'decoder_48x64_int8.onnx'
     assert 'int8' in int8.quantization and not fp32.quantization
     assert int8.output_names == fp32.output_names and int8.token_shape == fp32.token_shape
-    assert set(int8.parity) == {'tokens', *int8.output_names}
+    assert set(int8.parity) == {ENCODER_OUTPUT, *int8.output_names}
     for name, fig in int8.parity.items():
         assert fig['measure'] == 'rms'
         assert fig['rel'] <= fig['tol'] == tolerance_for(name, INT8_PARITY_TOLERANCES), name
@@ -105,7 +100,7 @@ def test_int8_backend_is_near_torch_and_is_not_the_fp32_graph(int8_dir, tiny_net
         ref = dict(zip(manifest.graph_for(SIZE).output_names,
                        (t.numpy() for t in DecoderGraph(tiny_net, SIZE)(r1, r2))))
     t1, t2 = int8.encode_array(img1.numpy()), int8.encode_array(img2.numpy())
-    assert _rms_rel(t1, r1.numpy()) <= INT8_PARITY_TOLERANCES['tokens']
+    assert _rms_rel(t1, r1.numpy()) <= INT8_PARITY_TOLERANCES[ENCODER_OUTPUT]
     got = int8.decode_arrays(t1, t2)
     f1 = fp32.encode_array(img1.numpy())
     assert np.abs(t1 - f1).max() > 1e-4  # the quantised encoder ran, not the fp32 one
@@ -179,7 +174,7 @@ def test_load_model_selects_int8_from_the_parameters(int8_dir):
 
 def test_an_int8_pair_that_differs_is_dropped_and_the_fp32_export_kept(tiny_net, tmp_path,
                                                                        monkeypatch, capsys):
-    monkeypatch.setitem(export_mod.INT8_PARITY_TOLERANCES, 'clip', 0.0)
+    monkeypatch.setitem(INT8_PARITY_TOLERANCES, 'clip', 0.0)
     with pytest.raises(Int8ParityError, match=r'fp32 graphs passed.*int8 export runs but '
                                               r'differs from torch.*clip_1') as err:
         export_network(tiny_net, tmp_path, [(32, 32)], progress=False, int8=True)
@@ -189,7 +184,7 @@ def test_an_int8_pair_that_differs_is_dropped_and_the_fp32_export_kept(tiny_net,
     assert not list(tmp_path.glob('*int8*'))
     OnnxRuntimeBackend(tmp_path, (32, 32), OrtOptions(threads=2))  # usable as it is
     # the command line says both: what was written, and that int8 failed (exit code 2)
-    monkeypatch.setitem(export_mod.INT8_PARITY_TOLERANCES, 'dino', 0.0)
+    monkeypatch.setitem(INT8_PARITY_TOLERANCES, 'dino', 0.0)
     rc = export_mod.main(['--random-weights', 'tiny_cd', '--size', '32x32', '--out',
                           str(tmp_path / 'cli'), '--threads', '2', '--int8'])
     out, errtext = capsys.readouterr()
@@ -199,7 +194,7 @@ def test_an_int8_pair_that_differs_is_dropped_and_the_fp32_export_kept(tiny_net,
 
 
 def test_a_failing_fp32_check_still_writes_no_manifest(tiny_net, tmp_path, monkeypatch):
-    monkeypatch.setitem(export_mod.PARITY_TOLERANCES, 'clip', 0.0)
+    monkeypatch.setitem(PARITY_TOLERANCES, 'clip', 0.0)
     with pytest.raises(ExportError, match=r'32x32 fp32 export runs but differs'):
         export_network(tiny_net, tmp_path, [(32, 32)], progress=False, int8=True)
     assert not (tmp_path / 'manifest.json').exists()
