@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+from scipy.spatial.transform import Rotation
+
+from ros2_sab3r.types import LocatedObject, OrientedBox
 
 
 def make_T(R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -44,3 +49,17 @@ def is_rigid(T: np.ndarray, tol: float = 1e-3) -> bool:
     R = T[:3, :3]
     return bool(np.allclose(R.T @ R, np.eye(3), atol=tol) and np.linalg.det(R) > 0
                 and np.allclose(T[3], [0, 0, 0, 1], atol=tol))
+
+
+def transform_located(obj: LocatedObject, T_TM: np.ndarray) -> LocatedObject:
+    """Express a located object in another frame: T_TM maps map points into the target frame."""
+    R, t = T_TM[:3, :3], T_TM[:3, 3]
+    box = obj.box
+    if box is not None:
+        q = (Rotation.from_matrix(R) * Rotation.from_quat(box.quat_xyzw)).as_quat()
+        box = OrientedBox(center=R @ box.center + t, quat_xyzw=q, size=box.size)
+    return replace(
+        obj,
+        centroid=None if obj.centroid is None else R @ obj.centroid + t,
+        box=box,
+        points=None if obj.points is None else (obj.points @ R.T + t).astype(np.float32))

@@ -56,30 +56,39 @@ class LocateError(ValueError):
     """A Locate request that cannot be answered (bad input, empty map); the message says why."""
 
 
+class BadLocateRequest(LocateError):
+    """The request itself is malformed (empty text, a field out of range, ...)."""
+
+
+class EmptyMapError(LocateError):
+    """The map holds no voxel yet: nothing to answer from."""
+
+
 def validate_query(query: LocateQuery, config: QueryConfig) -> LocateQuery:
     """Check a Locate request; returns it with whitespace-normalised strings.
 
-    Raises LocateError naming the field and the fix. Shared by QueryEngine and the node (which
-    rejects a bad request before it reaches the pipeline).
+    Raises BadLocateRequest naming the field and the fix. QueryEngine.locate validates every
+    request it answers; the node calls this only when it has no engine to ask.
     """
     cfg = config
 
     def clean(values, what: str) -> tuple[str, ...]:
         if isinstance(values, str) or not isinstance(values, (list, tuple)):
-            raise LocateError(f'{what} must be a list of strings, got {type(values).__name__}')
+            raise BadLocateRequest(
+                f'{what} must be a list of strings, got {type(values).__name__}')
         out = []
         for i, v in enumerate(values):
             if not isinstance(v, str):
-                raise LocateError(f'{what}[{i}] must be a string, got {type(v).__name__}')
+                raise BadLocateRequest(f'{what}[{i}] must be a string, got {type(v).__name__}')
             try:
                 v.encode('utf-8')
             except UnicodeEncodeError as exc:
-                raise LocateError(f'{what}[{i}] is not valid UTF-8 text: {exc}') from None
+                raise BadLocateRequest(f'{what}[{i}] is not valid UTF-8 text: {exc}') from None
             v = ' '.join(v.split())
             if not v:
-                raise LocateError(f'{what}[{i}] is empty; give a word or phrase')
+                raise BadLocateRequest(f'{what}[{i}] is empty; give a word or phrase')
             if len(v) > cfg.max_query_chars:
-                raise LocateError(
+                raise BadLocateRequest(
                     f'{what}[{i}] has {len(v)} characters, more than query.max_query_chars='
                     f'{cfg.max_query_chars}')
             out.append(v)
@@ -87,31 +96,31 @@ def validate_query(query: LocateQuery, config: QueryConfig) -> LocateQuery:
 
     queries = clean(query.queries, 'queries')
     if not queries:
-        raise LocateError('no queries given; ask for at least one thing, e.g. ["chair"]')
+        raise BadLocateRequest('no queries given; ask for at least one thing, e.g. ["chair"]')
     if len(queries) > cfg.max_queries:
-        raise LocateError(f'{len(queries)} queries in one request, more than '
-                          f'query.max_queries={cfg.max_queries}; split the request')
+        raise BadLocateRequest(f'{len(queries)} queries in one request, more than '
+                                 f'query.max_queries={cfg.max_queries}; split the request')
     negatives = clean(query.negatives, 'negatives')
     if len(negatives) > cfg.max_queries:
-        raise LocateError(f'{len(negatives)} negatives, more than query.max_queries='
-                          f'{cfg.max_queries}')
+        raise BadLocateRequest(f'{len(negatives)} negatives, more than query.max_queries='
+                                 f'{cfg.max_queries}')
     if not isinstance(query.relevancy_mode, str):
-        raise LocateError(f'relevancy_mode must be a string, got '
-                          f'{type(query.relevancy_mode).__name__}')
+        raise BadLocateRequest(f'relevancy_mode must be a string, got '
+                                 f'{type(query.relevancy_mode).__name__}')
     mode = query.relevancy_mode.strip().lower()
     if mode and mode not in RELEVANCY_MODES:
-        raise LocateError(
+        raise BadLocateRequest(
             f'relevancy_mode={query.relevancy_mode!r} is not one of '
             f'{", ".join(repr(m) for m in RELEVANCY_MODES)}; leave it empty for the node '
             f'default (query.relevancy_mode={cfg.relevancy_mode!r})')
     labels = tuple(query.labels)
     if labels and len(labels) != len(queries):
-        raise LocateError(f'labels has {len(labels)} entries for {len(queries)} queries; give '
-                          'one per query or none')
+        raise BadLocateRequest(f'labels has {len(labels)} entries for {len(queries)} queries; '
+                               'give one per query or none')
     if not isinstance(query.top_k, (int, np.integer)) or not 0 <= query.top_k <= 1000:
-        raise LocateError(f'top_k={query.top_k!r} must be an integer in [0, 1000]')
+        raise BadLocateRequest(f'top_k={query.top_k!r} must be an integer in [0, 1000]')
     if not (np.isfinite(query.min_score) and 0.0 <= query.min_score <= 1.0):
-        raise LocateError(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
+        raise BadLocateRequest(f'min_score={query.min_score!r} must be in [0, 1] (0: default)')
     return LocateQuery(queries=queries, negatives=negatives, top_k=int(query.top_k),
                        min_score=float(query.min_score), labels=labels, relevancy_mode=mode)
 
@@ -186,8 +195,8 @@ class QueryEngine:
         """Answer a request on one snapshot (see the module docstring)."""
         q = self.validate(query)
         if snapshot.empty:
-            raise LocateError('the map is empty: no keyframe has been fused yet (or it was '
-                              'reset); wait for the camera to move or load a map')
+            raise EmptyMapError('the map is empty: no keyframe has been fused yet (or it was '
+                                'reset); wait for the camera to move or load a map')
         if not snapshot.clip_dim:
             raise LocateError('the map has no semantic features: the backend provides no CLIP '
                               'features, so it cannot be queried by text')

@@ -6,7 +6,6 @@ from scipy.spatial.transform import Rotation
 from std_msgs.msg import Header
 
 from ros2_sab3r import types
-from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.msg import LocatedObject
 from ros2_sab3r.ros import messages
 
@@ -66,19 +65,6 @@ def test_located_object_message():
                                     status=types.STATUS_NOT_FOUND, score=0.0)
     msg = messages.located_to_msg(not_found, header)
     assert msg.status == LocatedObject.STATUS_NOT_FOUND and msg.point_count == 0
-
-
-def test_transform_located_moves_every_geometric_field():
-    T = np.eye(4)
-    T[:3, :3] = Rotation.from_euler('z', 90, degrees=True).as_matrix()
-    T[:3, 3] = [0.0, 0.0, 1.0]
-    moved = transform_located(_found(), T)
-    np.testing.assert_allclose(moved.centroid, [-2.0, 1.0, 1.5], atol=1e-9)
-    np.testing.assert_allclose(moved.box.center, [-2.0, 1.0, 1.5], atol=1e-9)
-    np.testing.assert_allclose(moved.points[0], [-2.0, 1.0, 1.5], atol=1e-6)
-    yaw = Rotation.from_quat(moved.box.quat_xyzw).as_euler('xyz', degrees=True)[2]
-    assert yaw == pytest.approx(120.0)
-    np.testing.assert_array_equal(moved.box.size, [0.8, 0.4, 1.0])
 
 
 def test_markers_skip_not_found_and_label_found():
