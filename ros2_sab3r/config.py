@@ -75,7 +75,7 @@ def param(default: Any, description: str, **spec: Any) -> Any:
 class NodeConfig:
     autostart: bool = param(
         True, 'configure and activate the lifecycle node on start-up; false when a lifecycle '
-        'manager drives the transitions', read_only=True)
+        'manager drives it', read_only=True)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class CameraConfig:
 class FramesConfig:
     map_frame: str = param('map', 'frame of the semantic map and of Locate answers by default')
     pose_source: str = param(
-        'none', "'tf': camera poses from TF at the image stamp; 'none': poses from SAB3R, map "
+        'none', "'tf': camera poses from TF at the image stamp; 'none': from SAB3R, map "
         'anchored at the first keyframe', choices=('none', 'tf'))
     tf_timeout_s: float = param(
         0.05, 'how long to wait for a TF transform before falling back', unit='s', min=0.0,
@@ -112,43 +112,42 @@ class ModelConfig:
         'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', or a 'module:Class' path",
         choices=('torch', 'onnxruntime', 'tensorrt'), read_only=True)
     checkpoint: str = param(
-        '', 'torch: SAB3R/MASt3R checkpoint (official .pth, the SAB3R release base.pt, our '
-        '.safetensors), a directory, or a Hugging Face repo id with an optional file in it '
-        '(uva-cv-lab/SAB3R/demo_ckpt/base/base.pt); onnxruntime and tensorrt: an sab3r-export '
-        'directory (manifest.json); empty: no network is loaded', read_only=True)
+        '', 'network weights: checkpoint file, directory or Hugging Face repo[/file] (torch); '
+        'sab3r-export directory (onnxruntime, tensorrt)', read_only=True)
     architecture: str = param(
-        '', 'torch: architecture name (sab3r_cd, sab3r_c, mast3r_vitl_512, ...) or JSON file '
-        'overriding the one the checkpoint implies; empty: from the file (the SAB3R release '
-        'file: sab3r_cd)', read_only=True)
+        '', 'torch: architecture name (sab3r_cd, mast3r_vitl_512, ...) or JSON file; empty: '
+        'the one the checkpoint implies', read_only=True)
     device: str = param('cpu', "'cpu' or 'cuda'", choices=('cpu', 'cuda'), read_only=True)
+    # int8: the export's dynamically quantised graphs (int8 matmul weights, activations
+    # quantised per run; convolutions stay fp32), see the README's 'Inference backends'.
     dtype: str = param(
-        'fp32', 'compute precision of the backbone (heads and post-processing stay fp32): fp32; '
-        'fp16/bf16 (torch, tensorrt, the TensorRT EP); int8: onnxruntime on the CPU only, the '
-        "export's dynamically quantised graphs (sab3r-export --int8: int8 matmul weights, "
-        'activations quantised per run; convolutions stay fp32)',
+        'fp32', 'backbone precision (heads stay fp32): fp16/bf16 on torch or TensorRT; int8 on '
+        "onnxruntime's CPU (sab3r-export --int8)",
         choices=('fp32', 'fp16', 'bf16', 'int8'), read_only=True)
     image_width: int = param(
-        512, 'network input width; with image_height the static network input size: frames are '
-        'resized to cover it and centre-cropped (a multiple of 16)', unit='px', min=32,
+        512, 'network input width (a multiple of 16); frames are resized to cover width x '
+        'height, then centre-cropped', unit='px', min=32,
         max=1024, read_only=True)
     image_height: int = param(
-        384, 'network input height (a multiple of 16); 384 suits 4:3 cameras, 288 16:9 ones; '
-        'onnxruntime and tensorrt need an export of this size', unit='px', min=32, max=1024,
+        384, 'network input height (a multiple of 16; 384 suits 4:3 cameras, 288 16:9); '
+        'exports are built per size', unit='px', min=32, max=1024,
         read_only=True)
+    # open_clip 'ViT-B-16' with QuickGELU, the CLIP head's space. Empty: the one
+    # open_clip*/text_encoder* file in the checkpoint directory. A 'module:Class'
+    # stand-in is built as Class(dim=...). Other pretrained weights (LAION, DataComp,
+    # ...) are refused unless text_encoder_allow_other_weights.
     text_encoder: str = param(
-        '', "text tower of the CLIP head's space, OpenAI CLIP ViT-B/16 (open_clip 'ViT-B-16', "
-        "QuickGELU): a local open_clip state-dict file of its 'openai' weights, or the tag "
-        "'openai' when those are in the local Hugging Face cache, or a 'module:Class' stand-in "
-        'built as Class(dim=...); empty: an open_clip*/text_encoder* file in the checkpoint '
-        'directory. Other pretrained weights (LAION, DataComp, ...) are refused', read_only=True)
+        '', "CLIP ViT-B/16 text tower with OpenAI's weights: open_clip file, 'openai' (HF "
+        "cache) or 'module:Class'; empty: beside checkpoint", read_only=True)
+    # Other weights embed into a different space than the CLIP head, so queries match noise.
     text_encoder_allow_other_weights: bool = param(
-        False, "accept ViT-B-16 text weights other than OpenAI's (a LAION tag or a file named "
-        'after one); they embed into a different space than the CLIP head, so queries match '
-        'noise: for experiments only, logged as an error', read_only=True)
+        False, "accept ViT-B-16 text weights other than OpenAI's; experiments only (logged as "
+        'an error)', read_only=True)
+    # 'single' is the official VOC evaluation's prompt; 'ensemble' averages the 80
+    # CLIP ImageNet templates.
     text_prompts: str = param(
-        'raw', "how a query becomes text for the tower: 'raw' the query itself (the official "
-        "demo); 'single' 'a photo of a/an {query}' (the official VOC evaluation); 'ensemble' "
-        'the mean of the 80 CLIP ImageNet templates', choices=TEXT_PROMPTS, read_only=True)
+        'raw', "query text for the tower: 'raw' as typed (official demo), 'single' 'a photo of "
+        "a {query}', 'ensemble' 80 CLIP templates", choices=TEXT_PROMPTS, read_only=True)
     cpu_threads: int = param(
         0, 'CPU threads of torch and of ONNX Runtime (intra-op); 0: the runtime default (all '
         'cores)', unit='threads', min=0, max=256, read_only=True)
@@ -159,14 +158,16 @@ class ModelConfig:
     cuda_graphs: bool = param(
         False, 'torch on CUDA: capture encoder and decoder as CUDA graphs (static shapes; less '
         'launch overhead)', read_only=True)
+    # Options (STANDIN_SCENE_OPTIONS) left out keep SceneSpec's defaults
+    # (seed=0,frames=48,width=256,height=192,fps=5); PerturbedSceneBackend reads
+    # ';pose_noise_deg=DEG,swap=CLASS:CLASS' after the scene.
     standin_scene: str = param(
-        '', "stand-in backends of ros2_sab3r.sim.standin only: the synthetic scene they render, "
-        f"'{STANDIN_SCENE_EXAMPLE}' (options left out keep these values; "
-        "PerturbedSceneBackend takes ';pose_noise_deg=DEG,swap=CLASS:CLASS' after it); "
-        'empty: all defaults', read_only=True)
+        '', 'stand-in backends only (ros2_sab3r.sim.standin): their synthetic scene, e.g. '
+        "'seed=0,frames=48'; empty: defaults", read_only=True)
+    # Engines are keyed by GPU, TensorRT version and ONNX hash.
     engine_cache_dir: str = param(
-        '', 'tensorrt: directory of built engines and the timing cache, keyed by GPU, TensorRT '
-        "version and ONNX hash; empty: 'engines' inside the export directory", read_only=True)
+        '', "tensorrt: directory of built engines and the timing cache; empty: 'engines' in "
+        'the export directory', read_only=True)
 
 
 @dataclass(frozen=True)
@@ -174,17 +175,18 @@ class KeyframeConfig:
     window_size: int = param(
         8, 'keyframes kept in the sliding window', unit='keyframes', min=2, max=64)
     min_overlap: float = param(
-        0.35, 'a frame becomes a keyframe when its overlap with the latest keyframe (share of '
-        'match seeds with a reciprocal match) drops below this', unit='ratio', min=0.0, max=1.0)
+        0.35, 'a frame becomes a keyframe when its overlap with the latest one (share of '
+        'reciprocally matched seeds) drops below this', unit='ratio', min=0.0, max=1.0)
     pairs_per_keyframe: int = param(
         3, 'window keyframes (the most recent) a new keyframe is decoded against', unit='pairs',
         min=1, max=16)
+    # 16 at 512x384 is 768 seeds (~1 ms on the 2-core development machine), 8 is
+    # 3072 seeds (~15 ms); on the synthetic scene both give overlaps within 0.03
+    # and the same keyframes. Lower it if a real model's less smooth descriptors
+    # make keyframes come too early.
     match_stride: int = param(
-        16, 'pixel spacing of the reciprocal-matching seed grid (the overlap measure); cost grows '
-        'with the inverse 4th power: 16 at 512x384 is 768 seeds and ~1 ms, 8 is 3072 seeds and '
-        '~15 ms; on the synthetic scene both give overlaps within 0.03 of each other and the '
-        "same keyframes. Lower it if keyframes are taken too early with a real model's less "
-        'smooth descriptors', unit='px', min=2, max=64)
+        16, 'pixel spacing of the reciprocal-matching seed grid that measures overlap; cost '
+        'grows with the inverse 4th power', unit='px', min=2, max=64)
     min_translation_m: float = param(
         0.25, 'posed mode: a frame becomes a keyframe when it moved this far from the latest '
         'keyframe', unit='m', min=0.0, max=100.0)
@@ -207,12 +209,13 @@ class GeometryConfig:
     refine_iterations: int = param(
         20, 'least-squares iterations of the window refinement (new keyframe pose and per-pair '
         'scales); 0 disables it', min=0, max=200)
+    # Pure rotation cannot fix the scale.
     min_baseline_m: float = param(
-        0.05, 'posed mode: camera translation needed before the metric scale of the first '
-        'keyframe is fixed (pure rotation cannot fix it)', unit='m', min=0.001, max=10.0)
+        0.05, "posed mode: camera translation needed before the first keyframe's metric scale "
+        'is fixed', unit='m', min=0.001, max=10.0)
     max_registration_rmse: float = param(
-        0.1, 'a keyframe is rejected when its registration residual (RMS, relative to the median '
-        'scene depth) exceeds this', unit='ratio', min=0.001, max=10.0)
+        0.1, 'a keyframe is rejected when its registration RMS residual, relative to the '
+        'median scene depth, exceeds this', unit='ratio', min=0.001, max=10.0)
 
 
 @dataclass(frozen=True)
@@ -223,40 +226,44 @@ class MappingConfig:
     max_voxels: int = param(
         500_000, 'voxels kept; beyond this the least recently seen are evicted', unit='voxels',
         min=1000, max=50_000_000)
+    # Stops class halos at depth edges where features are coarser than pixels.
     feature_edge_tolerance: float = param(
-        0.05, "a pixel takes its feature cell's semantic feature only if its depth is within "
-        "this fraction of the cell centre's depth (stops class halos at depth edges when "
-        'features are coarser than pixels); 0 disables the test', unit='ratio', min=0.0,
+        0.05, "a pixel takes its feature cell's feature only if its depth is within this "
+        "fraction of the cell centre's; 0: off", unit='ratio', min=0.0,
         max=10.0)
+    # 2 about halves integration time; on the synthetic acceptance scene
+    # (256x192) it raised the worst class-centroid error from 6 to 9.5 cm and
+    # lowered the worst box IoU from 0.70 to 0.52: keep 1 unless integration
+    # is the bottleneck.
     integration_stride: int = param(
-        1, 'fuse every n-th pixel of a keyframe in each direction: about half the integration '
-        'time at 2, but holes and fewer feature samples per voxel; on the synthetic acceptance '
-        'scene (256x192) 2 raised the worst class-centroid error from 6 to 9.5 cm and lowered '
-        'the worst box IoU from 0.70 to 0.52, so keep 1 unless integration is the bottleneck',
+        1, 'fuse every n-th pixel of a keyframe in each direction: faster, but holes and '
+        'fewer feature samples per voxel',
         unit='px', min=1, max=8)
     fuse_dino: bool = param(
         True, 'also fuse DINO features when the backend provides them (used to split touching '
         'instances; doubles feature memory)')
+    # Unposed maps have no known gravity and use PCA boxes.
     gravity_in_map: tuple[float, ...] = param(
-        [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside (REP-'
-        '103 maps are z-up); boxes are then gravity-aligned. Unposed maps have no known gravity '
-        'and use PCA boxes', unit='unit vector')
+        [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside '
+        '(REP-103 maps: z-up); boxes are gravity-aligned', unit='unit vector')
 
 
 @dataclass(frozen=True)
 class QueryConfig:
+    # 'lerf' then applies default_min_score; 'official' min-max normalises the
+    # cosine over the map and keeps voxels at official_threshold or above
+    # (negatives unused).
     relevancy_mode: str = param(
-        'lerf', "scoring of a query when the request leaves it empty: 'lerf' softmax against "
-        "negatives, then default_min_score; 'official' the SAB3R demo: cosine min-max "
-        'normalised over the map, voxels at official_threshold or above (negatives unused)',
-        choices=RELEVANCY_MODES)
+        'lerf', "default scoring: 'lerf' softmax against negatives; 'official' the SAB3R "
+        "demo's min-max normalised cosine", choices=RELEVANCY_MODES)
+    # The SAB3R demo uses 0.75.
     official_threshold: float = param(
-        0.75, "official mode: min-max normalised score a voxel needs to belong to a query (the "
-        "demo's 0.75), used when the request's min_score is 0", min=0.0, max=1.0)
+        0.75, 'official mode: normalised score a voxel needs to belong to a query when the '
+        "request's min_score is 0", min=0.0, max=1.0)
     default_top_k: int = param(
         5, 'objects returned per query when the request asks for 0', min=1, max=100)
     default_min_score: float = param(
-        0.85, 'relevancy a voxel needs to belong to a query, and an instance needs to be FOUND, '
+        0.85, 'relevancy a voxel needs to belong to a query, and an instance to be FOUND, '
         'when the request asks for 0', min=0.0, max=1.0)
     canonical_negatives: tuple[str, ...] = param(
         ['object', 'things', 'stuff', 'texture'],
@@ -265,29 +272,30 @@ class QueryConfig:
     max_query_chars: int = param(
         256, 'longest query or negative string accepted', unit='characters', min=1, max=10_000)
     temperature: float = param(
-        0.05, 'cosine similarities are divided by this before the pairwise softmax against each '
-        'negative; smaller is sharper (CLIP itself uses 0.01)', min=0.001, max=10.0)
+        0.05, 'divides cosine similarities before the softmax against each negative; smaller '
+        'is sharper (CLIP itself: 0.01)', min=0.001, max=10.0)
     min_instance_voxels: int = param(
         10, 'connected groups of relevant voxels smaller than this are ignored', unit='voxels',
         min=1, max=1_000_000)
     ambiguity_margin: float = param(
         0.05, 'status is AMBIGUOUS when the runner-up instance scores within this of the best, or '
         'the best is within this of min_score', min=0.0, max=1.0)
+    # Rejects mixed voxels on object borders.
     membership_fraction: float = param(
-        0.5, "a relevant voxel joins a query only if its similarity is this far from the map's "
-        "median similarity to that of the query's clearest voxels (rejects mixed border voxels)",
-        unit='ratio', min=0.0, max=1.0)
+        0.5, "a relevant voxel joins a query only if its similarity lies this far from the map's "
+        "median towards the query's clearest voxels", unit='ratio', min=0.0, max=1.0)
     dino_split_similarity: float = param(
         0.5, 'neighbouring voxels join one instance only when their DINO features are at least '
         'this similar (when DINO features exist)', unit='cosine', min=-1.0, max=1.0)
     embedding_cache_size: int = param(
         1024, 'text embeddings kept in memory', unit='texts', min=0, max=1_000_000)
+    # The product reads every voxel's CLIP feature (0.5 GB at 500k voxels). On the
+    # 2-core development machine at 500k voxels: 1 worker 65-75 ms, 2 workers ~40 ms
+    # (~60 ms while another process keeps a core busy); torch's own 2 threads
+    # 80-280 ms then.
     threads: int = param(
-        2, "worker threads of Locate's similarity product, which reads every voxel's CLIP "
-        'feature (0.5 GB at 500k voxels; each worker takes blocks of voxels and runs torch on '
-        "one thread); 0: the calling thread with torch's own threads. On the 2-core development "
-        'machine at 500k voxels: 1 worker 65-75 ms, 2 workers ~40 ms, and ~60 ms while another '
-        "process keeps one core busy (torch's own 2 threads: 80-280 ms then)", unit='threads',
+        2, 'Locate similarity workers, each running torch on one thread over blocks of '
+        "voxels; 0: the caller with torch's threads", unit='threads',
         min=0, max=64)
 
 
@@ -301,8 +309,8 @@ class PublishConfig:
     map_labels: tuple[str, ...] = param(
         ('wall', 'floor', 'ceiling', 'door', 'window', 'table', 'chair', 'sofa', 'bed',
          'cabinet', 'shelf', 'television', 'person', 'plant'),
-        "closed-set labels for the semantic map cloud's 'label' (index into this list, -1: no "
-        "CLIP feature) and 'score' fields, by CLIP similarity; empty: no such fields")
+        "closed-set labels for the map cloud's 'label' (index; -1: no CLIP feature) and "
+        "'score' fields; empty: no such fields")
 
 
 @dataclass(frozen=True)

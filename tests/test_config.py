@@ -39,6 +39,9 @@ def test_params_yaml_round_trips_into_the_defaults():
 def test_every_parameter_is_described():
     for info in param_infos():
         assert len(info.spec.description) > 10, info.name
+        # one line: unit, range and effect; the why belongs in a comment beside the field
+        assert '\n' not in info.spec.description and len(info.spec.description) <= 130, (
+            info.name, len(info.spec.description))
         if isinstance(info.default, (int, float)) and not isinstance(info.default, bool):
             assert info.spec.min is not None and info.spec.max is not None, info.name
 
