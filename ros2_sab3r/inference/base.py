@@ -1,9 +1,12 @@
-"""The Backend protocol: what the pipeline and the node need from an inference backend.
+"""The Backend protocol: what the pipeline, the node and load_model need from an inference backend.
 
 Every backend (torch, onnxruntime, tensorrt, and the package's stand-ins) has the same shape::
 
-    tokens = backend.encode(frame)          # once per frame/keyframe, opaque to the caller
+    backend = Class.from_config(model_config)   # how load_model builds every backend
+    backend.warm_up()                         # before the first frame; returns milliseconds
+    tokens = backend.encode(frame)            # once per frame/keyframe, opaque to the caller
     pair = backend.decode(tokens_a, tokens_b)  # per ordered pair -> PairPrediction
+    backend.close()                           # free what it holds (GPU memory) now
 
 ``input_size`` is the (H, W) network input; frames of any size are mapped onto it with
 :func:`ros2_sab3r.model.preprocess.fixed_crop` (the pipeline maps intrinsics and colours the same
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from ros2_sab3r.types import CameraFrame, PairPrediction
+from ros2_sab3r.types import CameraFrame, PairPrediction, TextEncoder
 
 
 class BackendUnavailable(RuntimeError):
@@ -23,12 +26,28 @@ class BackendUnavailable(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the pipeline needs from an inference backend."""
+    """What the pipeline, the node and load_model use of an inference backend.
 
-    name: str
-    device: str
+    Built by :func:`ros2_sab3r.inference.factory.load_model` with the class method
+    ``from_config(model_config)`` (a construction contract, so not part of this instance
+    protocol: stand-ins built from rendered frames in tests have no configuration).
+    """
+
+    name: str  # for logs and PerceptionStatus.backend
+    device: str  # 'cpu', 'cuda', 'cuda:0', ...
     input_size: tuple[int, int]  # (H, W) of the network input
+    clip_dim: int  # width of the S_clip features (0: no CLIP head): the text tower must match
+    # A text encoder the backend brings (stand-ins); None: load_model loads model.text_encoder.
+    text_encoder: TextEncoder | None
 
     def encode(self, frame: CameraFrame) -> Any: ...
 
     def decode(self, a: Any, b: Any) -> PairPrediction: ...
+
+    def warm_up(self) -> float:
+        """Run what lazy initialisation needs before the first frame; milliseconds taken."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds (GPU buffers) now; it is unusable afterwards."""
+        ...

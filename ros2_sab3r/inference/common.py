@@ -91,13 +91,16 @@ def warm_up(backend, runs: int = 1) -> float:
 
 
 class ArrayGraphBackend:
-    """encode/decode/warm_up shared by every built-in backend (torch, ONNX Runtime, TensorRT):
-    a subclass sets name, device, input_size and provides encode_array((1, 3, H, W) float32
-    numpy image) -> tokens (any type; torch keeps them on its device) and
-    decode_arrays(tokens1, tokens2) -> numpy outputs by official name."""
+    """encode/decode/warm_up/close shared by every built-in backend (torch, ONNX Runtime,
+    TensorRT): a subclass sets name, device, input_size, clip_dim, has a from_config class
+    method and provides encode_array((1, 3, H, W) float32 numpy image) -> tokens (any type;
+    torch keeps them on its device) and decode_arrays(tokens1, tokens2) -> numpy outputs by
+    official name."""
 
     name: str
+    device: str
     input_size: tuple[int, int]
+    text_encoder = None  # the text tower is model.text_encoder's (load_model)
 
     def encode_array(self, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -108,6 +111,9 @@ class ArrayGraphBackend:
     def warm_up(self) -> float:
         """One encode + decode on a grey frame (see warm_up); returns milliseconds."""
         return warm_up(self)
+
+    def close(self) -> None:
+        """Nothing beyond Python references to free here (TensorRT frees its GPU buffers)."""
 
     def encode(self, frame: CameraFrame) -> FrameTokens:
         from ros2_sab3r.model.preprocess import u8_to_array

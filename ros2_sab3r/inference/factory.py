@@ -1,6 +1,7 @@
 """Backend selection from ``model.*`` parameters; the pipeline and node never know which runs.
 
-``load_model(ModelConfig) -> LoadedModel`` builds
+``load_model(ModelConfig) -> LoadedModel`` builds every backend the same way,
+``Class.from_config(model)``, where ``model.backend`` names the class:
 
 - ``torch``: :class:`~ros2_sab3r.inference.torch_backend.TorchBackend` from ``model.checkpoint``
   (checkpoint file, directory or Hugging Face repo id);
@@ -8,10 +9,11 @@
   ``sab3r-export`` directory in ``model.checkpoint``;
 - ``tensorrt``: :class:`~ros2_sab3r.inference.trt_backend.TensorRTBackend` from the same export
   directory (engines built on first use and cached, see ``sab3r-build-engine``);
-- ``'package.module:Class'``: ``Class.from_config(model)`` (the package's stand-ins);
+- ``'package.module:Class'``: any class with ``from_config`` (the package's stand-ins);
 
-plus the CLIP text encoder. Every failure is a :class:`BackendUnavailable` saying what to set;
-nothing here downloads.
+plus the CLIP text encoder (the backend's own when it brings one, as the stand-ins do), whose
+width is checked against the backend's CLIP features whichever backend it is. Every failure is a
+:class:`BackendUnavailable` saying what to set; nothing here downloads.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ from dataclasses import dataclass
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import Backend, BackendUnavailable
+from ros2_sab3r.model.preprocess import PATCH_SIZE, check_patch_multiple
 from ros2_sab3r.types import TextEncoder
 
 log = logging.getLogger(__name__)
 
-BUILTIN_BACKENDS = ('torch', 'onnxruntime', 'tensorrt')
+# model.backend name -> the class built with Class.from_config(model) (imported when chosen).
+BUILTIN_BACKENDS = {
+    'torch': 'ros2_sab3r.inference.torch_backend:TorchBackend',
+    'onnxruntime': 'ros2_sab3r.inference.ort_backend:OnnxRuntimeBackend',
+    'tensorrt': 'ros2_sab3r.inference.trt_backend:TensorRTBackend',
+}
 # Text tower weights looked for beside the checkpoint / in the export directory.
 TEXT_WEIGHT_PATTERNS = ('open_clip*.safetensors', 'open_clip*.bin', 'text_encoder*.safetensors',
                         'text_encoder*.bin', 'text_encoder*.pt', 'text_encoder*.pth')
@@ -54,22 +61,15 @@ def _import_class(path: str, what: str = 'model.backend'):
         raise BackendUnavailable(f'{what}={path!r}: {module_name} has no {attr!r}') from err
 
 
-def _plugin(model: ModelConfig) -> LoadedModel:
-    cls = _import_class(model.backend)
-    factory = getattr(cls, 'from_config', None)
-    if factory is None:
+def _build_backend(model: ModelConfig) -> Backend:
+    cls = _import_class(BUILTIN_BACKENDS.get(model.backend, model.backend))
+    if not callable(getattr(cls, 'from_config', None)):
         raise BackendUnavailable(
             f'model.backend={model.backend!r} has no from_config(model_config) class method')
     try:
-        backend = factory(model)
+        return cls.from_config(model)
     except (ValueError, OSError) as err:
         raise BackendUnavailable(f'model.backend={model.backend!r}: {err}') from err
-    text = getattr(backend, 'text_encoder', None)
-    if text is None:
-        raise BackendUnavailable(
-            f'model.backend={model.backend!r} brings no text encoder; set model.text_encoder')
-    return LoadedModel(backend, text, f'{getattr(backend, "name", model.backend)} '
-                                      f'({getattr(backend, "device", "cpu")})')
 
 
 def _cached_open_clip_weights(tag: str) -> Path | None:
@@ -109,7 +109,6 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
         OPENAI_WEIGHTS_FILE,
         ClipTextEncoder,
         TextEncoderError,
-        check_clip_width,
         check_text_weights,
     )
 
@@ -171,11 +170,17 @@ def load_text_encoder(model: ModelConfig, clip_dim: int, search_dir: Path | None
                 allow_other_weights=allow_other, device=model.device)
         except TextEncoderError as exc:
             raise BackendUnavailable(f'text encoder: {exc}') from None
+    _check_clip_width(encoder, clip_dim)
+    return encoder
+
+
+def _check_clip_width(encoder: TextEncoder, clip_dim: int) -> None:
+    from ros2_sab3r.model.text import TextEncoderError, check_clip_width
+
     try:
         check_clip_width(encoder, clip_dim)
     except TextEncoderError as exc:
         raise BackendUnavailable(str(exc)) from None
-    return encoder
 
 
 def _checkpoint_dir(model: ModelConfig) -> Path | None:
@@ -187,60 +192,33 @@ def _checkpoint_dir(model: ModelConfig) -> Path | None:
     return None  # a Hugging Face repo id
 
 
-def _torch_backend(model: ModelConfig):
-    try:
-        import torch
-
-        from ros2_sab3r.inference.torch_backend import TorchBackend
-        from ros2_sab3r.model.checkpoint import CheckpointError, load_network
-    except ImportError as exc:
-        raise BackendUnavailable(f'the torch backend needs torch: {exc}') from None
-    if model.cpu_threads:
-        torch.set_num_threads(model.cpu_threads)
-    try:
-        net = load_network(model.checkpoint, config=model.architecture or None, device='cpu')
-    except CheckpointError as exc:
-        raise BackendUnavailable(f'model.checkpoint: {exc}') from None
-    return TorchBackend(net, (model.image_height, model.image_width), model.device, model.dtype,
-                        model.cuda_graphs)
-
-
-def _ort_backend(model: ModelConfig):
-    from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
-
-    opts = OrtOptions(device=model.device, dtype=model.dtype, threads=model.cpu_threads,
-                      optimization=model.ort_optimization)
-    return OnnxRuntimeBackend(model.checkpoint, (model.image_height, model.image_width), opts)
-
-
-def _trt_backend(model: ModelConfig):
-    from ros2_sab3r.inference.trt_backend import TensorRTBackend
-
-    return TensorRTBackend.from_config(model)
-
-
 def load_model(model: ModelConfig) -> LoadedModel:
     """Create the backend and the text encoder named by the configuration.
 
-    ``model.backend`` is a built-in name or ``'package.module:Class'``; such a class is built with
-    ``Class.from_config(model)`` and may carry its own ``text_encoder`` (stand-ins do).
+    ``model.backend`` is a built-in name or ``'package.module:Class'``; either way the class is
+    built with ``Class.from_config(model)``. A backend that brings its own ``text_encoder``
+    (stand-ins do) keeps it; otherwise ``model.text_encoder`` is loaded. Either is checked
+    against the backend's ``clip_dim``.
     """
-    if ':' in model.backend:
-        return _plugin(model)
-    if model.backend not in BUILTIN_BACKENDS:
-        raise BackendUnavailable(f'model.backend={model.backend!r} is not one of '
-                                 f'{", ".join(BUILTIN_BACKENDS)} nor a module:Class path')
-    if not model.checkpoint:
-        raise BackendUnavailable(
-            'no model loaded: model.checkpoint is empty (give a SAB3R/MASt3R checkpoint or '
-            'Hugging Face repo id for torch, an sab3r-export directory for onnxruntime and '
-            'tensorrt)')
-    for name, value in (('model.image_height', model.image_height),
-                        ('model.image_width', model.image_width)):
-        if value % 16:
-            raise BackendUnavailable(f'{name}={value} must be a multiple of 16 (the patch size)')
-    make = {'torch': _torch_backend, 'onnxruntime': _ort_backend, 'tensorrt': _trt_backend}
-    backend: Any = make[model.backend](model)
-    text = load_text_encoder(model, backend.clip_dim, _checkpoint_dir(model))
+    if ':' not in model.backend:
+        if model.backend not in BUILTIN_BACKENDS:
+            raise BackendUnavailable(f'model.backend={model.backend!r} is not one of '
+                                     f'{", ".join(BUILTIN_BACKENDS)} nor a module:Class path')
+        if not model.checkpoint:
+            raise BackendUnavailable(
+                'no model loaded: model.checkpoint is empty (give a SAB3R/MASt3R checkpoint or '
+                'Hugging Face repo id for torch, an sab3r-export directory for onnxruntime and '
+                'tensorrt)')
+        try:
+            check_patch_multiple((model.image_height, model.image_width), PATCH_SIZE,
+                                 'model.image_height x model.image_width')
+        except ValueError as exc:
+            raise BackendUnavailable(f'{exc}; set both to multiples of {PATCH_SIZE}') from None
+    backend = _build_backend(model)
+    if backend.text_encoder is not None:
+        text = backend.text_encoder
+        _check_clip_width(text, backend.clip_dim)
+    else:
+        text = load_text_encoder(model, backend.clip_dim, _checkpoint_dir(model))
     log.info('loaded %s at %dx%d', backend.name, *backend.input_size)
     return LoadedModel(backend, text, f'{backend.name} ({backend.device})')

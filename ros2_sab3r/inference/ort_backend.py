@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.inference.manifest import (
@@ -156,6 +157,13 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
         self._outputs = list(self.graph.output_names)
         log.info('%s: %s and %s at %dx%d', self.name, enc_path.name, dec_path.name,
                  *self.input_size)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> OnnxRuntimeBackend:
+        """The graphs of the sab3r-export directory ``model.checkpoint`` for the image size."""
+        opts = OrtOptions(device=model.device, dtype=model.dtype, threads=model.cpu_threads,
+                          optimization=model.ort_optimization)
+        return cls(model.checkpoint, (model.image_height, model.image_width), opts)
 
     @property
     def clip_dim(self) -> int:

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import torch
 
+from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
 from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.model.network import BACKBONE_DTYPES, DecoderGraph, Sab3rNet
@@ -89,6 +90,21 @@ class TorchBackend(ArrayGraphBackend):
         self._decode_fn: Callable = self._decoder
         if cuda_graphs:
             self._capture()
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> TorchBackend:
+        """The network of ``model.checkpoint`` (checkpoint file, directory or Hugging Face repo
+        id; ``model.architecture`` names a release file's network)."""
+        from ros2_sab3r.model.checkpoint import CheckpointError, load_network
+
+        if model.cpu_threads:
+            torch.set_num_threads(model.cpu_threads)
+        try:
+            net = load_network(model.checkpoint, config=model.architecture or None, device='cpu')
+        except CheckpointError as exc:
+            raise BackendUnavailable(f'model.checkpoint: {exc}') from None
+        return cls(net, (model.image_height, model.image_width), model.device, model.dtype,
+                   model.cuda_graphs)
 
     @property
     def clip_dim(self) -> int:

@@ -3,9 +3,10 @@
 It exists to test the pipeline and to run the synthetic demo without a network; it says nothing
 about model quality and must never be used to report it.
 
-It has the interface of a real backend (``name``, ``device``, ``input_size``, ``encode(frame)``,
-``decode(a, b) -> PairPrediction``) and produces what SAB3R would for a pair, from the rendered
-ground truth of the frame with the same stamp:
+It has the interface of a real backend (:class:`ros2_sab3r.inference.base.Backend`: ``name``,
+``device``, ``input_size``, ``clip_dim``, ``text_encoder``, ``encode(frame)``,
+``decode(a, b) -> PairPrediction``, ``warm_up()``, ``close()``) and produces what SAB3R would
+for a pair, from the rendered ground truth of the frame with the same stamp:
 
 - ``X``: view 1's points in its own frame, view 2's points in view 1's frame, both multiplied by a
   random per-pair scale (pointmaps from a pair network have no metric scale), small depth noise;
@@ -61,6 +62,7 @@ class GroundTruthBackend:
             raise ValueError('GroundTruthBackend: all frames must have the same resolution')
         self.input_size = (H, W)
         self._text = text_encoder
+        self.text_encoder = text_encoder  # brought along: load_model uses it (CLIP width checked)
         self._stride = feature_stride
         self._clip_noise = clip_noise
         self._dino_dim = dino_dim
@@ -76,6 +78,18 @@ class GroundTruthBackend:
         self.decode_calls = 0
 
     # ------------------------------------------------------------------------------ interface
+    @property
+    def clip_dim(self) -> int:
+        """Width of the S_clip features: the text encoder's embeddings plus noise."""
+        return self._text.dim
+
+    def warm_up(self) -> float:
+        """Nothing is initialised lazily: 0 ms."""
+        return 0.0
+
+    def close(self) -> None:
+        """Nothing to free."""
+
     def encode(self, frame: CameraFrame) -> GroundTruthTokens:
         self.encode_calls += 1
         truth = self._frames.get(frame.stamp_ns)

@@ -14,7 +14,7 @@ from ros2_sab3r.inference.factory import load_model
 from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
 from ros2_sab3r.inference.torch_backend import TorchBackend
 from ros2_sab3r.model.checkpoint import save_network
-from ros2_sab3r.sim.standin import HashTextEncoderStandIn
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn, SyntheticSceneBackend
 from ros2_sab3r.types import CameraFrame, PairPrediction
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
@@ -147,7 +147,7 @@ def test_load_model_explains_what_is_missing(checkpoint, export_dir, tmp_path):
         load_model(_model(backend='torch'))
     with pytest.raises(BackendUnavailable, match='does not exist'):
         load_model(_model(backend='torch', checkpoint=str(tmp_path / 'none.safetensors')))
-    with pytest.raises(BackendUnavailable, match='multiple of 16'):
+    with pytest.raises(BackendUnavailable, match='multiple of the patch size 16'):
         load_model(_model(backend='torch', checkpoint=str(checkpoint), image_height=40))
     # No text weights beside the checkpoint and none configured: say what to download.
     with pytest.raises(BackendUnavailable, match=r'no CLIP text encoder.*open_clip'):
@@ -160,7 +160,6 @@ def test_load_model_explains_what_is_missing(checkpoint, export_dir, tmp_path):
 
 
 def test_tensorrt_without_its_packages_says_how_to_install(export_dir):
-    pytest.importorskip('onnxruntime')
     try:
         import pycuda.driver  # noqa: F401
         import tensorrt  # noqa: F401
@@ -173,3 +172,24 @@ def test_tensorrt_without_its_packages_says_how_to_install(export_dir):
         load_model(_model(backend='tensorrt', checkpoint=str(out), device='cuda'))
     with pytest.raises(BackendUnavailable, match="needs model.device 'cuda'"):
         load_model(_model(backend='tensorrt', checkpoint=str(out), device='cpu'))
+
+
+class NarrowClipBackendDouble(SyntheticSceneBackend):
+    """The stand-in claiming a 16-wide CLIP head while it brings a 512-wide text encoder."""
+
+    clip_dim = 16
+
+
+def test_plugin_backends_are_built_and_checked_like_the_builtin_ones():
+    standin = _model(backend='ros2_sab3r.sim.standin:SyntheticSceneBackend', checkpoint='',
+                     text_encoder='')
+    loaded = load_model(standin)
+    assert isinstance(loaded.backend, Backend)  # the whole protocol, stand-in included
+    assert loaded.text_encoder is loaded.backend.text_encoder
+    assert loaded.backend.warm_up() >= 0.0
+    loaded.backend.close()
+    narrow = dataclasses.replace(standin, backend=f'{__name__}:NarrowClipBackendDouble')
+    with pytest.raises(BackendUnavailable, match='embeds text in 512 dimensions.*16-dimensional'):
+        load_model(narrow)
+    with pytest.raises(BackendUnavailable, match='has no from_config'):
+        load_model(dataclasses.replace(standin, backend='ros2_sab3r.types:CameraFrame'))
