@@ -49,7 +49,13 @@ from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import QueryEngine
 from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
 from ros2_sab3r.sim.synthetic import make_scene
-from ros2_sab3r.types import CameraFrame, LocateQuery, PairPrediction, ViewPrediction
+from ros2_sab3r.types import (
+    CameraFrame,
+    LocateQuery,
+    PairPrediction,
+    StepStatus,
+    ViewPrediction,
+)
 
 
 class HashText:
@@ -101,7 +107,7 @@ def keyframe_run(width: int, height: int, n: int, posed: bool):
     integ = np.array([x.get('integrate', 0) for x in kf])
     total = np.array([x['total'] for x in kf])
     tracked = [r.latency.total - (r.latency.encode or 0) - (r.latency.decode or 0)
-               for r in results if r.status == 'tracked']
+               for r in results if r.status == StepStatus.TRACKED]
     stages = {k: float(np.median([x.get(k, 0) for x in kf])) for k in ('match', 'pose', 'refine')}
     return {'overhead_ms': float(np.median(total - net - integ)),
             'integrate_ms': float(np.median(integ)),

@@ -66,6 +66,7 @@ from ros2_sab3r.types import (
     PosedKeyframe,
     StepLatency,
     StepResult,
+    StepStatus,
     TextEncoder,
     ViewPrediction,
 )
@@ -231,7 +232,7 @@ class Pipeline:
             except FrameRejected as exc:
                 result = self._skipped(frame, str(exc))
             self.frames_processed += 1
-            if result.status == 'skipped':
+            if result.status == StepStatus.SKIPPED:
                 self.frames_skipped += 1
                 log.debug('frame %d skipped: %s', frame.stamp_ns, result.reason)
             return dataclasses.replace(
@@ -240,7 +241,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- internals
     def _skipped(self, frame: CameraFrame, reason: str) -> StepResult:
-        return StepResult(stamp_ns=frame.stamp_ns, status='skipped', reason=reason)
+        return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.SKIPPED, reason=reason)
 
     def _backend_call(self, clock: StageClock, stage: str, fn: Callable[..., _T], *args) -> _T:
         """A backend encode/decode; the ValueError a backend raises for input it cannot take
@@ -287,8 +288,8 @@ class Pipeline:
             pred = self._decode(clock, tokens, tokens)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
             self._insert(kf, tokens, clock)
-            return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason='first keyframe',
-                              T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
+            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
+                              reason='first keyframe', T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
         pred = self._decode(clock, tokens, latest.tokens)
         overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
                               self._cfg.keyframes.match_stride, pred.view1.D_conf,
@@ -303,7 +304,7 @@ class Pipeline:
                 f'{sim.rmse:.3f} m at depth {depth:.2f} m, above geometry.max_registration_rmse)')
         T_WC = kf_latest.T_WC @ similarity_to_T(sim)
         if not needs_keyframe_by_overlap(overlap, self._cfg.keyframes):
-            return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC,
+            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED, T_WC=T_WC,
                               overlap=overlap)
         edges = [(kf_latest, pred.view2, sim.s)]
         for other in self._window.recent(self._cfg.keyframes.pairs_per_keyframe)[1:]:
@@ -321,7 +322,7 @@ class Pipeline:
             T_WC, scale = refined.T_WC, float(refined.scales[0])
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
         self._insert(kf, tokens, clock)
-        return StepResult(stamp_ns=frame.stamp_ns, status='keyframe',
+        return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
                           reason=f'overlap {overlap:.2f} < {self._cfg.keyframes.min_overlap}',
                           T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
 
@@ -340,12 +341,12 @@ class Pipeline:
             kf = self._make_keyframe(frame, T_WC, pred.view1.X, pred.view1)
             # Its scale is unknown until the camera moves: kept in the window, fused later.
             self._window.insert(WindowKeyframe(kf, tokens, metric=False))
-            return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', T_WC=T_WC,
+            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME, T_WC=T_WC,
                               keyframe_id=kf.keyframe_id,
                               reason='first keyframe; map waits for motion to fix the scale')
         new, why = needs_keyframe_by_pose(T_WC, latest.keyframe.T_WC, self._cfg.keyframes)
         if not new:
-            return StepResult(stamp_ns=frame.stamp_ns, status='tracked', T_WC=T_WC)
+            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED, T_WC=T_WC)
         tokens = self._encode(clock, frame)
         partners = self._window.recent(self._cfg.keyframes.pairs_per_keyframe)
         scaled_X = []
@@ -374,8 +375,8 @@ class Pipeline:
                                     'frame to fix its scale')
         kf = self._make_keyframe(frame, T_WC, scaled_X[0], view1)
         self._insert(kf, tokens, clock)
-        return StepResult(stamp_ns=frame.stamp_ns, status='keyframe', reason=why, T_WC=T_WC,
-                          keyframe_id=kf.keyframe_id)
+        return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME, reason=why,
+                          T_WC=T_WC, keyframe_id=kf.keyframe_id)
 
     def _insert(self, kf: PosedKeyframe, tokens, clock: StageClock) -> None:
         self._window.insert(WindowKeyframe(kf, tokens, metric=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -102,6 +103,22 @@ class PosedKeyframe:
     focal_estimated: bool = False  # True when K came from the pointmap (no CameraInfo)
 
 
+class StepStatus(StrEnum):
+    """What ``Pipeline.step`` made of a frame (a str: compares and serialises as its value)."""
+
+    KEYFRAME = 'keyframe'  # a new keyframe, fused into the map (posed: once the scale is known)
+    TRACKED = 'tracked'  # placed against the latest keyframe, not fused
+    SKIPPED = 'skipped'  # not used; StepResult.reason says why
+
+
+class LocateStatus(StrEnum):
+    """Status of one Locate answer (a str; the wire values of LocatedObject.status's names)."""
+
+    FOUND = 'FOUND'
+    NOT_FOUND = 'NOT_FOUND'
+    AMBIGUOUS = 'AMBIGUOUS'
+
+
 class FrameRejected(ValueError):
     """A frame the pipeline cannot use: the backend refused its input or produced unusable
     output, or it could not be registered. ``Pipeline.step`` reports it as a skipped frame with
@@ -139,10 +156,10 @@ class StepResult:
     """What ``Pipeline.step`` did with one frame."""
 
     stamp_ns: int
-    status: str  # 'keyframe', 'tracked', 'skipped'
+    status: StepStatus
     reason: str = ''  # why a frame was skipped or why it became a keyframe, for logs and status
     T_WC: np.ndarray | None = None  # (4, 4) pose of the frame, None when it could not be placed
-    keyframe_id: int | None = None  # id of the new keyframe when status == 'keyframe'
+    keyframe_id: int | None = None  # id of the new keyframe when status is KEYFRAME
     overlap: float | None = None  # reciprocal-match ratio with the latest keyframe (unposed mode)
     keyframes_in_window: int = 0
     keyframes_total: int = 0
@@ -151,12 +168,7 @@ class StepResult:
 
     @property
     def is_keyframe(self) -> bool:
-        return self.status == 'keyframe'
-
-
-STATUS_FOUND = 'FOUND'
-STATUS_NOT_FOUND = 'NOT_FOUND'
-STATUS_AMBIGUOUS = 'AMBIGUOUS'
+        return self.status == StepStatus.KEYFRAME
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,7 @@ class LocatedObject:
 
     query: str
     label: str  # the caller's label for the query, or the query itself
-    status: str  # STATUS_FOUND, STATUS_NOT_FOUND or STATUS_AMBIGUOUS
+    status: LocateStatus
     score: float  # mean relevancy of the instance's voxels in [0, 1]; 0 when NOT_FOUND
     centroid: np.ndarray | None = None  # (3,) confidence-weighted centre of its voxels, metres
     box: OrientedBox | None = None

@@ -36,7 +36,7 @@ from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.inference.factory import LoadedModel
 from ros2_sab3r.model.preprocess import resample_to_network
 from ros2_sab3r.pipeline import Pipeline
-from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery, StepLatency, StepResult
+from ros2_sab3r.types import LocateQuery, LocateStatus, StepLatency, StepResult, StepStatus
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Evaluator:
                         pipeline: Pipeline) -> dict:
         n = len(steps)
         kf = sum(s.is_keyframe for s in steps)
-        skipped = [s for s in steps if s.status == 'skipped']
+        skipped = [s for s in steps if s.status == StepStatus.SKIPPED]
         span_s = (bag.frames[-1].camera.stamp_ns - bag.frames[0].camera.stamp_ns) / 1e9
         lat = {}
         ran = [s.latency.ran() for s in steps]
@@ -192,7 +192,8 @@ class Evaluator:
         if torch is not None and self.cfg.model.device == 'cuda' and torch.cuda.is_available():
             mem['cuda_peak_mib'] = torch.cuda.max_memory_allocated() / 2**20
         return {
-            'frames': n, 'keyframes': kf, 'tracked': sum(s.status == 'tracked' for s in steps),
+            'frames': n, 'keyframes': kf,
+            'tracked': sum(s.status == StepStatus.TRACKED for s in steps),
             'skipped': len(skipped),
             'skip_reasons': sorted({s.reason.split(';')[0][:120] for s in skipped}),
             'keyframe_rate': kf / n if n else 0.0,
@@ -474,7 +475,7 @@ class Evaluator:
         per_query = []
         for q in queries:
             obj = best.get(q)
-            found = obj is not None and obj.status != STATUS_NOT_FOUND
+            found = obj is not None and obj.status != LocateStatus.NOT_FOUND
             c = align.points(obj.centroid[None])[0] if found and obj.centroid is not None else None
             box = align.box(obj.box) if found and obj.box is not None else None
             r = metrics.locate_outcome(q, c, box, instances, self.opt.locate_radius_m)

@@ -35,12 +35,10 @@ from ros2_sab3r.config import RELEVANCY_MODES, QueryConfig
 from ros2_sab3r.geometry.boxes import fit_box
 from ros2_sab3r.mapping.semantic_map import MapSnapshot, key_offset
 from ros2_sab3r.types import (
-    STATUS_AMBIGUOUS,
-    STATUS_FOUND,
-    STATUS_NOT_FOUND,
     LocatedObject,
     LocateQuery,
     LocateResult,
+    LocateStatus,
     TextEncoder,
 )
 
@@ -230,7 +228,7 @@ class QueryEngine:
             np.maximum(best, relevancy, out=best, casting='unsafe')
             found = self._instances(snapshot, member)
             objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, cut))
-        n_found = sum(o.status != STATUS_NOT_FOUND for o in objects)
+        n_found = sum(o.status != LocateStatus.NOT_FOUND for o in objects)
         unused = ' (negatives unused in official mode)' if official and q.negatives else ''
         return LocateResult(objects=tuple(objects), map_stamp_ns=snapshot.stamp_ns,
                             frame=snapshot.frame,
@@ -313,7 +311,8 @@ class QueryEngine:
               instances: list[np.ndarray], top_k: int, min_score: float) -> list[LocatedObject]:
         """Objects of one query, best first, all carrying the query's status."""
         if not instances:
-            return [LocatedObject(query=text, label=label, status=STATUS_NOT_FOUND, score=0.0)]
+            return [LocatedObject(query=text, label=label, status=LocateStatus.NOT_FOUND,
+                                  score=0.0)]
         scores = np.array([float(relevancy[rows].mean()) for rows in instances])
         # Rank by evidence (relevancy summed over voxels): a fragment of a few voxels with a
         # saturated relevancy must not beat the whole object.
@@ -326,7 +325,7 @@ class QueryEngine:
         ambiguous = best < min_score + margin or (
             len(order) > 1 and mass[order[1]] >= 0.5 * mass[order[0]]
             and best - scores[order[1]] < margin)
-        status = STATUS_AMBIGUOUS if ambiguous else STATUS_FOUND
+        status = LocateStatus.AMBIGUOUS if ambiguous else LocateStatus.FOUND
         out = []
         for k in order[:top_k]:
             rows = instances[k]

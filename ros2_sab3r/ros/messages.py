@@ -19,9 +19,9 @@ from ros2_sab3r import types
 from ros2_sab3r.msg import LocatedObject
 
 _STATUS = {
-    types.STATUS_FOUND: LocatedObject.STATUS_FOUND,
-    types.STATUS_NOT_FOUND: LocatedObject.STATUS_NOT_FOUND,
-    types.STATUS_AMBIGUOUS: LocatedObject.STATUS_AMBIGUOUS,
+    types.LocateStatus.FOUND: LocatedObject.STATUS_FOUND,
+    types.LocateStatus.NOT_FOUND: LocatedObject.STATUS_NOT_FOUND,
+    types.LocateStatus.AMBIGUOUS: LocatedObject.STATUS_AMBIGUOUS,
 }
 
 

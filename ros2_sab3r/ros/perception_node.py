@@ -44,7 +44,7 @@ from ros2_sab3r.query.engine import BadLocateRequest, EmptyMapError, LocateError
 from ros2_sab3r.ros import messages, qos
 from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
-from ros2_sab3r.types import CameraFrame, StepLatency
+from ros2_sab3r.types import CameraFrame, LocateStatus, StepLatency, StepStatus
 
 NODE_NAME = 'perception_node'
 _THROTTLE_S = 5.0
@@ -427,7 +427,7 @@ class PerceptionNode(LifecycleNode):
                                           total=(time.perf_counter() - t0) * 1e3)
                 self._keyframes_in_window = result.keyframes_in_window
                 self._keyframes_total = result.keyframes_total
-            if result.status == 'skipped':
+            if result.status == StepStatus.SKIPPED:
                 self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
                                           f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
             elif result.is_keyframe:
@@ -510,7 +510,7 @@ class PerceptionNode(LifecycleNode):
                 frame = target
         header = Header(stamp=messages.stamp_from_ns(result.map_stamp_ns), frame_id=frame)
         response.objects = [messages.located_to_msg(o, header) for o in objects]
-        found = sum(o.status != 'NOT_FOUND' for o in objects)
+        found = sum(o.status != LocateStatus.NOT_FOUND for o in objects)
         response.success = True
         response.message = (result.message or f'{found} object(s) for {len(query.queries)} '
                             f'query(ies)') + f' in frame {frame!r}{note}'

@@ -9,7 +9,7 @@ from ros2_sab3r.geometry.boxes import box_iou
 from ros2_sab3r.geometry.registration import umeyama
 from ros2_sab3r.geometry.transforms import rotation_angle_deg
 from ros2_sab3r.sim.synthetic import observed_centroids
-from ros2_sab3r.types import STATUS_NOT_FOUND, LocateQuery
+from ros2_sab3r.types import LocateQuery, LocateStatus
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_locate_every_class_posed(posed_run, scene, frames):
     truth = {o.label: o for o in scene.objects}
     for label in labels:
         top = next(o for o in result.objects if o.query == label)
-        assert top.status != STATUS_NOT_FOUND, label
+        assert top.status != LocateStatus.NOT_FOUND, label
         gt = truth[label]
         dist = float(np.linalg.norm(top.centroid - reference[gt.instance_id]))
         iou = box_iou(top.box, gt.box)
@@ -85,7 +85,7 @@ def test_absent_class_is_not_found(posed_run, scene):
     pipeline, _ = posed_run
     absent = [c for c in ('refrigerator', 'toilet', 'bathtub') if c not in scene.labels]
     result = pipeline.locate(LocateQuery(queries=tuple(absent)))
-    assert [o.status for o in result.objects] == [STATUS_NOT_FOUND] * len(absent)
+    assert [o.status for o in result.objects] == [LocateStatus.NOT_FOUND] * len(absent)
     assert all(o.points is None and o.score == 0.0 for o in result.objects)
 
 
@@ -94,4 +94,4 @@ def test_unposed_map_answers_every_class(unposed_run, scene):
     assert pipeline.snapshot().gravity is None  # unknown gravity: PCA boxes
     result = pipeline.locate(LocateQuery(queries=tuple(scene.labels), top_k=1))
     assert [o.query for o in result.objects] == list(scene.labels)
-    assert all(o.status != STATUS_NOT_FOUND for o in result.objects)
+    assert all(o.status != LocateStatus.NOT_FOUND for o in result.objects)

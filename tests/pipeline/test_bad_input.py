@@ -10,7 +10,7 @@ import pytest
 from ros2_sab3r.geometry.transforms import rotation_angle_deg
 from ros2_sab3r.query.engine import LocateError
 from ros2_sab3r.sim.synthetic import look_at
-from ros2_sab3r.types import STATUS_NOT_FOUND, CameraFrame, LocateQuery
+from ros2_sab3r.types import CameraFrame, LocateQuery, LocateStatus
 from tests.doubles import CorruptingBackendDouble
 from tests.pipeline.conftest import make_backend, make_pipeline
 
@@ -123,7 +123,7 @@ def test_queries_of_0_1_200_and_unicode(posed_run):
     with pytest.raises(LocateError, match='no queries'):
         pipeline.locate(LocateQuery(queries=()))
     one = pipeline.locate(LocateQuery(queries=('chair',), top_k=1))
-    assert len(one.objects) == 1 and one.objects[0].status != STATUS_NOT_FOUND
+    assert len(one.objects) == 1 and one.objects[0].status != LocateStatus.NOT_FOUND
     with pytest.raises(LocateError, match='max_queries'):
         pipeline.locate(LocateQuery(queries=tuple(f'thing {i}' for i in range(200))))
     uni = pipeline.locate(LocateQuery(queries=('椅子', 'chaise longue ☕', 'Stuhl')))
@@ -137,7 +137,7 @@ def test_queries_of_0_1_200_and_unicode(posed_run):
         pipeline.locate(LocateQuery(queries=('chair',), min_score=float('nan')))
     # the caller's negatives can suppress a query: 'chair' against 'chair' itself as negative
     neg = pipeline.locate(LocateQuery(queries=('bed',), negatives=('bed',)))
-    assert neg.objects[0].status != STATUS_NOT_FOUND  # a query is never its own negative
+    assert neg.objects[0].status != LocateStatus.NOT_FOUND  # a query is never its own negative
 
 
 def test_locate_while_stepping(scene, frames, text_encoder):

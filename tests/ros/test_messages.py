@@ -45,7 +45,7 @@ def _found(query='dresser'):
                             quat_xyzw=Rotation.from_euler('z', 30, degrees=True).as_quat(),
                             size=np.array([0.8, 0.4, 1.0]))
     return types.LocatedObject(
-        query=query, label=query, status=types.STATUS_FOUND, score=0.83,
+        query=query, label=query, status=types.LocateStatus.FOUND, score=0.83,
         centroid=np.array([1.0, 2.0, 0.5]), box=box,
         points=np.array([[1.0, 2.0, 0.5], [1.1, 2.0, 0.4]], np.float32),
         colors=np.array([[10, 20, 30], [40, 50, 60]], np.uint8), last_seen_ns=3_500_000_000)
@@ -62,7 +62,7 @@ def test_located_object_message():
     assert (msg.last_seen.sec, msg.last_seen.nanosec) == (3, 500_000_000)
     assert msg.points.header.frame_id == 'map' and msg.points.width == 2
     not_found = types.LocatedObject(query='unicorn', label='unicorn',
-                                    status=types.STATUS_NOT_FOUND, score=0.0)
+                                    status=types.LocateStatus.NOT_FOUND, score=0.0)
     msg = messages.located_to_msg(not_found, header)
     assert msg.status == LocatedObject.STATUS_NOT_FOUND and msg.point_count == 0
 
@@ -71,7 +71,7 @@ def test_markers_skip_not_found_and_label_found():
     header = Header(frame_id='map')
     objs = [messages.located_to_msg(_found(), header),
             messages.located_to_msg(types.LocatedObject(
-                query='unicorn', label='unicorn', status=types.STATUS_NOT_FOUND, score=0.0),
+                query='unicorn', label='unicorn', status=types.LocateStatus.NOT_FOUND, score=0.0),
                 header)]
     markers = messages.located_markers(objs).markers
     assert markers[0].action == markers[0].DELETEALL
