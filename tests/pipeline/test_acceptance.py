@@ -10,6 +10,7 @@ from ros2_sab3r.geometry.registration import umeyama
 from ros2_sab3r.geometry.transforms import rotation_angle_deg
 from ros2_sab3r.sim.synthetic import observed_centroids
 from ros2_sab3r.types import LocateQuery, LocateStatus
+from tests.pipeline.conftest import make_backend, make_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +53,20 @@ def test_step_latency_names_the_stages_that_ran(unposed_run):
         assert ('match' in ran) == (r is not results[0])
 
 
-def test_unposed_focal_is_estimated_from_the_pointmap(unposed_run, frames):
+def test_unposed_focal_is_estimated_from_the_pointmap(unposed_run, scene, frames, text_encoder):
     pipeline, _ = unposed_run
+    assert pipeline.latest_keyframe().focal_estimated is False  # frames carried K
+    short = frames[:10]
+    pipeline = make_pipeline(make_backend(scene, short, text_encoder), text_encoder, False)
+    results = [pipeline.step(f.camera_frame(with_K=False)) for f in short]
+    assert all(r.status != 'skipped' for r in results), [r.reason for r in results]
+    assert sum(r.is_keyframe for r in results) >= 2
     kf = pipeline.latest_keyframe()
-    assert kf.focal_estimated is False  # frames carried K
-    from ros2_sab3r.geometry.focal import estimate_focal
-    f = estimate_focal(kf.X, kf.C > 1.5)
+    assert kf.focal_estimated is True  # no K with the frames: the pipeline estimated it
+    f = kf.K[0, 0]
     assert abs(f - frames[0].K[0, 0]) / frames[0].K[0, 0] < 0.01
+    H, W = kf.X.shape[:2]
+    np.testing.assert_allclose(kf.K, [[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
 
 
 def test_locate_every_class_posed(posed_run, scene, frames):
