@@ -53,7 +53,8 @@ from ros2_sab3r.geometry.transforms import is_rigid
 from ros2_sab3r.inference import Backend
 from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
-from ros2_sab3r.mapping.semantic_map import MapSnapshot, SemanticVoxelMap
+from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+from ros2_sab3r.mapping.snapshot import MapSnapshot
 from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_network
 from ros2_sab3r.query.engine import QueryEngine
 from ros2_sab3r.query.labels import label_voxels

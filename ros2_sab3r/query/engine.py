@@ -33,7 +33,8 @@ from scipy.sparse.csgraph import connected_components
 
 from ros2_sab3r.config import RELEVANCY_MODES, QueryConfig
 from ros2_sab3r.geometry.boxes import fit_box
-from ros2_sab3r.mapping.semantic_map import MapSnapshot, key_offset
+from ros2_sab3r.mapping.keys import key_offset
+from ros2_sab3r.mapping.snapshot import MapSnapshot
 from ros2_sab3r.types import (
     LocatedObject,
     LocateQuery,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ros2_sab3r.mapping.semantic_map import MapSnapshot
+from ros2_sab3r.mapping.snapshot import MapSnapshot
 
 NO_LABEL = -1
 

@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from ros2_sab3r.config import MappingConfig
+from ros2_sab3r.mapping.codec import bf16_decode, bf16_encode
+from ros2_sab3r.mapping.keys import pack_keys, unpack_keys
 from ros2_sab3r.mapping.persistence import MapFileError, map_from_file, read_map, save_map
-from ros2_sab3r.mapping.semantic_map import (
-    SemanticVoxelMap,
-    bf16_decode,
-    bf16_encode,
-    pack_keys,
-    unpack_keys,
-)
+from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 pytestmark = pytest.mark.unit
 

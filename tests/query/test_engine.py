@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from ros2_sab3r.config import MappingConfig, QueryConfig
-from ros2_sab3r.mapping.semantic_map import (
-    SemanticVoxelMap,
-)
+from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 from ros2_sab3r.query.engine import LocateError, QueryEngine, validate_query
 from ros2_sab3r.types import LocateQuery
 from tests.doubles import HashTextEncoderDouble

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from ros2_sab3r.config import MappingConfig
-from ros2_sab3r.mapping.semantic_map import (
-    SemanticVoxelMap,
-)
+from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,49 @@
+"""Feature codec: CLIP features as bfloat16 bit patterns (uint16), numpy having no bfloat16.
+
+Why bfloat16 for CLIP: every Locate multiplies all CLIP features by the query embeddings; at 500k
+voxels x 512 that reads 0.5 GB, and CPUs with bf16 matrix units (AVX512-BF16, AMX) do it about
+twice as fast as from fp16 (torch, 2 cores: ~25 ms vs ~50 ms). bfloat16 keeps 8 mantissa bits:
+the cosine similarity of a stored feature changes by ~1e-3 at most, far below the relevancy
+margins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bf16_encode(x: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 bfloat16 bit patterns (round to nearest even; finite input)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def bf16_decode(b: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 array (exact)."""
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def fold_bf16_mean(clip: np.ndarray, clip_norm: np.ndarray, rows: np.ndarray, fsum: np.ndarray,
+                   w_old: np.ndarray, w_new: np.ndarray) -> None:
+    """Fold weighted feature sums fsum (n, F) into running means stored as bfloat16 bits.
+
+    clip: (slots, F) uint16 means, clip_norm: (slots,) their L2 norms, both updated at `rows`
+    (the mean becomes (w_old * mean + fsum) / w_new). fsum is overwritten.
+
+    Plain numpy on purpose, in as few passes as possible: torch would use several threads per
+    operation, which on a small shared CPU costs more in thread wake-ups than it gains.
+    """
+    n, dim = fsum.shape
+    halves = np.zeros((n, dim, 2), np.uint16)  # little-endian float32: high half = bf16 bits
+    halves[..., 1] = clip[rows]
+    mean = halves.view(np.float32).reshape(n, dim)  # exact bf16 -> float32
+    mean *= (w_old / w_new).astype(np.float32)[:, None]
+    fsum *= (1.0 / w_new).astype(np.float32)[:, None]
+    mean += fsum
+    clip_norm[rows] = np.sqrt(np.einsum('ij,ij->i', mean, mean))
+    u = mean.view(np.uint32)  # round to nearest even in place, then keep the high halves
+    carry = u >> 16
+    carry &= 1
+    u += carry
+    u += 0x7FFF
+    clip[rows] = halves[..., 1]
