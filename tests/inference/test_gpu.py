@@ -125,6 +125,7 @@ def test_tensorrt_through_load_model_and_the_pipeline(export_dir, tiny_net, tmp_
     from ros2_sab3r.inference.factory import load_model
     from ros2_sab3r.pipeline import Pipeline
     from ros2_sab3r.sim.synthetic import make_scene
+    from tests.inference.maps import assert_nearly_the_same_map
 
     out, _ = export_dir
     model = dataclasses.replace(
@@ -150,10 +151,4 @@ def test_tensorrt_through_load_model_and_the_pipeline(export_dir, tiny_net, tmp_
         if a.T_WC is not None:
             np.testing.assert_allclose(a.T_WC, b.T_WC, atol=1e-4)
     assert map_t.n_voxels > 500
-    shared, i_trt, i_t = np.intersect1d(map_trt.keys, map_t.keys, return_indices=True)
-    assert len(shared) >= 0.8 * max(map_trt.n_voxels, map_t.n_voxels)
-    dist = np.linalg.norm(map_trt.positions[i_trt] - map_t.positions[i_t], axis=-1)
-    assert np.median(dist) < 0.0015, np.median(dist)
-    a, b = map_trt.features('clip')[i_trt], map_t.features('clip')[i_t]
-    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert cos.min() > 0.98, cos.min()
+    assert_nearly_the_same_map(map_trt, map_t)

@@ -34,6 +34,7 @@ from ros2_sab3r.model.outputs import ENCODER_OUTPUT
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.sim.standin import HashTextEncoderStandIn
 from ros2_sab3r.sim.synthetic import make_scene
+from tests.inference.maps import assert_nearly_the_same_map
 
 pytestmark = [pytest.mark.model, pytest.mark.export]
 
@@ -134,14 +135,7 @@ def test_int8_and_fp32_build_nearly_the_same_posed_map(int8_dir):
                                       for dt in ('fp32', 'int8'))
     assert [r.status for r in res_f] == [r.status for r in res_q]
     assert map_f.n_voxels > 500
-    shared, i_f, i_q = np.intersect1d(map_f.keys, map_q.keys, return_indices=True)
-    assert len(shared) >= 0.8 * max(map_f.n_voxels, map_q.n_voxels)
-    # (a shared voxel's means are always within one voxel: compare the typical distance)
-    dist = np.linalg.norm(map_f.positions[i_f] - map_q.positions[i_q], axis=-1)
-    assert np.median(dist) < 0.0015, np.median(dist)
-    a, b = map_f.features('clip')[i_f], map_q.features('clip')[i_q]
-    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert cos.min() > 0.98, cos.min()
+    assert_nearly_the_same_map(map_f, map_q)
     results, snap = _map(out, 'int8', frames[:4], posed=False)
     assert results[0].is_keyframe and snap.n_voxels > 50
     assert np.isfinite(snap.features('clip')).all()
