@@ -428,14 +428,19 @@ class Teacher(nn.Module):
                      trusted_upsampler_file: bool = False) -> None:
         """Backbone weights, and for ``jbu`` FeatUp's file (its other tensors are ignored)."""
         self.backbone.load_weights(weights)
+        if self.jbu is not None:
+            if upsampler_weights is None:
+                raise UpsamplerWeightsError(
+                    f'the jbu upsampler of the {self.kind} teacher needs its FeatUp weights '
+                    f'file ({_jbu_file(self.kind)})')
+            self.load_upsampler_weights(upsampler_weights, trusted=trusted_upsampler_file)
+
+    def load_upsampler_weights(self, path: Path, *, trusted: bool = False) -> None:
+        """The JBU (and for DINOv2 the ChannelNorm) from a FeatUp checkpoint file."""
         if self.jbu is None:
-            return
-        if upsampler_weights is None:
-            raise UpsamplerWeightsError(
-                f'the jbu upsampler of the {self.kind} teacher needs its FeatUp weights file '
-                f'({_jbu_file(self.kind)})')
-        state = read_featup_checkpoint(upsampler_weights, trusted=trusted_upsampler_file)
-        source = f'upsampler weights file {upsampler_weights}'
+            raise ValueError(f'the {self.upsampler_kind!r} upsampler has no weights')
+        state = read_featup_checkpoint(path, trusted=trusted)
+        source = f'upsampler weights file {path}'
         self.jbu.load_state_dict(jbu_state_dict(state, self.dim, source), strict=True)
         if self.channel_norm is not None:
             self.channel_norm.load_state_dict(channel_norm_state_dict(state, self.dim, source))
