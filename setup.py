@@ -44,6 +44,7 @@ setup(
             'sab3r-convert = ros2_sab3r.eval.convert:main',
             'sab3r-export = ros2_sab3r.inference.export:main',
             'sab3r-build-engine = ros2_sab3r.inference.trt_engine:main',
+            'sab3r-teacher = ros2_sab3r.train.teacher_cli:main',
         ],
     },
 )
