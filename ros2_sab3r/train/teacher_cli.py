@@ -76,7 +76,7 @@ def load_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         img = img.resize(new, method)
         left, top = (img.width - width) // 2, (img.height - height) // 2
         img = img.crop((left, top, left + width, top + height))
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable (torch.from_numpy)
 
 
 def teacher_features(image: np.ndarray, config: TeacherConfig,

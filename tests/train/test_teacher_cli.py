@@ -70,7 +70,7 @@ def test_maskclip_jbu_end_to_end_with_a_full_open_clip_state_dict(tmp_path):
 def test_dinov2_none_and_bilinear(tmp_path, dino_files):
     weights, _, teacher = dino_files
     img = _png(tmp_path / 'photo.png', 32, 48, seed=1)  # already 32x48: used as is
-    x = torch.from_numpy(np.asarray(Image.open(img))).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1)[None].float() / 255
     raw = Teacher('dinov2', 'none')
     raw.backbone.load_state_dict(teacher.backbone.state_dict())
     for upsampler, shape in (('none', (2, 3, 384)), ('bilinear', (32, 48, 384))):
@@ -89,7 +89,7 @@ def test_dinov2_jbu_equals_the_in_process_teacher(tmp_path, dino_files):
     out = tmp_path / 'jbu.npz'
     assert main([str(img), '--teacher', 'dinov2', '--weights', str(weights),
                  '--upsampler-weights', str(jbu_file), '--out', str(out)]) == 0
-    x = torch.from_numpy(np.asarray(Image.open(img))).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1)[None].float() / 255
     np.testing.assert_array_equal(_features(out), teacher.eval()(x)[0].numpy())
 
 
