@@ -26,6 +26,7 @@ setup(
         'onnxruntime>=1.18',
         'rosbags>=0.10',
         'huggingface_hub>=0.23',
+        'timm',
         'tqdm',
         'matplotlib',
     ],
