@@ -356,7 +356,9 @@ def test_format_1_export_is_converted_with_the_same_outputs(tmp_path, tiny_cd_ne
         layers = tiny_cd_net.decode_tokens(tiny_cd_net.encode(img), tiny_cd_net.encode(img))
         raw_clip = tiny_cd_net.downstream_head1.clip_head(layers[0].layers, layers[0].grid)
     torch.testing.assert_close(got.view1.pts3d, ref.view1.pts3d, rtol=0, atol=0)
-    torch.testing.assert_close(got.view1.clip, raw_clip, rtol=0, atol=0)  # raw, as then
+    # Raw, as then (norm-exp would differ by far more). Not bit-exact: the forward encodes both
+    # views as one batch, which takes other GEMM kernels than one image on CPUs without AVX-512.
+    torch.testing.assert_close(got.view1.clip, raw_clip, rtol=0, atol=1e-6)
     # Re-saved, it is a current-format file.
     again = load_network(save_network(net, tmp_path / 'new.safetensors'))
     assert again.cfg == net.cfg
