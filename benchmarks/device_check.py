@@ -44,10 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ros2_sab3r.model.network import Sab3rNet, create_network  # noqa: E402
+from ros2_sab3r.model.network import BACKBONE_DTYPES, Sab3rNet, create_network  # noqa: E402
 
 TARGETS_MS = {'full_pair': 15.0, 'tracked_frame': 8.0}  # bf16 with CUDA graphs, H100/H200
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 class Clock:
@@ -130,7 +129,7 @@ def stage_functions(net: Sab3rNet, size: tuple[int, int], device: str
 
 def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, clock: Clock
                     ) -> dict:
-    net.set_backbone_dtype(DTYPES[dtype])
+    net.set_backbone_dtype(BACKBONE_DTYPES[dtype])
     row: dict = {'dtype': dtype, 'cuda_graphs': graphs, 'ms': {}, 'peak_mib': {}}
     with torch.inference_mode():
         for name, fn in stage_functions(net, size, device).items():
@@ -183,7 +182,7 @@ def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--smoke', action='store_true',
-                        help='tiny_cd at 64x48 on the CPU, fp32 only: checks the script itself')
+                        help='tiny_cd at 48x64 (HxW) on the CPU, fp32: checks the script')
     parser.add_argument('--architecture', default=None, help='default: sab3r_cd (tiny_cd with '
                         '--smoke)')
     parser.add_argument('--size', default=None, help='HxW of the network input (default 384x512)')
