@@ -37,6 +37,7 @@ from ros2_sab3r.inference.common import parse_size
 from ros2_sab3r.inference.int8 import (
     INT8_PARITY_TOLERANCES,
     INT8_RECIPE,
+    INT8_WEIGHT_TYPES,
     Int8ParityError,
     quantize_int8,
 )
@@ -147,7 +148,8 @@ def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[i
 def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
                    opset: int = DEFAULT_OPSET, source: str = '', check: bool = True,
                    threads: int = 0, progress: bool = True, int8: bool = False,
-                   int8_reduce_range: bool = False) -> ExportManifest:
+                   int8_reduce_range: bool = False, int8_weights: str = 's8'
+                   ) -> ExportManifest:
     """Export ``net`` (fp32, CPU) for every size; check and compare; write the manifest.
 
     With ``int8`` every size also gets a dynamically quantised pair (:func:`quantize_int8`),
@@ -160,6 +162,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
     import onnx
     import onnxruntime
 
+    if int8 and int8_weights not in INT8_WEIGHT_TYPES:
+        raise ExportError(f'int8 weights {int8_weights!r}: expected one of {INT8_WEIGHT_TYPES}')
     if opset < 17:
         raise ExportError(f'opset {opset} < 17: LayerNormalization needs opset 17; use >= 17')
     out_dir = Path(out_dir).expanduser()
@@ -204,8 +208,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         if int8:
             steps.set_postfix_str(f'{h}x{w} int8 quantisation')
             q_enc, q_dec = (f.with_name(f'{f.stem}_int8.onnx') for f in (enc_path, dec_path))
-            quantize_int8(enc_path, q_enc, int8_reduce_range)
-            quantize_int8(dec_path, q_dec, int8_reduce_range)
+            quantize_int8(enc_path, q_enc, int8_reduce_range, int8_weights)
+            quantize_int8(dec_path, q_dec, int8_reduce_range, int8_weights)
             steps.update()
             try:
                 parity = (_checked_parity(q_enc, q_dec, net, size, names, threads, 'int8',
@@ -221,7 +225,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
                 image_size=(h, w), encoder=q_enc.name, decoder=q_dec.name,
                 encoder_sha256=file_sha256(q_enc), decoder_sha256=file_sha256(q_dec),
                 token_shape=token_shape, output_names=names, parity=parity, precision='int8',
-                quantization=INT8_RECIPE + (' (7-bit weights)' if int8_reduce_range else '')))
+                quantization=INT8_RECIPE + (' (7-bit weights)' if int8_reduce_range else '')
+                + (' (uint8 weights)' if int8_weights == 'u8' else '')))
     steps.close()
     manifest = ExportManifest(
         config_name=net.cfg.name, network_config=net.cfg.to_dict(), opset=opset,
@@ -233,7 +238,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         raise Int8ParityError(
             'the fp32 graphs passed and were written, but int8 quantisation moved outputs too '
             'far from torch, so its graphs were not kept (use model.dtype fp32 with this '
-            'export): ' + ' | '.join(int8_failures), manifest)
+            'export; on an x86 CPU without VNNI, 8-bit products saturate: export again with '
+            '--int8-weights u8): ' + ' | '.join(int8_failures), manifest)
     return manifest
 
 
@@ -267,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--int8-reduce-range', action='store_true',
                         help='with --int8: 7-bit weights, for x86 CPUs without VNNI '
                              '(avoids saturating 8-bit products there)')
+    parser.add_argument('--int8-weights', choices=INT8_WEIGHT_TYPES, default='s8',
+                        help='with --int8: signed weights (s8, fastest) or unsigned (u8: no '
+                             'saturation on x86 CPUs without VNNI, at full 8-bit precision)')
     args = parser.parse_args(argv)
     if args.int8_reduce_range and not args.int8:
         parser.error('--int8-reduce-range needs --int8')
+    if args.int8_weights != 's8' and not args.int8:
+        parser.error('--int8-weights needs --int8')
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     try:
         sizes = [parse_size(s) for s in (args.size or [])] or list(DEFAULT_SIZES)
@@ -290,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             source = args.checkpoint
         manifest = export_network(net, args.out, sizes, args.opset, source,
                                   check=not args.no_check, threads=args.threads,
-                                  int8=args.int8, int8_reduce_range=args.int8_reduce_range)
+                                  int8=args.int8, int8_reduce_range=args.int8_reduce_range,
+                                  int8_weights=args.int8_weights)
         failure = None
     except Int8ParityError as exc:
         manifest, failure = exc.manifest, exc
