@@ -14,7 +14,7 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['ros2_sab3r', 'ros2_sab3r.*']),
-    package_data={'ros2_sab3r': ['model/configs/*.json']},
+    package_data={'ros2_sab3r': ['model/configs/*.json', 'train/recipes/*.yaml']},
     install_requires=[
         'numpy>=1.26',
         'scipy>=1.11',
