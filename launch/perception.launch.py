@@ -15,20 +15,29 @@ arguments below override the few that change from robot to robot. Run
 import os
 import tempfile
 
-from ament_index_python.packages import get_package_share_directory
+from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 
 from launch import LaunchDescription
 
+# Launch configurations are shared with the file that includes this one (launch has no scope per
+# included file): an includer that declares one of these names with '' leaves it '' here, since
+# DeclareLaunchArgument only sets its default when the name is unset. So every argument treats
+# '' as "use the default" and this file works whatever includes it.
 _OVERRIDES = {
     # launch argument -> node parameter (applied only when the argument is not empty)
     'backend': 'model.backend',
     'checkpoint': 'model.checkpoint',
     'device': 'model.device',
+    'text_encoder': 'model.text_encoder',
     'map_frame': 'frames.map_frame',
+    'pose_source': 'frames.pose_source',
+    'camera_reliability': 'camera.qos_reliability',
 }
+_BOOL_OVERRIDES = {'compressed': 'camera.compressed'}
+_LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
 
 
 def _split_list(text: str) -> list[str]:
@@ -37,6 +46,14 @@ def _split_list(text: str) -> list[str]:
 
 def _true(text: str) -> bool:
     return text.lower() in ('true', '1', 'yes')
+
+
+def _bool_argument(name: str, text: str) -> bool:
+    if text.lower() in ('true', '1', 'yes'):
+        return True
+    if text.lower() in ('false', '0', 'no'):
+        return False
+    raise RuntimeError(f'{name}:={text} is not a boolean; use true or false')
 
 
 def rviz_config_for(namespace: str) -> str:
@@ -53,21 +70,56 @@ def rviz_config_for(namespace: str) -> str:
     return out
 
 
+def _default_params_file() -> str:
+    return os.path.join(get_package_share_directory('ros2_sab3r'), 'config', 'perception.yaml')
+
+
+def _require_rviz2() -> None:
+    # Checked before any action is returned: a missing rviz2 must not leave the node running
+    # with nobody to stop it when launch exits on the failed rviz2 action.
+    try:
+        get_package_share_directory('rviz2')
+    except PackageNotFoundError:
+        raise RuntimeError('rviz:=true but the rviz2 package is not installed; install '
+                           'ros-<distro>-rviz2 or launch with rviz:=false') from None
+
+
 def _node(context):
     value = {name: LaunchConfiguration(name).perform(context) for name in (
         'params_file', 'namespace', 'image_topics', 'camera_info_topics', 'use_sim_time',
-        'log_level', 'autostart', 'rviz', *_OVERRIDES)}
+        'log_level', 'autostart', 'rviz', 'respawn', 'respawn_delay', *_OVERRIDES,
+        *_BOOL_OVERRIDES)}
+    log_level = value['log_level'] or 'info'
+    if log_level.lower() not in _LOG_LEVELS:
+        raise RuntimeError(f'log_level:={log_level} is not one of {", ".join(_LOG_LEVELS)}')
+    respawn_delay = value['respawn_delay'] or '2.0'
+    try:
+        delay_s = float(respawn_delay)
+    except ValueError:
+        delay_s = -1.0
+    if not delay_s >= 0.0:
+        raise RuntimeError(f'respawn_delay:={respawn_delay} must be a number of seconds >= 0')
+    rviz = _bool_argument('rviz', value['rviz'] or 'false')
+    if rviz:
+        _require_rviz2()
     overrides = {
-        'use_sim_time': _true(value['use_sim_time']),
-        'node.autostart': _true(value['autostart']),
+        'use_sim_time': _bool_argument('use_sim_time', value['use_sim_time'] or 'false'),
+        'node.autostart': _bool_argument('autostart', value['autostart'] or 'true'),
     }
     for arg, param in _OVERRIDES.items():
         if value[arg]:
             overrides[param] = value[arg]
+    for arg, param in _BOOL_OVERRIDES.items():
+        if value[arg]:
+            overrides[param] = _bool_argument(arg, value[arg])
     if value['image_topics']:
         overrides['camera.image_topics'] = _split_list(value['image_topics'])
     if value['camera_info_topics']:
         overrides['camera.camera_info_topics'] = _split_list(value['camera_info_topics'])
+    params_file = value['params_file'] or _default_params_file()
+    if not os.path.isfile(params_file):
+        raise RuntimeError(f'params_file:={params_file} is not a file; give a parameter YAML '
+                           'such as config/perception.yaml')
     actions = [LifecycleNode(
         package='ros2_sab3r',
         executable='perception_node',
@@ -75,10 +127,12 @@ def _node(context):
         namespace=value['namespace'],
         output='screen',
         emulate_tty=True,
-        parameters=[value['params_file'], overrides],
-        arguments=['--ros-args', '--log-level', value['log_level']],
+        respawn=_bool_argument('respawn', value['respawn'] or 'false'),
+        respawn_delay=delay_s,
+        parameters=[params_file, overrides],
+        arguments=['--ros-args', '--log-level', log_level.lower()],
     )]
-    if _true(value['rviz']):
+    if rviz:
         actions.append(Node(
             package='rviz2', executable='rviz2', name='rviz2', output='screen',
             arguments=['-d', rviz_config_for(value['namespace'])],
@@ -87,11 +141,9 @@ def _node(context):
 
 
 def generate_launch_description():
-    default_params = os.path.join(
-        get_package_share_directory('ros2_sab3r'), 'config', 'perception.yaml')
     args = [
         DeclareLaunchArgument(
-            'params_file', default_value=default_params,
+            'params_file', default_value=_default_params_file(),
             description='YAML with all node parameters (see config/perception.yaml)'),
         DeclareLaunchArgument(
             'namespace', default_value='',
@@ -115,7 +167,28 @@ def generate_launch_description():
         DeclareLaunchArgument(
             'device', default_value='', description="'cpu' or 'cuda'; empty: model.device"),
         DeclareLaunchArgument(
+            'text_encoder', default_value='',
+            description="CLIP ViT-B/16 text tower: open_clip file, 'openai' or 'module:Class'; "
+                        'empty: model.text_encoder'),
+        DeclareLaunchArgument(
             'map_frame', default_value='', description='map frame; empty: frames.map_frame'),
+        DeclareLaunchArgument(
+            'pose_source', default_value='',
+            description="'tf' (camera poses from TF) or 'none' (from SAB3R); empty: "
+                        'frames.pose_source'),
+        DeclareLaunchArgument(
+            'compressed', default_value='',
+            description='true: subscribe to <image_topic>/compressed; empty: camera.compressed'),
+        DeclareLaunchArgument(
+            'camera_reliability', default_value='',
+            description="camera QoS 'best_effort' or 'reliable' (see camera.qos_reliability); "
+                        'empty: params_file'),
+        DeclareLaunchArgument(
+            'respawn', default_value='false',
+            description='restart the node process if it exits (then autostart configures it)'),
+        DeclareLaunchArgument(
+            'respawn_delay', default_value='2.0',
+            description='seconds to wait before a respawn'),
         DeclareLaunchArgument(
             'use_sim_time', default_value='false',
             description='use /clock (true when replaying bags with --clock)'),

@@ -5,9 +5,13 @@
         checkpoint:=/opt/sab3r/onnx image_topics:=/front/image_raw
 
 Starts perception.launch.py with use_sim_time:=true and, after `start_delay` seconds (time to
-load the model), `ros2 bag play BAG --clock`. A bag that loops resets the node's keyframe window
-and map (the node sees time jump back). For metrics on a bag (Map-and-Locate, depth, pose,
-latency), use `sab3r-eval BAG` instead; this file is for watching a replay in RViz.
+load the model), `ros2 bag play BAG --clock`. Every argument of perception.launch.py (params_file,
+log_level, backend, rviz, ...) is taken as given on the command line: launch configurations are
+shared with the included file, so this file declares only its own arguments (re-declaring one
+of perception's with another default would override that default). A bag that loops resets the
+node's keyframe window and map once every camera has jumped back. For metrics on a bag
+(Map-and-Locate, depth, pose, latency), use `sab3r-eval BAG` instead; this file is for watching
+a replay in RViz.
 """
 
 import os
@@ -25,33 +29,37 @@ from launch.substitutions import LaunchConfiguration
 
 from launch import LaunchDescription
 
-# arguments handed to perception.launch.py unchanged (empty: its own default)
-_FORWARDED = ('params_file', 'namespace', 'image_topics', 'camera_info_topics', 'backend',
-              'checkpoint', 'device', 'map_frame', 'rviz', 'log_level')
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float('nan')  # fails every check below, which names the argument
 
 
-def _actions(context):
+def _checked_play(context):
+    """The bag player, after checking the replay's own arguments (before the node starts)."""
     value = {name: LaunchConfiguration(name).perform(context)
-             for name in ('bag', 'rate', 'loop', 'start_delay', *_FORWARDED)}
+             for name in ('bag', 'rate', 'loop', 'start_delay')}
     if not value['bag']:
         raise RuntimeError('replay.launch.py needs bag:=PATH (a rosbag2 folder or file)')
-    rate = float(value['rate'])
+    if not os.path.exists(value['bag']):
+        raise RuntimeError(f'bag:={value["bag"]} does not exist; give a rosbag2 folder or file')
+    rate, delay = _number(value['rate']), _number(value['start_delay'])
     if not rate > 0:
         raise RuntimeError(f'rate:={value["rate"]} must be a positive number')
-    perception = os.path.join(get_package_share_directory('ros2_sab3r'), 'launch',
-                              'perception.launch.py')
-    forwarded = {name: value[name] for name in _FORWARDED if value[name]}
-    node = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(perception),
-        launch_arguments={**forwarded, 'use_sim_time': 'true'}.items())
+    if not delay >= 0:
+        raise RuntimeError(f'start_delay:={value["start_delay"]} must be a number of seconds '
+                           '>= 0')
     play = ['ros2', 'bag', 'play', value['bag'], '--clock', '--rate', str(rate)]
     if value['loop'].lower() in ('true', '1', 'yes'):
         play.append('--loop')
-    return [node, TimerAction(period=float(value['start_delay']),
-                              actions=[ExecuteProcess(cmd=play, output='screen')])]
+    return [TimerAction(period=delay, actions=[ExecuteProcess(cmd=play, output='screen')])]
 
 
 def generate_launch_description():
+    perception = os.path.join(get_package_share_directory('ros2_sab3r'), 'launch',
+                              'perception.launch.py')
     args = [
         DeclareLaunchArgument('bag', default_value='',
                               description='rosbag2 to play (folder, .db3 or .mcap)'),
@@ -62,20 +70,11 @@ def generate_launch_description():
         DeclareLaunchArgument('start_delay', default_value='5.0',
                               description='seconds between starting the node and the bag, for '
                                           'the model to load'),
-        DeclareLaunchArgument('params_file', default_value='',
-                              description='node parameters; empty: config/perception.yaml'),
-        DeclareLaunchArgument('namespace', default_value='', description='node namespace'),
-        DeclareLaunchArgument('image_topics', default_value='',
-                              description="comma-separated image topics of the bag's cameras"),
-        DeclareLaunchArgument('camera_info_topics', default_value='',
-                              description='comma-separated CameraInfo topics, same order'),
-        DeclareLaunchArgument('backend', default_value='', description='inference backend'),
-        DeclareLaunchArgument('checkpoint', default_value='',
-                              description='checkpoint or export directory'),
-        DeclareLaunchArgument('device', default_value='', description="'cpu' or 'cuda'"),
-        DeclareLaunchArgument('map_frame', default_value='', description='map frame'),
-        DeclareLaunchArgument('rviz', default_value='false',
-                              description='also open config/perception.rviz'),
-        DeclareLaunchArgument('log_level', default_value='', description='node log level'),
     ]
-    return LaunchDescription([*args, OpaqueFunction(function=_actions)])
+    # The check runs first: a missing bag stops the launch before the node starts.
+    return LaunchDescription([
+        *args,
+        OpaqueFunction(function=_checked_play),
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(perception),
+                                 launch_arguments={'use_sim_time': 'true'}.items()),
+    ])

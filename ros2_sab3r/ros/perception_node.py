@@ -187,7 +187,7 @@ class PerceptionNode(LifecycleNode):
                                             daemon=True)
             self._worker.start()
         self._cameras = [_CameraInput(t, cfg.camera.queue_size) for t in cfg.camera.image_topics]
-        cam_qos = qos.camera_qos(cfg.camera.queue_size)
+        cam_qos = qos.camera_qos(cfg.camera.qos_reliability, cfg.camera.queue_size)
         subs = []
         for idx, topic in enumerate(cfg.camera.image_topics):
             if cfg.camera.compressed:

@@ -7,15 +7,26 @@ from rclpy.qos import (
     HistoryPolicy,
     QoSProfile,
     ReliabilityPolicy,
-    qos_profile_sensor_data,
 )
 
+_RELIABILITY = {
+    'reliable': ReliabilityPolicy.RELIABLE,
+    'best_effort': ReliabilityPolicy.BEST_EFFORT,
+}
 
-def camera_qos(depth: int) -> QoSProfile:
-    """Cameras: best effort, keep last `depth` (a late frame is worth less than a fresh one)."""
-    qos = QoSProfile(**{k: getattr(qos_profile_sensor_data, k) for k in (
-        'reliability', 'durability', 'history')}, depth=depth)
-    return qos
+
+def camera_qos(reliability: str, depth: int) -> QoSProfile:
+    """Cameras: keep last `depth`, volatile, with the configured reliability.
+
+    camera.qos_reliability explains the tradeoff: best effort (the sensor-data profile) loses
+    large frames sent between processes; reliable gets them all and may slow the publisher.
+    """
+    if reliability not in _RELIABILITY:
+        raise ValueError(f'camera.qos_reliability={reliability!r} is not one of '
+                         f'{", ".join(_RELIABILITY)}')
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                      reliability=_RELIABILITY[reliability],
+                      durability=DurabilityPolicy.VOLATILE)
 
 
 # Map, markers, poses: reliable + transient-local depth 1, so RViz or a late subscriber gets the
