@@ -22,9 +22,12 @@ import sys
 from ros2_sab3r.config import config_from_flat
 from ros2_sab3r.eval.bag import BagError, BagTopics, read_bag
 from ros2_sab3r.eval.evaluate import EvalOptions, Evaluator
-from ros2_sab3r.inference.factory import BackendUnavailable, load_model
+from ros2_sab3r.eval.oracle import build_oracle
+from ros2_sab3r.inference.factory import BackendUnavailable, LoadedModel, load_model
+from ros2_sab3r.sim.oracle import OracleNoise
 
 STANDIN = 'ros2_sab3r.sim.standin:SyntheticSceneBackend'
+ORACLE = 'ros2_sab3r.eval.oracle:BagOracleBackend'
 log = logging.getLogger('sab3r-eval')
 
 
@@ -54,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='the ground-truth stand-in backend on the synthetic scene recorded in '
                    'the bag, as model.standin_scene (tests the tooling; says nothing about '
                    'SAB3R)')
+    m.add_argument('--oracle', action='store_true',
+                   help="the ORACLE backend: the bag's own depth, poses and label images in "
+                   "place of the network (evaluates the pipeline alone; says nothing about "
+                   'SAB3R)')
+    m.add_argument('--oracle-noise', default='', metavar='NAME=VALUE,...',
+                   help='oracle options, e.g. regime=cliplike,clip_noise=0.5 (fields of '
+                   'ros2_sab3r.sim.oracle.OracleNoise)')
     m.add_argument('--pose-source', choices=('none', 'tf'), default='',
                    help="frames.pose_source; 'tf' takes camera poses from the bag's /tf")
     m.add_argument('--param', action='append', type=_param, default=[], metavar='NAME=VALUE',
@@ -102,6 +112,11 @@ def config_from_args(args, bag_info: dict):
                            'synthetic`); this bag records no synthetic scene')
         flat.setdefault('model.backend', STANDIN)
         flat.setdefault('model.standin_scene', scene)
+    if args.oracle:
+        if args.standin or args.checkpoint:
+            raise ValueError('--oracle replaces the network: drop --standin / --checkpoint')
+        flat.setdefault('model.backend', ORACLE)
+        flat.setdefault('model.oracle', f'{args.bag};{args.oracle_noise}'.rstrip(';'))
     for key, value in (('model.backend', args.backend), ('model.checkpoint', args.checkpoint),
                        ('model.device', args.device), ('frames.pose_source', args.pose_source)):
         if value:
@@ -132,14 +147,25 @@ def main(argv: list[str] | None = None) -> int:
                        tf_map_frame=_map_frame(args) if posed else '',
                        progress=not args.no_progress)
         cfg = config_from_args(args, bag.info)
-        model = load_model(cfg.model)
+        if args.oracle and cfg.model.backend == ORACLE:
+            # The bag is in memory already: build the oracle from it rather than re-read it.
+            noise = OracleNoise.parse(args.oracle_noise)
+            backend = build_oracle(bag, noise)
+            model = LoadedModel(backend, backend.text_encoder,
+                                f'{backend.name} [{noise.text()}]')
+        else:
+            model = load_model(cfg.model)
     except (BagError, BackendUnavailable, ValueError) as err:
         hint = ''
         if isinstance(err, BackendUnavailable) and not args.checkpoint:
             hint = ('; give --checkpoint, or --standin for a synthetic bag')
         print(f'sab3r-eval: error: {err}{hint}', file=sys.stderr)
         return 1
-    if 'stand-in' in model.description.lower() or 'STAND-IN' in model.description:
+    if 'oracle' in model.description.lower():
+        log.warning("backend %s is an ORACLE answering from the bag's ground truth: the "
+                    'figures measure the pipeline alone and say nothing about SAB3R',
+                    model.description)
+    elif 'stand-in' in model.description.lower():
         log.warning('backend %s is a STAND-IN answering from ground truth: the figures test the '
                     'tooling and say nothing about SAB3R', model.description)
     from ros2_sab3r.eval.report import write_report

@@ -60,6 +60,34 @@ def convert_synthetic(out: Path, seed: int = 0, frames: int = 40, width: int = 2
 
 
 # ------------------------------------------------------------------------------------ ScanNet
+def write_scannet_layout(scene: Path, seed: int = 0, frames: int = 40, width: int = 256,
+                         height: int = 192) -> int:
+    """Render a synthetic scene into the ScanNet export layout (color/, depth/ in mm, pose/,
+    intrinsic/intrinsic_depth.txt, label-filt/ holding NYU40 ids, instance-filt/), so the
+    ScanNet path (``sab3r-convert scannet SCENE OUT --labels nyu40``) can be tested end to end
+    without ScanNet data. Returns the number of frames written."""
+    from PIL import Image
+
+    scene = Path(scene)
+    if scene.exists():
+        raise BagError(f'{scene} already exists; give a new folder')
+    for d in ('color', 'depth', 'pose', 'intrinsic', 'label-filt', 'instance-filt'):
+        (scene / d).mkdir(parents=True)
+    _, rendered = SceneSpec(seed=seed, frames=frames, width=width, height=height).render()
+    for i, f in enumerate(rendered):
+        Image.fromarray(f.rgb).save(scene / 'color' / f'{i}.png')
+        depth_mm = np.where(np.isfinite(f.depth), np.rint(f.depth * 1000.0), 0)
+        Image.fromarray(np.clip(depth_mm, 0, 65535).astype(np.uint16)).save(
+            scene / 'depth' / f'{i}.png')
+        Image.fromarray(f.semantic.astype(np.uint16)).save(scene / 'label-filt' / f'{i}.png')
+        Image.fromarray(f.instance.astype(np.uint16)).save(scene / 'instance-filt' / f'{i}.png')
+        np.savetxt(scene / 'pose' / f'{i}.txt', f.T_WC)
+    K4 = np.eye(4)
+    K4[:3, :3] = rendered[0].K
+    np.savetxt(scene / 'intrinsic' / 'intrinsic_depth.txt', K4)
+    return len(rendered)
+
+
 def _first_dir(scene: Path, *names: str) -> Path | None:
     return next((scene / n for n in names if (scene / n).is_dir()), None)
 
@@ -227,11 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     sy.add_argument('--width', type=int, default=256)
     sy.add_argument('--height', type=int, default=192)
     sy.add_argument('--fps', type=float, default=5.0)
+    sy.add_argument('--layout', choices=('bag', 'scannet'), default='bag',
+                    help="'scannet': write a ScanNet export folder instead of a bag (labels are "
+                    'NYU40 ids: convert it with --labels nyu40)')
     for p in (sc, sy):
         p.add_argument('--storage', choices=STORAGES, default='sqlite3')
         p.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
     try:
+        if args.source == 'synthetic' and args.layout == 'scannet':
+            n = write_scannet_layout(args.out_bag, args.seed, args.frames, args.width,
+                                     args.height)
+            print(f'wrote {n} frames to {args.out_bag} (ScanNet export layout)')
+            return 0
         if args.source == 'synthetic':
             n = convert_synthetic(args.out_bag, args.seed, args.frames, args.width, args.height,
                                   args.fps, args.storage, not args.no_progress)

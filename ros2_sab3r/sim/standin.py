@@ -146,3 +146,106 @@ class PerturbedSceneBackend(SyntheticSceneBackend):
         if swap and name in swap:
             class_id = NYU40_ID[swap[1] if name == swap[0] else swap[0]]
         return super()._class_embedding(class_id)
+
+
+def _unit_hash_vector(text: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'little')
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return v / np.linalg.norm(v)
+
+
+# Related classes of the CLIP-like stand-in: words in one group share a direction.
+CLIPLIKE_GROUPS = {
+    'seat': ('chair', 'sofa', 'couch', 'armchair', 'stool', 'bench', 'seat'),
+    'storage': ('cabinet', 'dresser', 'bookshelf', 'shelves', 'shelf', 'night stand',
+                'nightstand', 'drawer', 'wardrobe', 'cupboard', 'bookcase', 'counter'),
+    'surface': ('table', 'desk', 'counter', 'nightstand', 'coffee table'),
+    'bed': ('bed', 'pillow', 'blanket', 'mattress'),
+    'screen': ('television', 'tv', 'monitor', 'computer', 'laptop', 'screen'),
+    'light': ('lamp', 'light', 'chandelier'),
+    'textile': ('curtain', 'blinds', 'towel', 'clothes', 'pillow', 'floor mat', 'rug',
+                'shower curtain'),
+    'opening': ('door', 'window', 'mirror', 'picture', 'whiteboard'),
+    'structure': ('wall', 'floor', 'ceiling', 'otherstructure'),
+    'bathroom': ('toilet', 'sink', 'bathtub', 'shower curtain'),
+    'small': ('box', 'bag', 'books', 'paper', 'otherprop', 'bottle', 'cup'),
+}
+# Near-synonyms: the word shares its canonical word's own direction too.
+CLIPLIKE_SYNONYMS = {'couch': 'sofa', 'tv': 'television', 'bookcase': 'bookshelf',
+                     'nightstand': 'night stand', 'desk lamp': 'lamp', 'armchair': 'chair'}
+# What background pixels look like to CLIP: generic words, not a class.
+CLIPLIKE_GENERIC = ('object', 'things', 'stuff', 'texture', 'background', 'surface', 'thing',
+                    'item')
+CLIPLIKE_BACKGROUND = ('wall', 'floor', 'ceiling', 'unlabelled', 'otherstructure')
+
+
+class ClipLikeTextEncoderStandIn:
+    """A stand-in TextEncoder with the statistics of real CLIP (no CLIP weights, no language).
+
+    Text embeddings are unit mixtures of a direction shared by all text (CLIP's text embeddings
+    of object names are 0.5-0.8 apart), a direction per group of related classes
+    (:data:`CLIPLIKE_GROUPS`: 'chair' is closer to 'sofa' than to 'lamp') and one per word
+    (near-synonyms of :data:`CLIPLIKE_SYNONYMS` share their canonical word's). Generic words
+    (:data:`CLIPLIKE_GENERIC`) are mostly the shared direction.
+
+    :meth:`pixel_feature` is what a dense CLIP feature of a pixel of that class looks like: a
+    unit vector mostly along an image-only direction (CLIP's modality gap), so its cosine with
+    the right text is low (``pixel_text_cosine``, ~0.3 by default; ~0.2 with unrelated words,
+    ~0.25 with related ones), and background classes (:data:`CLIPLIKE_BACKGROUND`) are drawn
+    towards the generic words. The weights are constructor arguments, so tests and evaluations
+    can make the regime harder or easier.
+    """
+
+    def __init__(self, dim: int = 512, shared: float = 0.75, group: float = 0.45,
+                 word: float = 0.5, synonym: float = 0.9, pixel_text_cosine: float = 0.3,
+                 background_generic: float = 0.6) -> None:
+        if dim < 16:
+            raise ValueError(f'ClipLikeTextEncoderStandIn dim={dim} must be at least 16')
+        if not 0 < pixel_text_cosine < 1 or not 0 <= background_generic <= 1:
+            raise ValueError('pixel_text_cosine must be in (0, 1), background_generic in [0, 1]')
+        self._dim = dim
+        self._w = (shared, group, word)
+        self._synonym = synonym
+        self._pixel_cos = pixel_text_cosine
+        self._background = background_generic
+        self._shared = _unit_hash_vector('cliplike shared text', dim)
+        self._gap = _unit_hash_vector('cliplike image-only', dim)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _text(self, text: str) -> np.ndarray:
+        word = ' '.join(text.lower().split())
+        shared, group, own = self._w
+        if word in CLIPLIKE_GENERIC:
+            v = shared * 1.6 * self._shared + own * _unit_hash_vector('word ' + word, self._dim)
+            return v / np.linalg.norm(v)
+        canonical = CLIPLIKE_SYNONYMS.get(word, word)
+        groups = [g for g, words in CLIPLIKE_GROUPS.items() if word in words or
+                  canonical in words]
+        v = shared * self._shared
+        for g in groups:
+            v = v + group / np.sqrt(len(groups)) * _unit_hash_vector('group ' + g, self._dim)
+        if canonical != word:
+            v = v + own * (self._synonym * _unit_hash_vector('word ' + canonical, self._dim)
+                           + (1 - self._synonym) * _unit_hash_vector('word ' + word, self._dim))
+        else:
+            v = v + own * _unit_hash_vector('word ' + word, self._dim)
+        return v / np.linalg.norm(v)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self._text(t) for t in texts]).astype(np.float32).reshape(
+            len(texts), self._dim)
+
+    def pixel_feature(self, class_name: str) -> np.ndarray:
+        """(dim,) unit CLIP-like image feature of a pixel of `class_name` (see the class)."""
+        t = self._text(class_name)
+        if ' '.join(class_name.lower().split()) in CLIPLIKE_BACKGROUND:
+            generic = self.encode(CLIPLIKE_GENERIC).mean(0)
+            generic /= np.linalg.norm(generic)
+            t = (1 - self._background) * t + self._background * generic
+            t /= np.linalg.norm(t)
+        c = self._pixel_cos
+        v = c * t + np.sqrt(1 - c * c) * self._gap  # the gap direction is ~orthogonal to text
+        return (v / np.linalg.norm(v)).astype(np.float32)
