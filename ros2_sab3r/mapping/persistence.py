@@ -5,17 +5,23 @@
 - Atomic: the archive is written to a temporary file in the target directory, flushed to disk and
   renamed over the target (``os.replace``), so a crash never leaves a half-written map behind.
 - Checked: a corrupt, foreign or incompatible file raises :class:`MapFileError` naming the file
-  and the fix, before anything of the current map is touched.
+  and the fix, before anything of the current map is touched; the archive's directory, the
+  metadata (types per key, table :data:`_META`) and every .npy header (dtype, shape, stored size,
+  table :data:`_ARRAYS`) are checked before any array is read, so memory stays bounded by
+  mapping.max_voxels whatever the file declares.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 import json
+import math
 import os
 from pathlib import Path
+import stat
 import tempfile
 import time
+from typing import Any
 import zipfile
 
 import numpy as np
@@ -25,6 +31,7 @@ from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 FORMAT = 'ros2_sab3r.semantic_map'
 FORMAT_VERSION = 2  # 2: CLIP features as bfloat16 bit patterns ('clip_bf16', uint16)
+META_MAX_BYTES = 1 << 20  # the JSON metadata; a real map's is a few hundred bytes
 
 # name -> (dtype, trailing shape; None: the feature dimension from the metadata)
 _ARRAYS = {
@@ -36,6 +43,37 @@ _ARRAYS = {
     'last_seen_ns': (np.int64, ()),
     'clip_weights': (np.float32, ()),
     'dino_weights': (np.float32, ()),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_gravity(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 3 and all(map(_is_number, v))
+                         and 0.0 < math.hypot(*v) < math.inf)
+
+
+# Metadata key -> (required, check, what the check wants). Read before any array: a value of the
+# wrong type must be refused here, not fail later inside Locate. Extend it with the format.
+_META = {
+    'format': (True, lambda v: v == FORMAT, f'{FORMAT!r}'),
+    'version': (True, _is_int, 'an integer'),
+    'voxel_size_m': (True, lambda v: _is_number(v) and v > 0, 'a positive number'),
+    'n_voxels': (True, lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    'clip_dim': (True, lambda v: _is_int(v) and v >= 0, 'an integer >= 0'),
+    'dino_dim': (False, lambda v: v is None or (_is_int(v) and v >= 0), 'an integer >= 0'),
+    'stamp_ns': (False, lambda v: _is_int(v) and 0 <= v < 1 << 63, 'an integer >= 0 (ns)'),
+    'frame': (False, lambda v: isinstance(v, str), 'a string'),
+    'gravity': (False, _is_gravity, 'null or 3 finite numbers, not all zero'),
+    'saved_unix_s': (False, _is_number, 'a number'),
+    'pose_source': (False, lambda v: isinstance(v, str), 'a string'),
+    'backend': (False, lambda v: isinstance(v, str), 'a string'),
 }
 
 
@@ -51,12 +89,37 @@ class MapFile:
     meta: dict
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else by the set-and-restore idiom."""
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_map(m: SemanticVoxelMap, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the map's latest snapshot to `path` atomically; returns the path written."""
+    """Write the map's latest snapshot to `path` atomically; returns the path written.
+
+    An existing `path` must be a regular file (a FIFO, device, directory or symlink is refused,
+    not replaced); the new file gets mode 0666 less the umask, like any file the user creates.
+    """
     path = Path(path)
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise MapFileError(f'cannot save the map to {path}: directory {path.parent} does not '
                            'exist; create it first')
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = 'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a regular file'
+        raise MapFileError(f'cannot save the map to {path}: it exists and is {kind}; give the '
+                           'path of a new or regular file')
     arrays = m.arrays()
     meta = {
         'format': FORMAT, 'version': FORMAT_VERSION, 'voxel_size_m': m.voxel_size,
@@ -71,6 +134,7 @@ def save_map(m: SemanticVoxelMap, path: str | os.PathLike, extra: dict | None = 
         with os.fdopen(fd, 'wb') as f:
             np.savez(f, meta=blob, **arrays)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -82,59 +146,136 @@ def save_map(m: SemanticVoxelMap, path: str | os.PathLike, extra: dict | None = 
     return path
 
 
+def _member_header(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path
+                   ) -> tuple[np.dtype, tuple, int]:
+    """(dtype, shape, header bytes) of one .npy member, from its header alone."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f'.npy format version {version}')
+        header_bytes = f.tell()
+    if fortran or dtype.hasobject:
+        raise MapFileError(f'{path}: array {info.filename[:-4]!r} is '
+                           f'{"Fortran-ordered" if fortran else "an object array"}; the file '
+                           'was not written by ros2_sab3r')
+    return dtype, shape, header_bytes
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _check_meta(meta: Any, path: Path) -> dict:
+    if not isinstance(meta, dict):
+        raise MapFileError(f'{path} is not a ros2_sab3r semantic map (metadata is not an object)')
+    if meta.get('format') != FORMAT:
+        raise MapFileError(f'{path} is not a ros2_sab3r semantic map (format '
+                           f'{meta.get("format")!r})')
+    if meta.get('version') != FORMAT_VERSION:
+        raise MapFileError(f'{path} has map format version {meta.get("version")!r}, this build '
+                           f'reads version {FORMAT_VERSION}; use the matching ros2_sab3r release')
+    for key, (required, check, wanted) in _META.items():
+        if key not in meta:
+            if required:
+                raise MapFileError(f'{path}: metadata lacks {key!r}; the file is incomplete')
+            continue
+        if not check(meta[key]):
+            raise MapFileError(f'{path}: metadata {key!r} is {meta[key]!r:.80}, expected '
+                               f'{wanted}; the file is corrupt or was not written by ros2_sab3r')
+    return meta
+
+
 def read_map(path: str | os.PathLike, cfg: MappingConfig, clip_dim: int) -> MapFile:
-    """Read and validate a map file against the running configuration (raises MapFileError)."""
+    """Read and validate a map file against the running configuration (raises MapFileError).
+
+    Everything is checked from the archive's directory and the .npy headers before any array
+    is read: member names (no extra arrays), metadata types, dtypes, shapes, the voxel count
+    against mapping.max_voxels, and the stored sizes. So a forged header that declares 10^12
+    elements, or an extra gigabyte array, costs nothing to refuse.
+    """
     path = Path(path)
     if not path.is_file():
-        raise MapFileError(f'map file {path} does not exist')
+        raise MapFileError(f'map file {path} does not exist or is not a regular file')
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        with zipfile.ZipFile(path) as z:
+            return _read_checked(z, path, cfg, clip_dim)
+    except MapFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError,
+            NotImplementedError, UnicodeDecodeError) as exc:
         raise MapFileError(f'{path} is not a readable map archive ({exc}); it may be truncated '
                            'or not a ros2_sab3r map') from None
-    if 'meta' not in data:
+
+
+def _read_checked(z: zipfile.ZipFile, path: Path, cfg: MappingConfig, clip_dim: int) -> MapFile:
+    members = {}
+    for info in z.infolist():
+        if not info.filename.endswith('.npy') or info.filename[:-4] in members:
+            raise MapFileError(f'{path}: unexpected archive member {info.filename!r}; the file '
+                               'was not written by ros2_sab3r')
+        members[info.filename[:-4]] = info
+    if 'meta' not in members:
         raise MapFileError(f'{path} has no metadata; it was not written by ros2_sab3r')
+    dtype, shape, _ = _member_header(z, members['meta'], path)
+    if dtype != np.uint8 or len(shape) != 1 or not 0 < shape[0] <= META_MAX_BYTES:
+        raise MapFileError(f'{path}: metadata is {dtype}{shape}, expected uint8 JSON of at most '
+                           f'{META_MAX_BYTES} bytes')
     try:
-        meta = json.loads(data.pop('meta').tobytes().decode('utf-8'))
+        meta = json.loads(_read_member(z, members['meta']).tobytes().decode('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MapFileError(f'{path} has corrupt metadata ({exc})') from None
-    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
-        raise MapFileError(f'{path} is not a ros2_sab3r semantic map (format '
-                           f'{meta.get("format") if isinstance(meta, dict) else None!r})')
-    if meta.get('version') != FORMAT_VERSION:
-        raise MapFileError(f'{path} has map format version {meta.get("version")}, this build '
-                           f'reads version {FORMAT_VERSION}; use the matching ros2_sab3r release')
-    if abs(float(meta.get('voxel_size_m', -1)) - cfg.voxel_size_m) > 1e-9:
-        raise MapFileError(f'{path} was built with voxels of {meta.get("voxel_size_m")} m but '
+    meta = _check_meta(meta, path)
+    if abs(meta['voxel_size_m'] - cfg.voxel_size_m) > 1e-9:
+        raise MapFileError(f'{path} was built with voxels of {meta["voxel_size_m"]} m but '
                            f'mapping.voxel_size_m is {cfg.voxel_size_m}; set it to match')
-    if int(meta.get('clip_dim', -1)) != clip_dim:
-        raise MapFileError(f'{path} holds {meta.get("clip_dim")}-d CLIP features but the text '
+    if meta['clip_dim'] != clip_dim:
+        raise MapFileError(f'{path} holds {meta["clip_dim"]}-d CLIP features but the text '
                            f'encoder produces {clip_dim}-d embeddings; use the same model')
-    n = int(meta.get('n_voxels', -1))
-    expected = dict(_ARRAYS)
-    if clip_dim:
-        expected['clip_bf16'] = (np.uint16, (clip_dim,))
-    dino_dim = int(meta.get('dino_dim', 0) or 0)
-    if dino_dim and cfg.fuse_dino:
-        expected['dino'] = (np.float16, (dino_dim,))
-    elif dino_dim:
-        data.pop('dino', None)
-        dino_dim = 0
-    for name, (dtype, tail) in expected.items():
-        a = data.get(name)
-        if a is None:
-            raise MapFileError(f'{path} lacks the array {name!r}; the file is incomplete')
-        if a.dtype != dtype or a.shape != (n, *tail):
-            raise MapFileError(f'{path}: array {name!r} is {a.dtype}{a.shape}, expected '
-                               f'{np.dtype(dtype)}{(n, *tail)}')
-    if not np.isfinite(data['positions']).all():
-        raise MapFileError(f'{path} has non-finite voxel positions; the file is corrupt')
-    if len(np.unique(data['keys'])) != n:
-        raise MapFileError(f'{path} has duplicate voxel keys; the file is corrupt')
+    n = meta['n_voxels']
     if n > cfg.max_voxels:
         raise MapFileError(f'{path} holds {n} voxels but mapping.max_voxels is {cfg.max_voxels};'
                            ' raise mapping.max_voxels to load it')
+    expected = dict(_ARRAYS)
+    if clip_dim:
+        expected['clip_bf16'] = (np.uint16, (clip_dim,))
+    dino_dim = meta.get('dino_dim') or 0
+    if dino_dim:
+        expected['dino'] = (np.float16, (dino_dim,))
+    extra = set(members) - set(expected) - {'meta'}
+    if extra:
+        raise MapFileError(f'{path} holds arrays this format does not have: {sorted(extra)!r:.200}'
+                           '; the file was not written by ros2_sab3r')
+    for name, (dtype, tail) in expected.items():
+        info = members.get(name)
+        if info is None:
+            raise MapFileError(f'{path} lacks the array {name!r}; the file is incomplete')
+        got_dtype, got_shape, header_bytes = _member_header(z, info, path)
+        want = (n, *tail)
+        if got_dtype != dtype or got_shape != want:
+            raise MapFileError(f'{path}: array {name!r} is {got_dtype}{got_shape!s:.80}, '
+                               f'expected {np.dtype(dtype)}{want}')
+        size = header_bytes + int(np.prod(want)) * np.dtype(dtype).itemsize
+        if info.file_size != size:
+            raise MapFileError(f'{path}: array {name!r} is stored in {info.file_size} bytes, its '
+                               f'header implies {size}; the file is corrupt')
+    if dino_dim and not cfg.fuse_dino:
+        del expected['dino']
+        dino_dim = 0
+    data = {name: _read_member(z, members[name]) for name in expected}
+    for name, a in data.items():
+        if a.dtype.kind == 'f' and not np.isfinite(a).all():
+            raise MapFileError(f'{path}: array {name!r} has non-finite values; the file is '
+                               'corrupt')
+    if 'clip_bf16' in data and ((data['clip_bf16'] & 0x7F80) == 0x7F80).any():
+        raise MapFileError(f"{path}: array 'clip_bf16' has non-finite features; the file is "
+                           'corrupt')
+    if len(np.unique(data['keys'])) != n:
+        raise MapFileError(f'{path} has duplicate voxel keys; the file is corrupt')
     meta['dino_dim'] = dino_dim
     return MapFile(arrays=data, meta=meta)
 
