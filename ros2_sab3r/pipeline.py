@@ -51,6 +51,7 @@ from ros2_sab3r.geometry.registration import (
 )
 from ros2_sab3r.geometry.transforms import is_rigid
 from ros2_sab3r.inference import Backend
+from ros2_sab3r.inference.base import decode_takes_request
 from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
@@ -59,7 +60,10 @@ from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_netwo
 from ros2_sab3r.query.engine import QueryEngine
 from ros2_sab3r.query.labels import label_voxels
 from ros2_sab3r.types import (
+    GEOMETRY_ONLY,
+    VIEW1_FEATURES,
     CameraFrame,
+    DecodeRequest,
     FrameRejected,
     LocateQuery,
     LocateResult,
@@ -139,6 +143,9 @@ class Pipeline:
                  ) -> None:
         self._cfg = config.validate()
         self._backend = backend
+        # Heads on demand: geometry only for tracked frames and window pairs, the feature heads
+        # of view 1 (the new keyframe) only; a backend without requests computes everything.
+        self._requests = decode_takes_request(backend)
         self._text_encoder = text_encoder
         self._posed = self._cfg.frames.pose_source == 'tf'
         self._window = KeyframeWindow(self._cfg.keyframes.window_size)
@@ -258,11 +265,18 @@ class Pipeline:
     def _encode(self, clock: StageClock, frame: CameraFrame):
         return self._backend_call(clock, 'encode', self._backend.encode, frame)
 
-    def _decode(self, clock: StageClock, a, b) -> PairPrediction:
-        pred = self._backend_call(clock, 'decode', self._backend.decode, a, b)
+    def _decode(self, clock: StageClock, a, b, request: DecodeRequest) -> PairPrediction:
+        args = (a, b, request) if self._requests else (a, b)
+        pred = self._backend_call(clock, 'decode', self._backend.decode, *args)
         hw = tuple(pred.image_size)
         return dataclasses.replace(pred, view1=sanitize_view(pred.view1, hw, 'view 1'),
                                    view2=sanitize_view(pred.view2, hw, 'view 2'))
+
+    def _with_features(self, clock: StageClock, a, b, pred: PairPrediction) -> PairPrediction:
+        """`pred` (a geometry-only decode of the pair (a, b)) with view 1's features: asked
+        for again (the torch backend runs only the missing heads), or `pred` itself when the
+        backend computed everything anyway."""
+        return self._decode(clock, a, b, VIEW1_FEATURES) if self._requests else pred
 
     def _intrinsics(self, frame: CameraFrame, X: np.ndarray, C: np.ndarray
                     ) -> tuple[np.ndarray, bool]:
@@ -286,12 +300,12 @@ class Pipeline:
         tokens = self._encode(clock, frame)
         latest = self._window.latest()
         if latest is None:
-            pred = self._decode(clock, tokens, tokens)
+            pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
             self._insert(kf, tokens, clock)
             return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
                               reason='first keyframe', T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
-        pred = self._decode(clock, tokens, latest.tokens)
+        pred = self._decode(clock, tokens, latest.tokens, GEOMETRY_ONLY)
         overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
                               self._cfg.keyframes.match_stride, pred.view1.D_conf,
                               pred.view2.D_conf, g.min_confidence)
@@ -307,9 +321,10 @@ class Pipeline:
         if not needs_keyframe_by_overlap(overlap, self._cfg.keyframes):
             return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED, T_WC=T_WC,
                               overlap=overlap)
+        pred = self._with_features(clock, tokens, latest.tokens, pred)
         edges = [(kf_latest, pred.view2, sim.s)]
         for other in self._window.recent(self._cfg.keyframes.pairs_per_keyframe)[1:]:
-            p = self._decode(clock, tokens, other.tokens)
+            p = self._decode(clock, tokens, other.tokens, GEOMETRY_ONLY)
             try:
                 s = clock.run('pose', register_to_keyframe, p.view2.X, p.view2.C,
                                 other.keyframe.X, other.keyframe.C, g)
@@ -338,7 +353,7 @@ class Pipeline:
         latest = self._window.latest()
         if latest is None:
             tokens = self._encode(clock, frame)
-            pred = self._decode(clock, tokens, tokens)
+            pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
             kf = self._make_keyframe(frame, T_WC, pred.view1.X, pred.view1)
             # Its scale is unknown until the camera moves: kept in the window, fused later.
             self._window.insert(WindowKeyframe(kf, tokens, metric=False))
@@ -352,7 +367,7 @@ class Pipeline:
         partners = self._window.recent(self._cfg.keyframes.pairs_per_keyframe)
         scaled_X = []
         for wk in partners:
-            p = self._decode(clock, tokens, wk.tokens)
+            p = self._decode(clock, tokens, wk.tokens, GEOMETRY_ONLY)
             kf = wk.keyframe
             args = (p.view2.X, p.view2.C, kf.X, kf.C, T_WC, kf.T_WC, g)
             try:
@@ -369,7 +384,8 @@ class Pipeline:
                 log.debug('pair with keyframe %d not used: %s', kf.keyframe_id, exc)
                 continue
             if not scaled_X:
-                view1 = p.view1  # the newest partner's pair gives the keyframe its own points
+                # the newest usable partner's pair gives the keyframe its points and features
+                view1 = self._with_features(clock, tokens, wk.tokens, p).view1
             scaled_X.append(p.view1.X / s)
         if not scaled_X:
             raise RegistrationError('no window keyframe shares enough confident points with this '

@@ -71,6 +71,31 @@ class PairPrediction:
     extras: dict = field(default_factory=dict)  # backend timing and provenance, never data
 
 
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Which outputs ``Backend.decode`` computes for an ordered pair: the geometry of both views
+    (X, C, D, D_conf) always, the feature heads (S_clip, S_dino) only of the views listed here.
+    A view left out has ``S_clip``/``S_dino`` None; everything computed is identical to what a
+    full decode gives."""
+
+    features: tuple[int, ...] = (1, 2)  # views (1 and/or 2) whose feature heads run
+
+    def __post_init__(self) -> None:
+        views = tuple(self.features)
+        if any(v not in (1, 2) for v in views) or len(set(views)) != len(views):
+            raise ValueError(f'DecodeRequest.features must name distinct views 1 and/or 2, got '
+                             f'{self.features!r}')
+        object.__setattr__(self, 'features', tuple(sorted(views)))
+
+    def wants_features(self, view: int) -> bool:
+        return view in self.features
+
+
+FULL_DECODE = DecodeRequest()  # every output of both views (what decode(a, b) computes)
+GEOMETRY_ONLY = DecodeRequest(features=())  # tracked frames: registration and overlap only
+VIEW1_FEATURES = DecodeRequest(features=(1,))  # a new keyframe (view 1) with its features
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     """Maps query strings into the CLIP feature space of the semantic head."""

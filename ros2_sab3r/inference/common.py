@@ -8,16 +8,27 @@ The decoder graph's outputs carry the official MASt3R names (``pts3d_1``, ``conf
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
-from ros2_sab3r.model.outputs import OUTPUT_FIELDS, PREDICTION_FIELDS, REQUIRED_OUTPUTS
+from ros2_sab3r.model.outputs import (
+    FEATURE_FIELDS,
+    OUTPUT_FIELDS,
+    PREDICTION_FIELDS,
+    REQUIRED_OUTPUTS,
+)
 from ros2_sab3r.model.preprocess import fixed_crop
-from ros2_sab3r.types import CameraFrame, PairPrediction, ViewPrediction
+from ros2_sab3r.types import (
+    FULL_DECODE,
+    CameraFrame,
+    DecodeRequest,
+    PairPrediction,
+    ViewPrediction,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,24 @@ def pair_from_named(named: Mapping[str, np.ndarray], image_size: tuple[int, int]
                                                                          dtype=np.float32)
     return PairPrediction(view1=ViewPrediction(**views[1]), view2=ViewPrediction(**views[2]),
                           image_size=tuple(image_size), extras=dict(extras or {}))
+
+
+def requested_outputs(names: Sequence[str], request: DecodeRequest) -> list[str]:
+    """The subset of decoder output ``names`` a request asks for: all geometry, and the feature
+    outputs of the requested views only."""
+    keep = []
+    for name in names:
+        view, field = OUTPUT_FIELDS.get(name, (0, ''))
+        if field not in FEATURE_FIELDS or request.wants_features(view):
+            keep.append(name)
+    return keep
+
+
+def check_request(request: object) -> DecodeRequest:
+    if not isinstance(request, DecodeRequest):
+        raise TypeError(f'decode(request=...) takes a DecodeRequest, got '
+                        f'{type(request).__name__}')
+    return request
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -105,7 +134,10 @@ class ArrayGraphBackend:
     def encode_array(self, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
+    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray,
+                      request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
+        """Outputs by official name: at least those ``request`` asks for (extra feature outputs
+        are dropped by :meth:`decode`)."""
         raise NotImplementedError
 
     def warm_up(self) -> float:
@@ -121,11 +153,16 @@ class ArrayGraphBackend:
         x = u8_to_array(frame_pixels(frame, self.input_size))  # (1, 3, H, W)
         return FrameTokens(self.encode_array(x), self.input_size, frame.stamp_ns, id(self))
 
-    def decode(self, a: FrameTokens, b: FrameTokens) -> PairPrediction:
+    def decode(self, a: FrameTokens, b: FrameTokens,
+               request: DecodeRequest = FULL_DECODE) -> PairPrediction:
+        """The ordered pair (a, b): geometry of both views, feature heads of the views
+        ``request`` names (the others' S_clip/S_dino None)."""
         import time
 
         check_pair(self, a, b)
+        check_request(request)
         t = time.perf_counter()
-        named = self.decode_arrays(a.tokens, b.tokens)
+        named = self.decode_arrays(a.tokens, b.tokens, request)
+        named = {k: named[k] for k in requested_outputs(list(named), request)}
         return pair_from_named(named, self.input_size, {
             'backend': self.name, 'decode_ms': 1e3 * (time.perf_counter() - t)})

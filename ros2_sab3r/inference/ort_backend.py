@@ -34,6 +34,7 @@ from ros2_sab3r.inference.manifest import (
     verify_files,
 )
 from ros2_sab3r.model.outputs import DECODER_INPUTS, ENCODER_INPUT
+from ros2_sab3r.types import FULL_DECODE, DecodeRequest
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
         """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) tokens."""
         return self._encoder.run(None, {ENCODER_INPUT: image})[0]
 
-    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
+    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray,
+                      request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
         """Raw decoder outputs by official name (batch first)."""
         outs = self._decoder.run(self._outputs, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
         return dict(zip(self._outputs, outs))

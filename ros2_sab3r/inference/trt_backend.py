@@ -26,6 +26,7 @@ from ros2_sab3r.inference.common import ArrayGraphBackend
 from ros2_sab3r.inference.manifest import ExportError, ExportManifest, GraphPair, read_manifest
 from ros2_sab3r.inference.trt_engine import ensure_engines, import_tensorrt
 from ros2_sab3r.model.outputs import DECODER_INPUTS, ENCODER_INPUT, ENCODER_OUTPUT
+from ros2_sab3r.types import FULL_DECODE, DecodeRequest
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class TensorRTBackend(ArrayGraphBackend):
         """(1, 3, H, W) float32 in [-1, 1] -> (1, N, enc_dim) float32 tokens (host)."""
         return self._run(self._encoder, {ENCODER_INPUT: image})[ENCODER_OUTPUT]
 
-    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray) -> dict[str, np.ndarray]:
+    def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray,
+                      request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
         return self._run(self._decoder, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ Module and parameter names equal the official ones, so official state dicts load
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 
 import torch
@@ -24,6 +25,7 @@ from ros2_sab3r.model.outputs import (
     DECODER_INPUTS,
     ENCODER_INPUT,
     ENCODER_OUTPUT,
+    VIEWS,
     EncodedImage,
     PairOutput,
     ViewOutput,
@@ -150,21 +152,38 @@ class Sab3rNet(nn.Module):
         return (ViewTokens(tuple(layers1), a.grid, a.image_size),
                 ViewTokens(tuple(layers2), b.grid, b.image_size))
 
-    def run_heads(self, tokens: ViewTokens, view: int) -> ViewOutput:
-        """Heads of view 1 or 2 on that view's token list, in float32."""
-        if view not in (1, 2):
+    def _view_head(self, view: int) -> DownstreamHead:
+        if view not in VIEWS:
             raise ValueError(f'view must be 1 or 2, got {view}')
-        layers = tuple(t.float() for t in tokens.layers)
-        head: DownstreamHead = self.heads()[view - 1]
-        pts3d, conf, desc, desc_conf = head.geometry(layers, tokens.grid)
-        features = {fh.name: head.feature(fh.name, layers, tokens.grid)
-                    for fh in self.cfg.feature_heads}
-        return ViewOutput(pts3d=pts3d, conf=conf, desc=desc, desc_conf=desc_conf, **features)
+        return self.heads()[view - 1]
 
-    def decode(self, a: EncodedImage, b: EncodedImage) -> PairOutput:
-        """Decoder + heads of the ordered pair (a, b); view 2's points are in view 1's frame."""
+    def run_geometry(self, tokens: ViewTokens, view: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Geometry heads of view 1 or 2, float32: pts3d, conf, desc, desc_conf."""
+        head = self._view_head(view)
+        return head.geometry(tuple(t.float() for t in tokens.layers), tokens.grid)
+
+    def run_features(self, tokens: ViewTokens, view: int) -> dict[str, torch.Tensor]:
+        """Feature heads (CLIP, DINO) of view 1 or 2, float32, by head name."""
+        head = self._view_head(view)
+        layers = tuple(t.float() for t in tokens.layers)
+        return {fh.name: head.feature(fh.name, layers, tokens.grid)
+                for fh in self.cfg.feature_heads}
+
+    def run_heads(self, tokens: ViewTokens, view: int, features: bool = True) -> ViewOutput:
+        """Heads of view 1 or 2 on that view's token list, in float32; ``features=False``
+        leaves the feature heads out (their fields None)."""
+        pts3d, conf, desc, desc_conf = self.run_geometry(tokens, view)
+        named = self.run_features(tokens, view) if features else {}
+        return ViewOutput(pts3d=pts3d, conf=conf, desc=desc, desc_conf=desc_conf, **named)
+
+    def decode(self, a: EncodedImage, b: EncodedImage,
+               features: Sequence[int] = VIEWS) -> PairOutput:
+        """Decoder + heads of the ordered pair (a, b); view 2's points are in view 1's frame.
+        The feature heads run only for the views in ``features`` (geometry always)."""
         t1, t2 = self.decode_tokens(a, b)
-        return PairOutput(view1=self.run_heads(t1, 1), view2=self.run_heads(t2, 2))
+        return PairOutput(view1=self.run_heads(t1, 1, 1 in features),
+                          view2=self.run_heads(t2, 2, 2 in features))
 
     def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> PairOutput:
         if img1.shape == img2.shape:
@@ -194,12 +213,14 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """Export wrapper: (tokens1, tokens2) -> flat tuple of per-view outputs, in
-    :attr:`output_names` order. Image sizes are fixed at construction (static shapes)."""
+    :attr:`output_names` order. Image sizes are fixed at construction (static shapes), and so
+    are the views whose feature heads run (``features``, default both)."""
 
     input_names = DECODER_INPUTS
 
     def __init__(self, net: Sab3rNet, image_size1: tuple[int, int],
-                 image_size2: tuple[int, int] | None = None) -> None:
+                 image_size2: tuple[int, int] | None = None,
+                 features: Sequence[int] = VIEWS) -> None:
         super().__init__()
         self.net = net
         p = net.cfg.patch_size
@@ -207,11 +228,14 @@ class DecoderGraph(nn.Module):
         self.image_size2 = tuple(image_size2 or image_size1)
         self.grid1 = (self.image_size1[0] // p, self.image_size1[1] // p)
         self.grid2 = (self.image_size2[0] // p, self.image_size2[1] // p)
-        self.output_names = output_names([h.name for h in net.cfg.feature_heads])
+        self.features = tuple(features)  # views whose feature heads run
+        self.output_names = output_names([h.name for h in net.cfg.feature_heads],
+                                         self.features)
 
     def forward(self, tokens1: torch.Tensor, tokens2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net.decode(EncodedImage(tokens1, self.grid1, self.image_size1),
-                              EncodedImage(tokens2, self.grid2, self.image_size2))
+                              EncodedImage(tokens2, self.grid2, self.image_size2),
+                              self.features)
         named = named_outputs(out)
         return tuple(named[name] for name in self.output_names)
 

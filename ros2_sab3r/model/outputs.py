@@ -43,9 +43,12 @@ def output_name(field: str, view: int) -> str:
     return 'pts3d_in_other_view_2' if (field, view) == ('pts3d', 2) else f'{field}_{view}'
 
 
-def output_names(feature_heads: Sequence[str] = ()) -> tuple[str, ...]:
-    """Decoder outputs in graph order: per view the geometry, then the feature heads."""
-    return tuple(output_name(f, v) for v in VIEWS for f in (*GEOMETRY_FIELDS, *feature_heads))
+def output_names(feature_heads: Sequence[str] = (),
+                 feature_views: Sequence[int] = VIEWS) -> tuple[str, ...]:
+    """Decoder outputs in graph order: per view the geometry, then the feature heads (of the
+    views in ``feature_views`` only)."""
+    return tuple(output_name(f, v) for v in VIEWS
+                 for f in (*GEOMETRY_FIELDS, *(feature_heads if v in feature_views else ())))
 
 
 # Outputs every decoder graph has (those of a network without feature heads).
