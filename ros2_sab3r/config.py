@@ -101,6 +101,11 @@ class CameraConfig:
         "frames) or 'reliable' (no loss; needs reliable publishers)",
         choices=('reliable', 'best_effort'),
         read_only=True)
+    # A 388 KB PNG can declare 20000x20000 pixels (1.2 GB as RGB): the size is read from the
+    # header and checked before decoding. The default admits 4096x4096 (and 4000x3000).
+    max_image_pixels: int = param(
+        16_777_216, 'frames with more pixels (width x height, read before decoding) are dropped '
+        'and counted', unit='pixels', min=1, max=1_073_741_824, read_only=True)
 
 
 @dataclass(frozen=True)

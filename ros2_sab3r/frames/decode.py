@@ -8,6 +8,7 @@ wheel; the PyPI ``cv-bridge`` decodes 16UC1 wrongly and fails on numpy >= 2.3).
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -34,10 +35,19 @@ class ConversionError(ValueError):
     """A message that cannot be turned into a frame; the message says what is wrong."""
 
 
+def check_image_size(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image larger than `max_pixels` (camera.max_image_pixels) before decoding it."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ConversionError(
+            f'image of {width}x{height} = {width * height} pixels is larger than '
+            f'camera.max_image_pixels = {max_pixels}; raise it for such a camera')
+
+
 def image_to_rgb(encoding: str, height: int, width: int, step: int, data: bytes | memoryview,
-                 is_bigendian: int = 0) -> np.ndarray:
+                 is_bigendian: int = 0, max_pixels: int | None = None) -> np.ndarray:
     """Decode the fields of a sensor_msgs/Image into a contiguous (H, W, 3) uint8 RGB array."""
     del is_bigendian  # irrelevant for 8-bit encodings, the only ones accepted
+    check_image_size(width, height, max_pixels)
     if encoding not in _ENCODINGS:
         raise ConversionError(
             f'unsupported image encoding {encoding!r}; '
@@ -47,6 +57,27 @@ def image_to_rgb(encoding: str, height: int, width: int, step: int, data: bytes 
     if order is None:
         return np.ascontiguousarray(np.repeat(pixels, 3, axis=2))
     return np.ascontiguousarray(pixels[:, :, list(order)])
+
+
+def compressed_to_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+    """JPEG/PNG bytes (sensor_msgs/CompressedImage) -> (H, W, 3) uint8 RGB via Pillow.
+
+    The size is read from the header and checked against `max_pixels` before any pixel is
+    decoded: a few hundred bytes of PNG can declare 20000x20000 (1.2 GB as RGB). Pillow's own
+    bomb check (an exception that is not an OSError) is turned into the same ConversionError.
+    """
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    try:
+        with PILImage.open(io.BytesIO(data), formats=('JPEG', 'PNG')) as img:
+            check_image_size(img.width, img.height, max_pixels)
+            return np.asarray(img.convert('RGB'))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            PILImage.DecompressionBombError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f'compressed image could not be decoded: {err}') from err
 
 
 def image_to_scalar(encoding: str, height: int, width: int, step: int,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
+import functools
 import math
 import os
 import threading
 import time
+import traceback
 
 from geometry_msgs.msg import PoseArray
 from lifecycle_msgs.msg import State as StateMsg
@@ -34,7 +36,12 @@ from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import MarkerArray
 
 from ros2_sab3r.config import PerceptionConfig
-from ros2_sab3r.frames.decode import ConversionError, camera_info_to_K, image_to_rgb
+from ros2_sab3r.frames.decode import (
+    ConversionError,
+    camera_info_to_K,
+    compressed_to_rgb,
+    image_to_rgb,
+)
 from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
@@ -54,6 +61,39 @@ _STATE_NAMES = {
     StateMsg.PRIMARY_STATE_ACTIVE: 'active',
     StateMsg.PRIMARY_STATE_FINALIZED: 'finalized',
 }
+
+
+def _service_guard(method):
+    """Last resort of a service callback: an unexpected error is logged with its traceback and
+    answered as a failure, instead of reaching the executor (which would end the process)."""
+    @functools.wraps(method)
+    def guarded(self, request, response):
+        try:
+            return method(self, request, response)
+        except Exception as err:  # noqa: BLE001  nothing a caller sends may end the process
+            self._log_internal_error(method.__name__, err)
+            response.success = False
+            response.message = (f'internal error ({type(err).__name__}: {err}); the node keeps '
+                                'running with its state unchanged, see its log')
+            return response
+    return guarded
+
+
+def _callback_guard(counts_as_dropped: bool):
+    """Last resort of a topic or timer callback: log the traceback (throttled), count a dropped
+    frame where the callback received one, and return to the executor normally."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args):
+            try:
+                return method(self, *args)
+            except Exception as err:  # noqa: BLE001  nothing a publisher sends may end the process
+                if counts_as_dropped:
+                    with self._lock:
+                        self._dropped += 1
+                self._log_internal_error(method.__name__, err)
+        return guarded
+    return wrap
 
 
 class _CameraInput:
@@ -291,34 +331,49 @@ class PerceptionNode(LifecycleNode):
         self._cfg = None
 
     # ---- cameras ----------------------------------------------------------------------------
+    @_callback_guard(counts_as_dropped=True)
     def _on_image(self, idx: int, msg: Image) -> None:
         t0 = time.perf_counter()
         with self._lock:
             self._received += 1
         try:
             rgb = image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data,
-                               msg.is_bigendian)
+                               msg.is_bigendian, self._max_image_pixels())
         except ConversionError as err:
             self._drop_bad_frame(idx, err)
             return
         self._enqueue(idx, msg.header, rgb, t0)
 
+    @_callback_guard(counts_as_dropped=True)
     def _on_compressed(self, idx: int, msg: CompressedImage) -> None:
         t0 = time.perf_counter()
         with self._lock:
             self._received += 1
         try:
-            rgb = _decode_compressed(bytes(msg.data))
+            rgb = compressed_to_rgb(bytes(msg.data), self._max_image_pixels())
         except ConversionError as err:
             self._drop_bad_frame(idx, err)
             return
         self._enqueue(idx, msg.header, rgb, t0)
+
+    def _max_image_pixels(self) -> int:
+        cfg = self._cfg
+        return cfg.camera.max_image_pixels if cfg is not None else 0
 
     def _drop_bad_frame(self, idx: int, err: Exception) -> None:
         with self._lock:
             self._dropped += 1
         topic = self._cfg.camera.image_topics[idx] if self._cfg else f'camera {idx}'
         self._error_throttled(f'frame on {topic} dropped: {err}')
+
+    def _log_internal_error(self, where: str, err: Exception) -> None:
+        """An error no check foresaw: the traceback is what a bug report needs (throttled per
+        distinct error, a bad stream repeats it at frame rate). A callback that fails because the
+        process is shutting down (the context is gone under a timer) is not an error."""
+        if not self.context.ok():
+            return
+        self._error_throttled(f'unexpected {type(err).__name__} in {where}: {err}\n'
+                              + ''.join(traceback.format_exception(err)).rstrip())
 
     def _error_throttled(self, text: str) -> None:
         """Log each distinct problem at most once per _THROTTLE_S (a bad stream repeats it at
@@ -349,6 +404,7 @@ class PerceptionNode(LifecycleNode):
             self._latency_convert_ms = (time.perf_counter() - t0) * 1e3
             self._frames_ready.notify()
 
+    @_callback_guard(counts_as_dropped=False)
     def _on_camera_info(self, idx: int, msg: CameraInfo) -> None:
         try:
             K = camera_info_to_K(msg.k, msg.width, msg.height)
@@ -361,6 +417,7 @@ class PerceptionNode(LifecycleNode):
                 self._cameras[idx].K = K
                 self._cameras[idx].info_size = (msg.width, msg.height)
 
+    @_callback_guard(counts_as_dropped=False)
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for tf in msg.transforms:
             try:
@@ -453,6 +510,7 @@ class PerceptionNode(LifecycleNode):
             self._pubs['tf'].publish(TFMessage(transforms=[
                 messages.transform_from_matrix(header, frame.frame_id, T_WC)]))
 
+    @_callback_guard(counts_as_dropped=False)
     def _publish_map(self) -> None:
         pipeline, pub = self._pipeline, self._pubs.get('map')
         if pipeline is None or pub is None or pub.get_subscription_count() == 0:
@@ -475,6 +533,7 @@ class PerceptionNode(LifecycleNode):
             return f'no map yet: {self._no_model_reason}'
         return 'no map yet: no keyframe has been integrated'
 
+    @_service_guard
     def _on_locate(self, request: Locate.Request, response: Locate.Response
                    ) -> Locate.Response:
         cfg = self._cfg
@@ -529,6 +588,7 @@ class PerceptionNode(LifecycleNode):
             header, snapshot.positions, messages.relevancy_colors(result.relevancy),
             extra={'relevancy': result.relevancy}))
 
+    @_service_guard
     def _on_save_map(self, request: SaveMap.Request, response: SaveMap.Response
                      ) -> SaveMap.Response:
         response.bytes = 0
@@ -549,6 +609,7 @@ class PerceptionNode(LifecycleNode):
                 response.message = f'map saved to {request.path}'
         return response
 
+    @_service_guard
     def _on_load_map(self, request: LoadMap.Request, response: LoadMap.Response
                      ) -> LoadMap.Response:
         response.bytes = 0
@@ -571,6 +632,7 @@ class PerceptionNode(LifecycleNode):
                 response.message = f'map loaded from {request.path}'
         return response
 
+    @_service_guard
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
         with self._lock:
@@ -583,6 +645,7 @@ class PerceptionNode(LifecycleNode):
         return response
 
     # ---- status -----------------------------------------------------------------------------
+    @_callback_guard(counts_as_dropped=False)
     def _publish_status(self) -> None:
         if self._status_pub is None or self._cfg is None:
             return
@@ -611,20 +674,6 @@ class PerceptionNode(LifecycleNode):
             msg.frames_dropped = self._dropped
             msg.frames_queued = sum(len(cam.frames) for cam in self._cameras)
         self._status_pub.publish(msg)
-
-
-def _decode_compressed(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB via Pillow."""
-    import io
-
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
-
-    try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert('RGB'))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ConversionError(f'compressed image could not be decoded: {err}') from err
 
 
 def main(args: list[str] | None = None) -> int:

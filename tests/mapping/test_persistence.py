@@ -8,7 +8,6 @@ an array the format does not have, or allocate what a forged header declares.
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import tracemalloc
@@ -20,6 +19,13 @@ import pytest
 from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.persistence import MapFileError, map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+from tests.ros.crafted import header_only as _header_only
+from tests.ros.crafted import members as _members
+from tests.ros.crafted import meta_member
+from tests.ros.crafted import meta_of as _meta
+from tests.ros.crafted import npy as _npy
+from tests.ros.crafted import with_meta as _with_meta
+from tests.ros.crafted import write as _write
 
 pytestmark = pytest.mark.unit
 
@@ -41,35 +47,6 @@ def saved(tmp_path):
     return path
 
 
-def _members(path) -> dict[str, bytes]:
-    with zipfile.ZipFile(path) as z:
-        return {i.filename: z.read(i) for i in z.infolist()}
-
-
-def _write(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> None:
-    with zipfile.ZipFile(path, 'w', compression) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _meta(path) -> dict:
-    blob = np.load(io.BytesIO(_members(path)['meta.npy']))
-    return json.loads(blob.tobytes().decode('utf-8'))
-
-
-def _with_meta(path, out, **changes) -> None:
-    meta = {**_meta(path), **changes}
-    members = _members(path)
-    members['meta.npy'] = _npy(np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    _write(out, members)
-
-
 @pytest.mark.parametrize('key, value', [
     ('voxel_size_m', [0.05]), ('n_voxels', None), ('n_voxels', 1.5), ('n_voxels', True),
     ('gravity', [0.0, -1.0]), ('gravity', [0.0, 0.0, 0.0]), ('gravity', 'down'),
@@ -87,19 +64,10 @@ def test_missing_metadata_key_is_refused(saved, tmp_path):
     meta = _meta(saved)
     del meta['n_voxels']
     members = _members(saved)
-    members['meta.npy'] = _npy(np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    members['meta.npy'] = meta_member(meta)
     _write(tmp_path / 'm.npz', members)
     with pytest.raises(MapFileError, match="lacks 'n_voxels'"):
         read_map(tmp_path / 'm.npz', CFG, CLIP_DIM)
-
-
-def _header_only(dtype: str, shape: tuple) -> bytes:
-    """A .npy header declaring `shape` with no data behind it."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {'descr': dtype, 'fortran_order': False,
-                                               'shape': shape})
-    assert buf.getvalue().startswith(b'\x93NUMPY')  # the magic is written with the header
-    return buf.getvalue()
 
 
 def test_a_header_declaring_a_terabyte_is_refused_without_allocating(saved, tmp_path):
@@ -121,7 +89,7 @@ def test_a_header_declaring_a_terabyte_is_refused_without_allocating(saved, tmp_
 def test_a_773_byte_archive_declaring_a_trillion_floats(tmp_path):
     meta = {'format': 'ros2_sab3r.semantic_map', 'version': 2, 'voxel_size_m': 0.05,
             'n_voxels': 10 ** 12, 'clip_dim': CLIP_DIM}
-    members = {'meta.npy': _npy(np.frombuffer(json.dumps(meta).encode(), np.uint8)),
+    members = {'meta.npy': meta_member(meta),
                'keys.npy': _header_only('<i8', (10 ** 12,))}
     _write(tmp_path / 'tiny.npz', members)
     assert os.path.getsize(tmp_path / 'tiny.npz') < 1024
@@ -179,7 +147,7 @@ def test_fuzz_crafted_map_files_raise_only_map_file_errors(saved, tmp_path):
         m = dict(meta)
         for key in rng.choice(list(meta), size=rng.integers(0, 3), replace=False):
             m[str(key)] = _random_value(rng)
-        members['meta.npy'] = _npy(np.frombuffer(json.dumps(m).encode(), np.uint8))
+        members['meta.npy'] = meta_member(m)
         action = rng.integers(5)
         target = names[rng.integers(len(names))]
         if action == 0:
