@@ -38,7 +38,9 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
-    read_only: bool = False  # needs a reconfigure (lifecycle cleanup/configure) to change
+    # True: takes effect on configure (settable while unconfigured, refused while configured);
+    # False: applied live to the running node, pipeline and query engine.
+    read_only: bool = False
 
     def check(self, name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -105,18 +107,19 @@ class CameraConfig:
     # header and checked before decoding. The default admits 4096x4096 (and 4000x3000).
     max_image_pixels: int = param(
         16_777_216, 'frames with more pixels (width x height, read before decoding) are dropped '
-        'and counted', unit='pixels', min=1, max=1_073_741_824, read_only=True)
+        'and counted', unit='pixels', min=1, max=1_073_741_824)
 
 
 @dataclass(frozen=True)
 class FramesConfig:
-    map_frame: str = param('map', 'frame of the semantic map and of Locate answers by default')
+    map_frame: str = param('map', 'frame of the semantic map and of Locate answers by default',
+                           read_only=True)
     pose_source: str = param(
         'none', "'tf': camera poses from TF at the image stamp; 'none': from SAB3R, map "
-        'anchored at the first keyframe', choices=('none', 'tf'))
+        'anchored at the first keyframe', choices=('none', 'tf'), read_only=True)
     tf_timeout_s: float = param(
-        0.05, 'how long to wait for a TF transform before falling back', unit='s', min=0.0,
-        max=5.0)
+        0.05, "pose_source 'tf': how long the worker waits for the camera's TF at the image "
+        'stamp before skipping the frame', unit='s', min=0.0, max=5.0)
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class KeyframeConfig:
     window_size: int = param(
-        8, 'keyframes kept in the sliding window', unit='keyframes', min=2, max=64)
+        8, 'keyframes kept in the sliding window', unit='keyframes', min=2, max=64,
+        read_only=True)
     min_overlap: float = param(
         0.35, 'a frame becomes a keyframe when its overlap with the latest one (share of '
         'reciprocally matched seeds) drops below this', unit='ratio', min=0.0, max=1.0)
@@ -238,17 +242,19 @@ class GeometryConfig:
 
 @dataclass(frozen=True)
 class MappingConfig:
-    voxel_size_m: float = param(0.05, 'edge of a map voxel', unit='m', min=0.005, max=1.0)
+    voxel_size_m: float = param(0.05, 'edge of a map voxel', unit='m', min=0.005, max=1.0,
+                                read_only=True)
     min_confidence: float = param(
-        1.5, 'pointmap confidence below which points are not fused', min=0.0, max=1000.0)
+        1.5, 'pointmap confidence below which points are not fused', min=0.0, max=1000.0,
+        read_only=True)
     max_voxels: int = param(
         500_000, 'voxels kept; beyond this the least recently seen are evicted', unit='voxels',
-        min=1000, max=50_000_000)
+        min=1000, max=50_000_000, read_only=True)
     # Stops class halos at depth edges where features are coarser than pixels.
     feature_edge_tolerance: float = param(
         0.05, "a pixel takes its feature cell's feature only if its depth is within this "
         "fraction of the cell centre's; 0: off", unit='ratio', min=0.0,
-        max=10.0)
+        max=10.0, read_only=True)
     # 2 about halves integration time; on the synthetic acceptance scene
     # (256x192) it raised the worst class-centroid error from 6 to 9.5 cm and
     # lowered the worst box IoU from 0.70 to 0.52: keep 1 unless integration
@@ -256,14 +262,14 @@ class MappingConfig:
     integration_stride: int = param(
         1, 'fuse every n-th pixel of a keyframe in each direction: faster, but holes and '
         'fewer feature samples per voxel',
-        unit='px', min=1, max=8)
+        unit='px', min=1, max=8, read_only=True)
     fuse_dino: bool = param(
         True, 'also fuse DINO features when the backend provides them (used to split touching '
-        'instances; doubles feature memory)')
+        'instances; doubles feature memory)', read_only=True)
     # Unposed maps have no known gravity and use PCA boxes.
     gravity_in_map: tuple[float, ...] = param(
         [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside '
-        '(REP-103 maps: z-up); boxes are gravity-aligned', unit='unit vector')
+        '(REP-103 maps: z-up); boxes are gravity-aligned', unit='unit vector', read_only=True)
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,16 @@ class Pipeline:
         return SemanticVoxelMap(self._cfg.mapping, clip_dim=self._text_encoder.dim,
                                 gravity=gravity, frame=self._cfg.frames.map_frame)
 
+    def apply_live_config(self, config: PerceptionConfig) -> None:
+        """Run with `config` from the next frame / Locate on: keyframe selection, geometry and
+        query parameters (the live ones, ``ParamSpec.read_only`` False). The configure-time
+        ones (window size, mapping, frames) must be unchanged: they shaped the window and map.
+        """
+        config = config.validate()
+        # one reference swap each: a step or Locate in flight finishes with what it read
+        self._query = QueryEngine(config.query, self._text_encoder)
+        self._cfg = config
+
     # --------------------------------------------------------------------------- readers
     @property
     def config(self) -> PerceptionConfig:

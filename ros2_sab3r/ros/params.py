@@ -1,8 +1,13 @@
 """ROS parameters declared from ros2_sab3r.config, the single source of truth.
 
 Every field of :class:`~ros2_sab3r.config.PerceptionConfig` becomes one parameter named
-``section.field`` with its description, unit, range and read-only flag; values are converted once
-into the frozen config and validated there.
+``section.field`` with its description, unit and range; values are converted once into the
+frozen config and validated there.
+
+The contract of a parameter (``ParamSpec.read_only``): either it is applied live (validated,
+then handed to the running node, pipeline and query engine), or it takes effect on configure:
+settable while the node is unconfigured, refused while it is configured with that reason. No
+parameter is read-only in the ROS sense, which would refuse it in every state.
 """
 
 from __future__ import annotations
@@ -43,10 +48,10 @@ def descriptor_for(info: ParamInfo) -> ParameterDescriptor:
         name=info.name,
         type=_parameter_type(info.default),
         description=text,
-        read_only=spec.read_only,
+        read_only=False,  # configure-time parameters are refused by the node while configured
         dynamic_typing=False,
     )
-    constraints = []
+    constraints = ['takes effect on configure' if spec.read_only else 'applied live']
     if spec.choices:
         constraints.append('one of: ' + ', '.join(spec.choices))
     if spec.min is not None or spec.max is not None:
@@ -62,7 +67,7 @@ def descriptor_for(info: ParamInfo) -> ParameterDescriptor:
     return d
 
 
-def declare_parameters(node: Node) -> list[str]:
+def declare_parameters(node: Node) -> dict[str, str]:
     """Declare every configuration parameter on the node (overrides come from --params-file).
 
     A value from the params file or the command line that breaks its declared type or range
@@ -70,14 +75,14 @@ def declare_parameters(node: Node) -> list[str]:
     parameter is declared with its default instead and the problem returned, so the node stays
     up and refuses to configure with a message naming the parameter.
     """
-    problems = []
+    problems = {}
     for info in param_infos():
         default = list(info.default) if isinstance(info.default, tuple) else info.default
         descriptor = descriptor_for(info)
         try:
             node.declare_parameter(info.name, default, descriptor)
         except (InvalidParameterTypeException, InvalidParameterValueException) as err:
-            problems.append(f'{info.name}: {err}')
+            problems[info.name] = f'{info.name}: {err}'
             node.declare_parameter(info.name, default, descriptor, ignore_override=True)
     return problems
 
@@ -89,10 +94,36 @@ def read_config(node: Node, overrides: dict[str, Any] | None = None) -> Percepti
     return config_from_flat(values)
 
 
-def check_parameter_update(node: Node, params: list[Parameter]) -> str | None:
-    """Return why the update would make the configuration invalid, or None when it is fine."""
+CONFIGURE_TIME = frozenset(info.name for info in param_infos() if info.spec.read_only)
+CONFIG_NAMES = frozenset(info.name for info in param_infos())
+
+
+def check_parameter_update(node: Node, params: list[Parameter], configured: bool) -> str | None:
+    """Why the update is refused (a configure-time parameter while configured, or a value that
+    makes the configuration invalid), or None when it may be set."""
+    ours = {p.name: p.value for p in params if p.name in CONFIG_NAMES}
+    if configured:
+        for name, value in ours.items():
+            if name in CONFIGURE_TIME and value != _current(node, name):
+                return (f'{name} takes effect on configure: deactivate and clean up the node, '
+                        'set it, then configure and activate again')
     try:
-        read_config(node, {p.name: p.value for p in params})
+        read_config(node, ours)
     except ValueError as err:
         return str(err)
     return None
+
+
+def _current(node: Node, name: str) -> Any:
+    value = node.get_parameter(name).value
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def live_changes(old: PerceptionConfig, new: PerceptionConfig) -> list[str]:
+    """Names of the live parameters whose values differ between two configurations."""
+    out = []
+    for info in param_infos():
+        section, key = info.name.split('.', 1)
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
+            out.append(info.name)
+    return out

@@ -49,7 +49,13 @@ from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import BadLocateRequest, EmptyMapError, LocateError, validate_query
 from ros2_sab3r.ros import messages, qos
-from ros2_sab3r.ros.params import check_parameter_update, declare_parameters, read_config
+from ros2_sab3r.ros.params import (
+    CONFIG_NAMES,
+    check_parameter_update,
+    declare_parameters,
+    live_changes,
+    read_config,
+)
 from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 from ros2_sab3r.types import CameraFrame, LocateStatus, StepLatency, StepStatus
 
@@ -111,8 +117,10 @@ class PerceptionNode(LifecycleNode):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(NODE_NAME, **kwargs)
+        # name -> problem of a start-up value; cleared when the parameter is set anew
         self._parameter_problems = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
         self._cfg: PerceptionConfig | None = None
         self._lock = threading.Lock()  # guards the counters and camera buffers
         self._cameras: list[_CameraInput] = []
@@ -150,15 +158,62 @@ class PerceptionNode(LifecycleNode):
 
     # ---- parameters -------------------------------------------------------------------------
     def _on_set_parameters(self, params) -> SetParametersResult:
-        reason = check_parameter_update(self, params)
+        reason = check_parameter_update(self, params, configured=self._cfg is not None)
         return SetParametersResult(successful=reason is None, reason=reason or '')
+
+    def _after_set_parameters(self, params) -> None:
+        """Apply accepted values: unconfigured, configure reads them all (and a start-up
+        problem they fix is forgotten); configured, only live ones can have changed, and they
+        go to the node, the pipeline and its query engine now."""
+        names = [p.name for p in params if p.name in CONFIG_NAMES]
+        for name in names:
+            self._parameter_problems.pop(name, None)
+        old = self._cfg
+        if old is None or not names:
+            return
+        try:
+            new = read_config(self)
+        except ValueError as err:  # checked in _on_set_parameters; a race must not kill us
+            self.get_logger().error(f'parameters not applied: {err}')
+            return
+        self._cfg = new
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.apply_live_config(new)
+        if new.publish.status_rate_hz != old.publish.status_rate_hz:
+            self._start_status_timer(new)
+        if new.publish.map_rate_hz != old.publish.map_rate_hz:
+            self._start_map_timer(new)
+        if new.publish.map_labels != old.publish.map_labels:
+            self._published_map_version = -1  # the same map, labelled anew
+        changed = live_changes(old, new)
+        if changed:
+            self.get_logger().info('applied live: ' + ', '.join(
+                f'{name}={self.get_parameter(name).value!r}' for name in changed))
+
+    def _start_status_timer(self, cfg: PerceptionConfig) -> None:
+        if self._status_timer is not None:
+            self.destroy_timer(self._status_timer)
+        self._status_timer = self.create_timer(
+            1.0 / cfg.publish.status_rate_hz, self._publish_status,
+            callback_group=self._timer_group)
+
+    def _start_map_timer(self, cfg: PerceptionConfig) -> None:
+        if self._map_timer is not None:
+            self.destroy_timer(self._map_timer)
+            self._map_timer = None
+        if cfg.publish.map_rate_hz > 0:
+            self._map_timer = self.create_timer(
+                1.0 / cfg.publish.map_rate_hz, self._publish_map,
+                callback_group=self._timer_group)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self._parameter_problems:
             self.get_logger().error(
                 'invalid parameters (the defaults stand in until fixed; see config/'
-                'perception.yaml for types and ranges): ' + '; '.join(self._parameter_problems))
+                'perception.yaml for types and ranges; fix them with ros2 param set): '
+                + '; '.join(self._parameter_problems.values()))
             return TransitionCallbackReturn.FAILURE
         try:
             self._cfg = read_config(self)
@@ -167,9 +222,7 @@ class PerceptionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         cfg = self._cfg
         self._status_pub = self.create_publisher(PerceptionStatus, '~/status', qos.STATUS)
-        self._status_timer = self.create_timer(
-            1.0 / cfg.publish.status_rate_hz, self._publish_status,
-            callback_group=self._timer_group)
+        self._start_status_timer(cfg)
         self._pubs = {
             'map': self.create_publisher(PointCloud2, '~/semantic_map', qos.LATCHED),
             'poses': self.create_publisher(PoseArray, '~/keyframe_poses', qos.LATCHED),
@@ -178,10 +231,7 @@ class PerceptionNode(LifecycleNode):
             'relevancy': self.create_publisher(PointCloud2, '~/relevancy', qos.LATCHED),
             'tf': self.create_publisher(TFMessage, '/tf', 10),
         }
-        if cfg.publish.map_rate_hz > 0:
-            self._map_timer = self.create_timer(
-                1.0 / cfg.publish.map_rate_hz, self._publish_map,
-                callback_group=self._timer_group)
+        self._start_map_timer(cfg)
         self._sab3r_services = [
             self.create_service(Locate, '~/locate', self._on_locate,
                                 callback_group=self._service_group),
@@ -448,13 +498,22 @@ class PerceptionNode(LifecycleNode):
         cfg = self._cfg
         if cfg is None or cfg.frames.pose_source != 'tf':
             return frame
-        try:
-            T_WC = self._tf.lookup(cfg.frames.map_frame, frame.frame_id, frame.stamp_ns)
-        except TransformLookupError as err:
-            self.get_logger().warning(f'posed mode: {err}; frame skipped',
-                                      throttle_duration_sec=_THROTTLE_S)
-            return frame
-        return replace(frame, T_WC=T_WC)
+        # TF often arrives after the image it belongs to: wait up to frames.tf_timeout_s (this
+        # is the worker thread; callbacks keep filling the buffer meanwhile).
+        deadline = time.monotonic() + cfg.frames.tf_timeout_s
+        while True:
+            try:
+                T_WC = self._tf.lookup(cfg.frames.map_frame, frame.frame_id, frame.stamp_ns)
+            except TransformLookupError as err:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    self.get_logger().warning(
+                        f'posed mode: {err} (waited frames.tf_timeout_s = '
+                        f'{cfg.frames.tf_timeout_s} s); frame skipped',
+                        throttle_duration_sec=_THROTTLE_S)
+                    return frame
+                time.sleep(min(0.005, cfg.frames.tf_timeout_s))
+            else:
+                return replace(frame, T_WC=T_WC)
 
     def _work(self) -> None:
         """The one thread that runs the pipeline (inference never runs in a ROS callback)."""
