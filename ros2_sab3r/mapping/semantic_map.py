@@ -17,8 +17,9 @@ out. A snapshot nobody asked for is withdrawn when the next integration starts a
 are written in place, so integration into a large map no longer copies whole 4 MB blocks for
 every keyframe (0.63 M points/s into a 418k-voxel map before, see benchmarks/mapping.py). A
 reader asking during such an integration gets the newest snapshot handed out before (it never
-waits); so that this is never far behind, an integration starting more than
-:data:`MAX_READER_LAG_S` after the last hand-out treats the latest snapshot as handed out.
+waits); so that this is never far behind, an integration starting when the last hand-out is
+:data:`MAX_READER_LAG` integrations old treats the latest snapshot as handed out (without any
+reader, one integration in MAX_READER_LAG + 1 pays the copies).
 
 Bounded memory: at most `max_voxels` voxels; when new voxels would exceed it, the least recently
 seen voxels are evicted first (ties: the lighter one).
@@ -27,7 +28,6 @@ seen voxels are evicted first (ties: the lighter one).
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -38,9 +38,9 @@ from ros2_sab3r.mapping.codec import bf16_decode, fold_bf16_mean
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.snapshot import MapSnapshot
 
-# Longest a reader can be served an older snapshot while an integration writes in place (s):
-# past it, the next integration copies the blocks it writes (the former behaviour) once.
-MAX_READER_LAG_S = 0.5
+# Integrations a reader arriving during an in-place integration can be behind, at most: past
+# it, the next integration keeps the latest snapshot for readers (and copies what it writes).
+MAX_READER_LAG = 8
 
 
 class SemanticVoxelMap:
@@ -67,7 +67,6 @@ class SemanticVoxelMap:
         self._writing = False  # an integration is writing blocks of the withdrawn snapshot
         self._snapshot = self._publish()
         self._handed = self._snapshot  # the newest snapshot handed to a reader
-        self._handed_at = time.monotonic()
 
     # ---------------------------------------------------------------------------- properties
     @property
@@ -88,14 +87,13 @@ class SemanticVoxelMap:
         # current blocks at the same indices
         self._shared.update(range(len(self._snapshot.blocks)))
         self._handed = self._snapshot
-        self._handed_at = time.monotonic()
 
     def _begin_write(self) -> None:
         """Withdraw the latest snapshot if no reader has it (its blocks become writable in
-        place), unless the last hand-out is older than MAX_READER_LAG_S."""
+        place), unless the last hand-out is MAX_READER_LAG integrations old."""
         with self._lock:
             if (self._handed is not self._snapshot
-                    and time.monotonic() - self._handed_at > MAX_READER_LAG_S):
+                    and self._snapshot.version - self._handed.version >= MAX_READER_LAG):
                 self._hand_out()
             self._writing = True
 

@@ -52,7 +52,7 @@ def copies(monkeypatch):
 
 
 def test_blocks_nobody_holds_are_written_in_place(copies, monkeypatch):
-    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG_S', float('inf'))
+    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG', 10 ** 9)
     rng = np.random.default_rng(0)
     m = _new_map()
     X, C, rgb, cells, S = _batch(rng)
@@ -73,7 +73,7 @@ def test_blocks_nobody_holds_are_written_in_place(copies, monkeypatch):
 
 
 def test_reader_during_an_integration_gets_the_last_handed_out_snapshot(monkeypatch):
-    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG_S', float('inf'))
+    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG', 10 ** 9)
     rng = np.random.default_rng(1)
     m = _new_map()
     X, C, rgb, cells, S = _batch(rng)
@@ -98,22 +98,23 @@ def test_reader_during_an_integration_gets_the_last_handed_out_snapshot(monkeypa
 
 
 def test_a_late_reader_is_never_more_than_the_lag_behind(monkeypatch, copies):
+    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG', 3)
     rng = np.random.default_rng(2)
     m = _new_map()
     X, C, rgb, cells, S = _batch(rng)
     m.integrate(X, C, rgb, 1, cells, S)
-    clock = {'t': 100.0}
-    monkeypatch.setattr(semantic_map.time, 'monotonic', lambda: clock['t'])
-    m.snapshot()
-    m.integrate(X, C, rgb, 2, cells, S)
-    clock['t'] += 2 * semantic_map.MAX_READER_LAG_S
-    # the integration starting now keeps the stamp-2 snapshot for readers (and copies)
+    first = m.snapshot()
     seen = []
     fold = m._fold
     monkeypatch.setattr(m, '_fold', lambda *a: (seen.append(m.snapshot()), fold(*a)))
-    before = copies['n']
-    m.integrate(X, C, rgb, 3, cells, S)
-    assert seen[0].stamp_ns == 2 and copies['n'] > before
+    for stamp in range(2, 8):
+        m.integrate(X, C, rgb, stamp, cells, S)
+    # without other readers: served versions lag by at most MAX_READER_LAG integrations, and
+    # only the integrations that kept a snapshot for readers copied blocks
+    assert seen[0] is first
+    lags = [m_v - s.version for m_v, s in zip(range(first.version, first.version + 6), seen)]
+    assert max(lags) <= 3 and max(lags) > 0
+    assert 0 < copies['n'] <= 2 * len(m._blocks)
 
 
 def test_save_reads_a_handed_out_snapshot(tmp_path):
