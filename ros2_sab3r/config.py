@@ -20,7 +20,7 @@ PARAM_META = 'ros2_sab3r.param'
 # Prompting of the text tower (model.text_prompts), see ros2_sab3r/model/text.py.
 TEXT_PROMPTS = ('raw', 'single', 'ensemble')
 # Scoring of a Locate query (query.relevancy_mode), see ros2_sab3r/query/engine.py.
-RELEVANCY_MODES = ('lerf', 'official')
+RELEVANCY_MODES = ('lerf', 'official', 'calibrated')
 # Options of the stand-in backend's synthetic scene (model.standin_scene) and of the deliberate
 # errors of its perturbed variant, with their types; see ros2_sab3r/sim/standin.py.
 STANDIN_SCENE_OPTIONS = MappingProxyType(
@@ -240,6 +240,10 @@ class GeometryConfig:
         'median scene depth, exceeds this', unit='ratio', min=0.001, max=10.0)
 
 
+# mapping.feature_codec values (ros2_sab3r.mapping.codec implements them)
+FEATURE_CODECS = ('bf16', 'int8')
+
+
 @dataclass(frozen=True)
 class MappingConfig:
     voxel_size_m: float = param(0.05, 'edge of a map voxel', unit='m', min=0.005, max=1.0,
@@ -266,6 +270,12 @@ class MappingConfig:
     fuse_dino: bool = param(
         True, 'also fuse DINO features when the backend provides them (used to split touching '
         'instances; doubles feature memory)', read_only=True)
+    # int8 halves the CLIP bytes every Locate reads; cosines move by ~1e-3 (bounded at 1e-2 in
+    # tests/mapping/test_feature_codec.py). Map files store bf16 either way.
+    feature_codec: str = param(
+        'bf16', "CLIP features in memory: 'bf16' (2 bytes per channel) or 'int8' with a "
+        'per-voxel scale (1 byte, Locate within 1e-2 in cosine)', choices=FEATURE_CODECS,
+        read_only=True)
     # Unposed maps have no known gravity and use PCA boxes.
     gravity_in_map: tuple[float, ...] = param(
         [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside '
@@ -274,12 +284,14 @@ class MappingConfig:
 
 @dataclass(frozen=True)
 class QueryConfig:
-    # 'lerf' then applies default_min_score; 'official' min-max normalises the
-    # cosine over the map and keeps voxels at official_threshold or above
-    # (negatives unused).
+    # 'calibrated' (see vocabulary below) decides FOUND/NOT_FOUND independently of
+    # the absolute cosine scale; 'lerf' applies default_min_score; 'official'
+    # min-max normalises the cosine over the map and keeps voxels at
+    # official_threshold or above (negatives unused).
     relevancy_mode: str = param(
-        'lerf', "default scoring: 'lerf' softmax against negatives; 'official' the SAB3R "
-        "demo's min-max normalised cosine", choices=RELEVANCY_MODES)
+        'calibrated', "default scoring: 'calibrated' query vs a vocabulary; 'lerf' softmax vs "
+        "negatives; 'official' SAB3R demo's min-max cosine",
+        choices=RELEVANCY_MODES)
     # The SAB3R demo uses 0.75.
     official_threshold: float = param(
         0.75, 'official mode: normalised score a voxel needs to belong to a query when the '
@@ -321,6 +333,41 @@ class QueryConfig:
         2, 'Locate similarity workers, each running torch on one thread over blocks of '
         "voxels; 0: the caller with torch's threads", unit='threads',
         min=0, max=64)
+    # Defaults measured with sab3r-eval --oracle --oracle-noise regime=cliplike on
+    # synthetic seeds 0-3: present objects score >= 0.66 at z >= 2.4, the best
+    # absent-class candidates <= 0.60 at z <= 2.2 (README, Map-and-Locate).
+    # 'calibrated' mode: each candidate instance is asked whether the query beats
+    # every word of this vocabulary (plus the request's negatives and
+    # canonical_negatives), in units of the spread of the vocabulary's cosines
+    # there, so the decision does not depend on the absolute cosine scale.
+    vocabulary: tuple[str, ...] = param(
+        ['wall', 'floor', 'ceiling', 'door', 'window', 'table', 'chair', 'sofa', 'bed',
+         'cabinet', 'shelves', 'bookshelf', 'desk', 'dresser', 'counter', 'curtain', 'blinds',
+         'picture', 'mirror', 'pillow', 'lamp', 'television', 'monitor', 'computer', 'box',
+         'bag', 'books', 'paper', 'towel', 'clothes', 'plant', 'person', 'toilet', 'sink',
+         'bathtub', 'refrigerator', 'oven', 'microwave', 'bottle', 'cup', 'bowl', 'clock',
+         'vase', 'rug', 'floor mat', 'whiteboard', 'radiator', 'stairs', 'railing', 'column',
+         'pipe', 'fan', 'light', 'switch', 'night stand', 'stool', 'bench', 'trash can',
+         'printer', 'keyboard', 'laptop', 'telephone', 'basket', 'bucket', 'suitcase'],
+        'calibrated mode: common object names a query competes against at each candidate '
+        'instance')
+    vocabulary_min_z: float = param(
+        2.0, "calibrated mode: the query's cosine at an instance must exceed the vocabulary's "
+        'mean there by this many standard deviations', unit='std', min=0.0, max=100.0)
+    # Real CLIP ViT-B/16: 'sofa'/'couch' ~0.9, 'chair'/'sofa' ~0.8 (text-text).
+    synonym_similarity: float = param(
+        0.9, 'calibrated mode: vocabulary words at least this similar to the query (text '
+        'embeddings) do not compete with it', unit='cosine', min=-1.0, max=1.0)
+    calibrated_min_score: float = param(
+        0.62, "calibrated mode: an instance's score (query vs its strongest competitor) needed "
+        'to be FOUND when the request asks for 0', min=0.0, max=1.0)
+    # Splits of one object (a gap in the relevant voxels, a thin part) are joined.
+    merge_gap_m: float = param(
+        0.15, 'instances of one query closer than this, with similar DINO features, are one '
+        'object (0: never merged)', unit='m', min=0.0, max=10.0)
+    estimate_gravity: bool = param(
+        True, 'unposed maps: estimate gravity from the floor plane (cameras look level) so '
+        'boxes are upright; false: PCA boxes')
 
 
 @dataclass(frozen=True)

@@ -236,12 +236,15 @@ class LocatedObject:
     query: str
     label: str  # the caller's label for the query, or the query itself
     status: LocateStatus
-    score: float  # mean relevancy of the instance's voxels in [0, 1]; 0 when NOT_FOUND
+    # 'lerf'/'official': mean relevancy of the instance's voxels in [0, 1]; 'calibrated': the
+    # query against its strongest vocabulary competitor at the instance; 0 when NOT_FOUND
+    score: float
     centroid: np.ndarray | None = None  # (3,) confidence-weighted centre of its voxels, metres
     box: OrientedBox | None = None
     points: np.ndarray | None = None  # (N, 3) float32 voxel positions
     colors: np.ndarray | None = None  # (N, 3) uint8
     last_seen_ns: int = 0  # latest stamp that observed any of its voxels
+    reason: str = ''  # why this status, in words (calibrated mode: the deciding comparison)
 
     @property
     def point_count(self) -> int:

@@ -30,9 +30,11 @@ import threading
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from ros2_sab3r.config import RELEVANCY_MODES, QueryConfig
 from ros2_sab3r.geometry.boxes import fit_box
+from ros2_sab3r.geometry.gravity import estimate_gravity
 from ros2_sab3r.mapping.keys import key_offset
 from ros2_sab3r.mapping.snapshot import MapSnapshot
 from ros2_sab3r.types import (
@@ -201,6 +203,8 @@ class QueryEngine:
                               'features, so it cannot be queried by text')
         cfg = self.cfg
         mode = q.relevancy_mode or cfg.relevancy_mode
+        if mode == 'calibrated':
+            return self._locate_calibrated(snapshot, q)
         official = mode == 'official'
         top_k = q.top_k or cfg.default_top_k
         min_score = q.min_score or (cfg.official_threshold if official else
@@ -227,7 +231,7 @@ class QueryEngine:
                 cut = min_score
                 member = self._members(s_q, relevancy, has_feature, min_score)
             np.maximum(best, relevancy, out=best, casting='unsafe')
-            found = self._instances(snapshot, member)
+            found = self._merge(snapshot, self._instances(snapshot, member))
             objects.extend(self._rank(snapshot, text, label, relevancy, found, top_k, cut))
         n_found = sum(o.status != LocateStatus.NOT_FOUND for o in objects)
         unused = ' (negatives unused in official mode)' if official and q.negatives else ''
@@ -334,10 +338,195 @@ class QueryEngine:
             # Unweighted: each voxel is a patch of observed surface; fused weights say how often
             # a patch was seen, which would pull the centre towards the most viewed side.
             centroid = P.astype(np.float64).mean(axis=0)
-            box = fit_box(P, snap.gravity, min_size=snap.voxel_size)
+            box = fit_box(P, self.gravity(snap), min_size=snap.voxel_size)
             out.append(LocatedObject(
                 query=text, label=label, status=status, score=float(scores[k]),
                 centroid=centroid, box=box, points=P,
                 colors=np.clip(np.rint(snap.take('color', rows)), 0, 255).astype(np.uint8),
                 last_seen_ns=int(snap.take('last_seen', rows).max())))
+        return out
+
+    # ------------------------------------------------------------------------ gravity
+    def gravity(self, snap: MapSnapshot) -> np.ndarray | None:
+        """The map's gravity: known (posed maps), else estimated from the floor plane
+        (:func:`estimate_gravity`, cached per map version), else None (PCA boxes)."""
+        if snap.gravity is not None or not self.cfg.estimate_gravity or snap.empty:
+            return snap.gravity
+        key = (snap.version, snap.n_voxels)
+        with self._lock:
+            cached = getattr(self, '_gravity_cache', None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        g = estimate_gravity(snap.positions, inlier_m=max(snap.voxel_size, 0.02))
+        with self._lock:
+            self._gravity_cache = (key, g)
+        return g
+
+    # ------------------------------------------------------------------------ merging
+    def _merge(self, snap: MapSnapshot, instances: list[np.ndarray]) -> list[np.ndarray]:
+        """Join instances of one query that are one object split in two: closer than
+        query.merge_gap_m, with similar mean DINO features (when the map has them)."""
+        gap = self.cfg.merge_gap_m
+        if gap <= 0 or len(instances) < 2:
+            return instances
+        n = len(instances)
+        trees = [cKDTree(snap.take('pos', rows)) for rows in instances]
+        dino = None
+        if snap.dino_dim:
+            dino = np.stack([snap.feature_rows('dino', rows).mean(0) for rows in instances])
+            dino /= np.maximum(np.linalg.norm(dino, axis=1, keepdims=True), 1e-12)
+        parent = list(range(n))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i in range(n):
+            for j in range(i + 1, n):
+                if dino is not None and dino[i] @ dino[j] < self.cfg.dino_split_similarity:
+                    continue
+                d, _ = trees[j].query(trees[i].data, k=1, distance_upper_bound=gap)
+                if np.isfinite(d).any():
+                    parent[root(j)] = root(i)
+        groups: dict[int, list[np.ndarray]] = {}
+        for i in range(n):
+            groups.setdefault(root(i), []).append(instances[i])
+        return [np.concatenate(g) for g in groups.values()]
+
+    # ---------------------------------------------------------------------- calibrated
+    def _competitors(self, text: str, e_q: np.ndarray, negatives: Sequence[str]
+                     ) -> tuple[list[str], np.ndarray]:
+        """Vocabulary + canonical negatives + the request's negatives, less the query and its
+        near-synonyms (text cosine >= query.synonym_similarity): (words, (K, F) embeddings)."""
+        words = [w for w in dict.fromkeys(
+            tuple(self.cfg.vocabulary) + tuple(self.cfg.canonical_negatives) + tuple(negatives))
+            if w != text]
+        if not words:
+            return [], np.zeros((0, len(e_q)), np.float32)
+        E = self.embed(words)
+        keep = E @ e_q < self.cfg.synonym_similarity
+        return [w for w, k in zip(words, keep) if k], E[keep]
+
+    def _locate_calibrated(self, snap: MapSnapshot, q: LocateQuery) -> LocateResult:
+        """'calibrated' relevancy (see :meth:`_decide`): scale-free FOUND / NOT_FOUND."""
+        cfg = self.cfg
+        top_k = q.top_k or cfg.default_top_k
+        min_score = q.min_score or cfg.calibrated_min_score
+        texts = list(dict.fromkeys(q.queries))
+        E = self.embed(texts)
+        sims = snap.cosine(E, threads=cfg.threads)  # (T, N)
+        has_feature = snap.clip_weights > 0
+        objects: list[LocatedObject] = []
+        best = np.zeros(snap.n_voxels, dtype=np.float32)
+        for i, text in enumerate(q.queries):
+            label = q.labels[i] if q.labels else text
+            t = texts.index(text)
+            words, E_c = self._competitors(text, E[t], q.negatives)
+            relevancy, instances = self._calibrated_members(snap, sims[t], has_feature, E_c)
+            np.maximum(best, relevancy, out=best)
+            objects.extend(self._decide(snap, text, label, E[t], words, E_c, instances,
+                                        min_score, top_k))
+        n_found = sum(o.status == LocateStatus.FOUND for o in objects)
+        return LocateResult(objects=tuple(objects), map_stamp_ns=snap.stamp_ns, frame=snap.frame,
+                            message=f'{len(q.queries)} queries, {n_found} objects FOUND, map of '
+                                    f'{snap.n_voxels} voxels, calibrated relevancy',
+                            relevancy=best)
+
+    def _calibrated_members(self, snap: MapSnapshot, s_q: np.ndarray, has_feature: np.ndarray,
+                            E_c: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(relevancy (N,), instances): candidate voxels are those whose cosine lies
+        query.membership_fraction of the way from the map's median to its clearest voxels
+        (scale-free, cheap); a candidate is a member where the query beats every competitor;
+        members form instances (adjacency, DINO cuts, merges)."""
+        relevancy = np.zeros(snap.n_voxels, np.float32)
+        if not has_feature.any():
+            return relevancy, []
+        values = s_q[has_feature]
+        s_typ, s_top = float(np.median(values)), float(np.percentile(values, 99.5))
+        cut = s_typ + self.cfg.membership_fraction * max(s_top - s_typ, 0.0)
+        cand = np.flatnonzero(has_feature & (s_q >= cut))
+        if not len(cand):
+            return relevancy, []
+        if len(E_c):
+            F = snap.feature_rows('clip', cand)
+            F /= np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+            S_c = F @ E_c.T  # (n, K)
+            s_c_max = S_c.max(1)
+            spread = np.maximum(S_c.std(1), 1e-6)
+            margin = (s_q[cand] - s_c_max) / spread  # in standard deviations of the vocabulary
+            relevancy[cand] = 1.0 / (1.0 + np.exp(-np.clip(margin, -50, 50)))
+            member = np.zeros(snap.n_voxels, bool)
+            member[cand[margin > 0]] = True
+        else:
+            relevancy[cand] = 1.0
+            member = np.zeros(snap.n_voxels, bool)
+            member[cand] = True
+        return relevancy, self._merge(snap, self._instances(snap, member))
+
+    def _decide(self, snap: MapSnapshot, text: str, label: str, e_q: np.ndarray,
+                words: list[str], E_c: np.ndarray, instances: list[np.ndarray],
+                min_score: float, top_k: int) -> list[LocatedObject]:
+        """Per instance: its mean CLIP feature against the query and the competitors.
+
+        z: the query's cosine above the competitors' mean in their standard deviations (must
+        reach query.vocabulary_min_z: the instance resembles the query far more than words in
+        general); score: 1 / (1 + exp(-m)), m the query's lead over its strongest competitor in
+        the same units (0.5: a tie). FOUND at score >= min_score; AMBIGUOUS within
+        query.ambiguity_margin below it when z is a full std above query.vocabulary_min_z
+        (clearly of the query's kind, a close competitor); otherwise the instance is something
+        else and is not returned.
+        """
+        cfg = self.cfg
+        decided = []
+        best_rejection = None
+        for rows in instances:
+            f = snap.feature_rows('clip', rows).mean(0)
+            f /= max(float(np.linalg.norm(f)), 1e-12)
+            s_q = float(f @ e_q)
+            if len(E_c):
+                s_c = E_c @ f
+                spread = max(float(s_c.std()), 1e-6)
+                z = (s_q - float(s_c.mean())) / spread
+                k = int(np.argmax(s_c))
+                lead = (s_q - float(s_c[k])) / spread
+                rival = f'{words[k]!r} ({float(s_c[k]):.3f})'
+            else:
+                z, lead, rival = np.inf, np.inf, 'nothing (empty vocabulary)'
+            score = float(1.0 / (1.0 + np.exp(-np.clip(lead, -50, 50))))
+            if z >= cfg.vocabulary_min_z and score >= min_score:
+                status, why = LocateStatus.FOUND, (
+                    f'cosine {s_q:.3f} beats {rival} by {lead:.1f} std; {z:.1f} std above the '
+                    'vocabulary')
+            elif z >= cfg.vocabulary_min_z + 1 and score >= min_score - cfg.ambiguity_margin:
+                status, why = LocateStatus.AMBIGUOUS, (
+                    f'cosine {s_q:.3f} is close to {rival} (lead {lead:.1f} std)')
+            else:
+                why = (f'best candidate ({len(rows)} voxels) is more like {rival} than '
+                       f'{text!r} ({s_q:.3f})' if lead < 0 else
+                       f'best candidate ({len(rows)} voxels) is only {z:.1f} std above the '
+                       f'vocabulary (query.vocabulary_min_z={cfg.vocabulary_min_z:g})')
+                if best_rejection is None or len(rows) > best_rejection[0]:
+                    best_rejection = (len(rows), why)
+                continue
+            decided.append((score, len(rows), rows, status, why))
+        if not decided:
+            why = best_rejection[1] if best_rejection else (
+                f'no group of query.min_instance_voxels={cfg.min_instance_voxels} voxels where '
+                f'{text!r} beats the vocabulary')
+            return [LocatedObject(query=text, label=label, status=LocateStatus.NOT_FOUND,
+                                  score=0.0, reason=why)]
+        # FOUND before AMBIGUOUS, then by size (evidence), then score.
+        decided.sort(key=lambda d: (d[3] != LocateStatus.FOUND, -d[1], -d[0]))
+        gravity = self.gravity(snap)
+        out = []
+        for score, _, rows, status, why in decided[:top_k]:
+            P = snap.take('pos', rows)
+            out.append(LocatedObject(
+                query=text, label=label, status=status, score=score,
+                centroid=P.astype(np.float64).mean(axis=0),
+                box=fit_box(P, gravity, min_size=snap.voxel_size), points=P,
+                colors=np.clip(np.rint(snap.take('color', rows)), 0, 255).astype(np.uint8),
+                last_seen_ns=int(snap.take('last_seen', rows).max()), reason=why))
         return out

@@ -109,7 +109,7 @@ def test_official_mode_matches_the_float64_formula(scene, text):
 
 def test_request_mode_beats_the_parameter(scene):
     snap, _, _, _, encoder = scene
-    lerf = QueryEngine(QueryConfig(), encoder)
+    lerf = QueryEngine(QueryConfig(relevancy_mode='lerf'), encoder)
     official = QueryEngine(QueryConfig(relevancy_mode='official'), encoder)
     q = LocateQuery(queries=('mug',))
     by_request = lerf.locate(snap, LocateQuery(queries=('mug',), relevancy_mode='official'))
@@ -146,7 +146,8 @@ def test_official_not_found_rests_on_the_instance_size(scene):
     res = official.locate(snap, LocateQuery(queries=('nothing',)))
     assert res.relevancy.max() == pytest.approx(1.0)
     assert res.objects[0].status == 'FOUND'
-    lerf = QueryEngine(QueryConfig(), encoder).locate(snap, LocateQuery(queries=('nothing',)))
+    lerf = QueryEngine(QueryConfig(relevancy_mode='lerf'), encoder).locate(
+        snap, LocateQuery(queries=('nothing',)))
     assert [o.status for o in lerf.objects] == ['NOT_FOUND']
     # Only a larger query.min_instance_voxels than its groups turns it into NOT_FOUND, while the
     # one connected group of the real object survives.
@@ -158,7 +159,7 @@ def test_official_not_found_rests_on_the_instance_size(scene):
 
 
 def test_bad_relevancy_mode_is_refused():
-    cfg = QueryConfig()
+    cfg = QueryConfig(relevancy_mode='lerf')
     assert validate_query(LocateQuery(queries=('mug',), relevancy_mode=' Official '),
                           cfg).relevancy_mode == 'official'
     assert validate_query(LocateQuery(queries=('mug',)), cfg).relevancy_mode == ''
