@@ -7,6 +7,8 @@ import mmap
 import numpy as np
 
 BLOCK_SIZE = 4096  # voxel slots per block: the unit of copy-on-write
+# CLIP storage per mapping.feature_codec (see mapping.codec)
+CLIP_DTYPES = {'bf16': np.uint16, 'int8': np.int8}
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, 'MAP_POPULATE', 0)
 
 
@@ -23,14 +25,20 @@ class Block:
     """
 
     __slots__ = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
-                 'clip_norm', 'clip_w', 'dino', 'dino_w')
+                 'clip_scale', 'clip_norm', 'clip_w', 'dino', 'dino_w')
 
-    def __init__(self, clip_dim: int, dino_dim: int) -> None:
+    def __init__(self, clip_dim: int, dino_dim: int, codec: str = 'bf16') -> None:
+        """codec: mapping.feature_codec of the CLIP features ('bf16' or 'int8')."""
+        if codec not in CLIP_DTYPES:
+            raise ValueError(f'feature codec {codec!r} is not one of {", ".join(CLIP_DTYPES)}')
         n = BLOCK_SIZE
+        int8 = codec == 'int8' and clip_dim > 0
         fields = [('keys', np.int64, 1), ('valid', np.bool_, 1), ('pos', np.float32, 3),
                   ('color', np.float32, 3), ('weight', np.float32, 1), ('count', np.uint32, 1),
                   ('last_seen', np.int64, 1),
-                  ('clip', np.uint16, clip_dim),  # bfloat16 bits; None when clip_dim is 0
+                  # bfloat16 bits or int8 values; None when clip_dim is 0
+                  ('clip', CLIP_DTYPES[codec], clip_dim),
+                  ('clip_scale', np.float32, int(int8)),  # int8: value = q * scale; else None
                   ('clip_norm', np.float32, 1),  # L2 norm of each clip row (0: no feature)
                   ('clip_w', np.float32, 1), ('dino', np.float16, dino_dim),
                   ('dino_w', np.float32, 1)]
@@ -42,7 +50,7 @@ class Block:
         buf = mmap.mmap(-1, sum(sizes), flags=_MAP_FLAGS)
         offset = 0
         for (name, dt, width), size in zip(fields, sizes):
-            if name in ('clip', 'dino') and width == 0:
+            if name in ('clip', 'clip_scale', 'dino') and width == 0:
                 setattr(self, name, None)
                 continue
             a = np.frombuffer(buf, dt, n * width, offset)
@@ -50,11 +58,16 @@ class Block:
                     else a)
             offset += size
 
+    @property
+    def codec(self) -> str:
+        """mapping.feature_codec of the CLIP features ('bf16' without any)."""
+        return 'int8' if self.clip is not None and self.clip.dtype == np.int8 else 'bf16'
+
     def copy(self, dino_dim: int | None = None) -> Block:
         """A copy; with dino_dim, one with (zero) DINO features of that width added."""
         new = Block(0 if self.clip is None else self.clip.shape[1],
                      dino_dim if dino_dim is not None else
-                     0 if self.dino is None else self.dino.shape[1])
+                     0 if self.dino is None else self.dino.shape[1], self.codec)
         for name in Block.__slots__:
             value = getattr(self, name)
             if value is not None:

@@ -2,8 +2,8 @@
 
 Each voxel keeps a confidence-weighted running mean of its points' position and colour, a weight,
 an observation count, the stamp it was last seen, and running weighted means of the CLIP features
-(stored as bfloat16 with their norm, see mapping.codec) and optionally DINO features (fp16) that
-fell into it.
+(stored as bfloat16, or int8 with a per-voxel scale, with their norm: mapping.feature_codec, see
+mapping.codec) and optionally DINO features (fp16) that fell into it.
 
 Layout: voxels live in fixed-size blocks of slots (mapping.blocks); a sorted array of packed int64
 voxel keys (mapping.keys) maps keys to slots (numpy searchsorted, no Python dict, no per-point
@@ -34,7 +34,14 @@ from scipy.sparse import coo_matrix
 
 from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block
-from ros2_sab3r.mapping.codec import bf16_decode, fold_bf16_mean
+from ros2_sab3r.mapping.codec import (
+    bf16_decode,
+    bf16_encode,
+    fold_bf16_mean,
+    fold_int8_mean,
+    int8_decode,
+    int8_encode,
+)
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.snapshot import MapSnapshot
 
@@ -54,6 +61,7 @@ class SemanticVoxelMap:
         self.dino_dim = int(dino_dim) if cfg.fuse_dino else 0
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float64)
         self.frame = frame
+        self.codec = cfg.feature_codec  # of the CLIP features in memory (files: bf16)
         self._blocks: list[Block] = []
         self._shared: set[int] = set()  # blocks a handed-out snapshot references
         self._index_keys = np.zeros(0, np.int64)  # sorted
@@ -237,7 +245,7 @@ class SemanticVoxelMap:
         fresh = np.arange(self._n_slots, self._n_slots + n - take, dtype=np.int64)
         self._n_slots += n - take
         while len(self._blocks) * BLOCK_SIZE < self._n_slots:
-            self._blocks.append(Block(self.clip_dim, self.dino_dim))
+            self._blocks.append(Block(self.clip_dim, self.dino_dim, self.codec))
         return np.concatenate([slots, fresh])
 
     def _group(self, slots: np.ndarray):
@@ -299,7 +307,10 @@ class SemanticVoxelMap:
                 r, s_has = rows[has], src[has]
                 fw_old = getattr(blk, w_name)[r]
                 fw_new = (fw_old + fw[has]).astype(np.float32)
-                if arr_name == 'clip':
+                if arr_name == 'clip' and blk.clip_scale is not None:
+                    fold_int8_mean(blk.clip, blk.clip_scale, blk.clip_norm, r, fsum_all[s_has],
+                                   fw_old, fw_new)
+                elif arr_name == 'clip':
                     fold_bf16_mean(blk.clip, blk.clip_norm, r, fsum_all[s_has], fw_old, fw_new)
                 else:
                     # float32 is plenty for a running mean stored as fp16
@@ -345,8 +356,10 @@ class SemanticVoxelMap:
                'weights': snap.weights, 'counts': snap.counts, 'last_seen_ns': snap.last_seen_ns,
                'clip_weights': snap.clip_weights,
                'dino_weights': snap._gather('dino_w').astype(np.float32)}
-        if self.clip_dim:
+        if self.clip_dim and snap.clip_codec == 'bf16':
             out['clip_bf16'] = snap._gather('clip').reshape(-1, self.clip_dim)
+        elif self.clip_dim:  # files hold bf16 whatever the codec in memory
+            out['clip_bf16'] = bf16_encode(snap.features('clip'))
         if self.dino_dim:
             out['dino'] = snap._gather('dino').reshape(-1, self.dino_dim)
         return out
@@ -374,7 +387,11 @@ class SemanticVoxelMap:
             blk.last_seen[rows] = arrays['last_seen_ns'][order]
             blk.clip_w[rows] = arrays['clip_weights'][order]
             blk.dino_w[rows] = arrays['dino_weights'][order]
-            if blk.clip is not None:
+            if blk.clip_scale is not None:
+                q, scale = int8_encode(bf16_decode(arrays['clip_bf16'][order]))
+                blk.clip[rows], blk.clip_scale[rows] = q, scale
+                blk.clip_norm[rows] = np.linalg.norm(int8_decode(q, scale), axis=1)
+            elif blk.clip is not None:
                 blk.clip[rows] = arrays['clip_bf16'][order]
                 blk.clip_norm[rows] = np.linalg.norm(bf16_decode(blk.clip[rows]), axis=1)
             if blk.dino is not None:

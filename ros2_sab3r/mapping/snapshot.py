@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE
-from ros2_sab3r.mapping.codec import bf16_decode
+from ros2_sab3r.mapping.codec import bf16_decode, int8_decode
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,27 @@ class MapSnapshot:
         if not self.blocks:
             return np.zeros((0, dim), np.float32)
         raw = self.take(kind, rows)
-        return bf16_decode(raw) if kind == 'clip' else raw.astype(np.float32)
+        if kind != 'clip':
+            return raw.astype(np.float32)
+        if self.clip_codec == 'int8':
+            return int8_decode(raw, self.take('clip_scale', rows))
+        return bf16_decode(raw)
+
+    @property
+    def clip_codec(self) -> str:
+        """mapping.feature_codec the CLIP features are stored with ('bf16' or 'int8')."""
+        return self.blocks[0].codec if self.blocks else 'bf16'
+
 
     @cached_property
     def _inv_clip_norm(self) -> np.ndarray:  # (N,) float32, 0 where no feature was fused
+        """1 / norm of each stored feature; int8: times its scale (the product is taken with
+        the int8 values)."""
         norm = self._gather('clip_norm').astype(np.float32)
-        return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-12)
+        inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-12)
+        if self.clip_codec == 'int8':
+            inv *= self._gather('clip_scale').astype(np.float32)
+        return inv
 
     def cosine(self, E: np.ndarray, threads: int = 0) -> np.ndarray:
         """(T, N) cosine similarity of T unit embeddings E (T, F) with every voxel's CLIP feature.
@@ -146,12 +161,16 @@ class MapSnapshot:
         raw = torch.empty((len(self.blocks) * BLOCK_SIZE, len(E)), dtype=torch.bfloat16)
         claim = itertools.count()  # next() is atomic: each block is taken by one worker
 
+        int8 = self.clip_codec == 'int8'
+
         def work(_=None) -> None:
             with torch.inference_mode():
                 while (b := next(claim)) < len(self.blocks):
-                    # (BLOCK_SIZE, F) view of the stored bits, no copy
-                    torch.mm(torch.from_numpy(self.blocks[b].clip).view(torch.bfloat16), Et,
-                             out=raw[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
+                    stored = torch.from_numpy(self.blocks[b].clip)
+                    # (BLOCK_SIZE, F) bf16: a view of the stored bits (no copy), or the int8
+                    # values widened (exact: |q| <= 127), their scale applied afterwards
+                    F = stored.to(torch.bfloat16) if int8 else stored.view(torch.bfloat16)
+                    torch.mm(F, Et, out=raw[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
 
         if threads:
             list(_product_pool(threads).map(work, range(threads)))
