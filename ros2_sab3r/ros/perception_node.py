@@ -11,10 +11,8 @@ gone; cleanup = everything released.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import replace
 import functools
-import math
 import os
 import threading
 import time
@@ -42,6 +40,7 @@ from ros2_sab3r.frames.decode import (
     compressed_to_rgb,
     image_to_rgb,
 )
+from ros2_sab3r.frames.scheduler import FrameCounts, FrameScheduler, FrameWorker, Throttle
 from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
@@ -94,20 +93,19 @@ def _callback_guard(counts_as_dropped: bool):
             try:
                 return method(self, *args)
             except Exception as err:  # noqa: BLE001  nothing a publisher sends may end the process
-                if counts_as_dropped:
-                    with self._lock:
-                        self._dropped += 1
+                scheduler = self._scheduler
+                if counts_as_dropped and scheduler is not None:
+                    scheduler.reject(args[0], f'unexpected {type(err).__name__}')
                 self._log_internal_error(method.__name__, err)
         return guarded
     return wrap
 
 
 class _CameraInput:
-    """Per-camera state: latest intrinsics and a drop-oldest frame buffer."""
+    """Per-camera intrinsics (the frames themselves wait in the FrameScheduler)."""
 
-    def __init__(self, name: str, capacity: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.frames: deque[CameraFrame] = deque(maxlen=capacity)
         self.K: np.ndarray | None = None
         self.info_size: tuple[int, int] = (0, 0)  # (width, height) of the CameraInfo
 
@@ -122,8 +120,12 @@ class PerceptionNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
         self._cfg: PerceptionConfig | None = None
-        self._lock = threading.Lock()  # guards the counters and camera buffers
+        self._lock = threading.Lock()  # guards the cameras' intrinsics and the step results
         self._cameras: list[_CameraInput] = []
+        # Frame scheduling, per-camera clocks and the worker loop: ros2_sab3r/frames/scheduler.py
+        self._scheduler: FrameScheduler | None = None
+        self._worker: FrameWorker | None = None
+        self._throttle = Throttle(_THROTTLE_S)
         self._subscriptions_active: list = []
         self._status_pub = None
         self._status_timer = None
@@ -136,20 +138,11 @@ class PerceptionNode(LifecycleNode):
         self._no_model_reason = 'the node is not active'
         self._backend_name = ''
         self._tf = TransformBuffer()
-        self._frames_ready = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
-        self._next_camera = 0
-        self._last_stamp_ns = 0
         self._latencies = StepLatency()
         self._keyframes_in_window = 0
         self._keyframes_total = 0
         self._published_map_version = -1
-        self._received = 0
-        self._processed = 0
-        self._dropped = 0
         self._latency_convert_ms = 0.0
-        self._last_logged: dict[str, float] = {}
         # Services read map snapshots concurrently with each other: reentrant. Cameras only
         # convert and enqueue, serialised among themselves so the counters stay cheap.
         self._service_group = ReentrantCallbackGroup()
@@ -221,6 +214,13 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f'invalid configuration: {err}')
             return TransitionCallbackReturn.FAILURE
         cfg = self._cfg
+        if not cfg.camera.image_topics:
+            self.get_logger().error('configure failed: camera.image_topics is empty; name at '
+                                    'least one sensor_msgs/Image topic')
+            self._cfg = None
+            return TransitionCallbackReturn.FAILURE
+        self._scheduler = FrameScheduler(list(cfg.camera.image_topics), cfg.camera.queue_size,
+                                         notify=self._notify)
         self._status_pub = self.create_publisher(PerceptionStatus, '~/status', qos.STATUS)
         self._start_status_timer(cfg)
         self._pubs = {
@@ -271,12 +271,12 @@ class PerceptionNode(LifecycleNode):
                 self._backend_name = loaded.description
                 self.get_logger().info(f'backend: {loaded.description}')
                 self._warm_up(loaded.backend)
-        if self._pipeline is not None:
-            self._stop.clear()
-            self._worker = threading.Thread(target=self._work, name='sab3r-pipeline',
-                                            daemon=True)
+        if self._pipeline is not None and self._scheduler is not None:
+            self._worker = FrameWorker(self._scheduler, self._process_frame,
+                                       self._reset_pipeline, self._log_internal_error)
             self._worker.start()
-        self._cameras = [_CameraInput(t, cfg.camera.queue_size) for t in cfg.camera.image_topics]
+        with self._lock:
+            self._cameras = [_CameraInput(t) for t in cfg.camera.image_topics]
         cam_qos = qos.camera_qos(cfg.camera.qos_reliability, cfg.camera.queue_size)
         subs = []
         for idx, topic in enumerate(cfg.camera.image_topics):
@@ -338,14 +338,9 @@ class PerceptionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_worker(self) -> None:
-        self._stop.set()
-        with self._frames_ready:
-            self._frames_ready.notify_all()
-        if self._worker is not None:
-            self._worker.join(timeout=30.0)
-            if self._worker.is_alive():
-                self.get_logger().error('pipeline worker did not stop within 30 s')
-        self._worker = None
+        worker, self._worker = self._worker, None
+        if worker is not None and not worker.stop(timeout=30.0):
+            self.get_logger().error('pipeline worker did not stop within 30 s')
 
     def _drop_subscriptions(self) -> None:
         self._stop_worker()
@@ -354,6 +349,8 @@ class PerceptionNode(LifecycleNode):
         self._subscriptions_active = []
         with self._lock:
             self._cameras = []
+        if self._scheduler is not None:
+            self._scheduler.clear()  # counted as dropped: nobody will process them
 
     def _release(self) -> None:
         self._drop_subscriptions()
@@ -378,14 +375,13 @@ class PerceptionNode(LifecycleNode):
         self._backend_name = ''
         self._no_model_reason = 'the node is not configured'
         self._tf.clear()
+        self._scheduler = None
         self._cfg = None
 
     # ---- cameras ----------------------------------------------------------------------------
     @_callback_guard(counts_as_dropped=True)
     def _on_image(self, idx: int, msg: Image) -> None:
         t0 = time.perf_counter()
-        with self._lock:
-            self._received += 1
         try:
             rgb = image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data,
                                msg.is_bigendian, self._max_image_pixels())
@@ -397,8 +393,6 @@ class PerceptionNode(LifecycleNode):
     @_callback_guard(counts_as_dropped=True)
     def _on_compressed(self, idx: int, msg: CompressedImage) -> None:
         t0 = time.perf_counter()
-        with self._lock:
-            self._received += 1
         try:
             rgb = compressed_to_rgb(bytes(msg.data), self._max_image_pixels())
         except ConversionError as err:
@@ -411,10 +405,18 @@ class PerceptionNode(LifecycleNode):
         return cfg.camera.max_image_pixels if cfg is not None else 0
 
     def _drop_bad_frame(self, idx: int, err: Exception) -> None:
-        with self._lock:
-            self._dropped += 1
-        topic = self._cfg.camera.image_topics[idx] if self._cfg else f'camera {idx}'
-        self._error_throttled(f'frame on {topic} dropped: {err}')
+        scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.reject(idx, str(err))
+
+    def _notify(self, key: str, text: str) -> None:
+        """The scheduler's notes, one line per kind per _THROTTLE_S: a rejected frame is an
+        error, a time note (out of order, jumps, loops) a warning."""
+        if self._throttle.allow(key):
+            if key.startswith('reject:'):
+                self.get_logger().error(text)
+            else:
+                self.get_logger().warning(text)
 
     def _log_internal_error(self, where: str, err: Exception) -> None:
         """An error no check foresaw: the traceback is what a bug report needs (throttled per
@@ -428,31 +430,23 @@ class PerceptionNode(LifecycleNode):
     def _error_throttled(self, text: str) -> None:
         """Log each distinct problem at most once per _THROTTLE_S (a bad stream repeats it at
         frame rate; rclpy's own throttle is per call site and would hide a second problem)."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_logged.get(text, -math.inf) < _THROTTLE_S:
-                return
-            if len(self._last_logged) > 256:
-                self._last_logged.clear()
-            self._last_logged[text] = now
-        self.get_logger().error(text)
+        if self._throttle.allow(text):
+            self.get_logger().error(text)
 
     def _enqueue(self, idx: int, header, rgb: np.ndarray, t0: float) -> None:
+        scheduler = self._scheduler
         with self._lock:
-            if idx >= len(self._cameras):
+            if scheduler is None or idx >= len(self._cameras):
                 return  # deactivated meanwhile
             cam = self._cameras[idx]
             K = cam.K
             if K is not None and cam.info_size != (rgb.shape[1], rgb.shape[0]):
                 K = None  # CameraInfo for another resolution: estimate instead of mis-project
-            frame = CameraFrame(
-                stamp_ns=header.stamp.sec * 1_000_000_000 + header.stamp.nanosec,
-                frame_id=header.frame_id, image=rgb, camera=cam.name, K=K)
-            if len(cam.frames) == cam.frames.maxlen:
-                self._dropped += 1  # drop-oldest: the deque discards the head on append
-            cam.frames.append(frame)
+        frame = CameraFrame(stamp_ns=messages.ns_from_stamp(header.stamp),
+                            frame_id=header.frame_id, image=rgb, camera=cam.name, K=K)
+        scheduler.push(idx, frame)
+        with self._lock:
             self._latency_convert_ms = (time.perf_counter() - t0) * 1e3
-            self._frames_ready.notify()
 
     @_callback_guard(counts_as_dropped=False)
     def _on_camera_info(self, idx: int, msg: CameraInfo) -> None:
@@ -479,21 +473,6 @@ class PerceptionNode(LifecycleNode):
                                       f'ignored: {err}')
 
     # ---- pipeline worker --------------------------------------------------------------------
-    def _take_frame(self) -> CameraFrame | None:
-        """Oldest buffered frame, cameras served in turn; waits briefly when all are empty."""
-        with self._frames_ready:
-            for _ in range(2):
-                n = len(self._cameras)
-                for k in range(n):
-                    cam = self._cameras[(self._next_camera + k) % n]
-                    if cam.frames:
-                        self._next_camera = (self._next_camera + k + 1) % n
-                        return cam.frames.popleft()
-                if self._stop.is_set():
-                    return None
-                self._frames_ready.wait(timeout=0.2)
-        return None
-
     def _attach_pose(self, frame: CameraFrame) -> CameraFrame:
         cfg = self._cfg
         if cfg is None or cfg.frames.pose_source != 'tf':
@@ -505,7 +484,8 @@ class PerceptionNode(LifecycleNode):
             try:
                 T_WC = self._tf.lookup(cfg.frames.map_frame, frame.frame_id, frame.stamp_ns)
             except TransformLookupError as err:
-                if time.monotonic() >= deadline or self._stop.is_set():
+                worker = self._worker
+                if time.monotonic() >= deadline or worker is None or worker.stopping:
                     self.get_logger().warning(
                         f'posed mode: {err} (waited frames.tf_timeout_s = '
                         f'{cfg.frames.tf_timeout_s} s); frame skipped',
@@ -515,44 +495,33 @@ class PerceptionNode(LifecycleNode):
             else:
                 return replace(frame, T_WC=T_WC)
 
-    def _work(self) -> None:
-        """The one thread that runs the pipeline (inference never runs in a ROS callback)."""
-        while not self._stop.is_set():
-            frame = self._take_frame()
-            pipeline = self._pipeline
-            if frame is None or pipeline is None:
-                continue
-            if frame.stamp_ns + 1_000_000_000 < self._last_stamp_ns:
-                self.get_logger().warning(
-                    f'time jumped back by {(self._last_stamp_ns - frame.stamp_ns) / 1e9:.2f} s '
-                    '(a looping bag?): keyframe window and map reset')
-                pipeline.reset()
-            self._last_stamp_ns = frame.stamp_ns
-            t0 = time.perf_counter()
-            try:
-                result = pipeline.step(self._attach_pose(frame))
-            except Exception as err:  # noqa: BLE001  a bad frame must not stop the worker
-                self.get_logger().error(f'pipeline failed on a frame: {type(err).__name__}: '
-                                        f'{err}', throttle_duration_sec=_THROTTLE_S)
-                with self._lock:
-                    self._dropped += 1
-                continue
-            with self._lock:
-                self._processed += 1
-                self._latencies = replace(result.latency,
-                                          total=(time.perf_counter() - t0) * 1e3)
-                self._keyframes_in_window = result.keyframes_in_window
-                self._keyframes_total = result.keyframes_total
-            if result.status == StepStatus.SKIPPED:
-                self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
-                                          f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
-            elif result.is_keyframe:
-                try:
-                    self._publish_poses(frame, result.T_WC)
-                except Exception as err:  # noqa: BLE001  e.g. the context shut down meanwhile
-                    if not self._stop.is_set():
-                        self.get_logger().error(f'keyframe poses not published: {err}',
-                                                throttle_duration_sec=_THROTTLE_S)
+    def _reset_pipeline(self) -> None:
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.reset()
+
+    def _process_frame(self, frame: CameraFrame) -> bool:
+        """One frame in the worker thread (FrameWorker): the pipeline step, then its outputs.
+        False: the frame was dropped (the step failed)."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            result = pipeline.step(self._attach_pose(frame))
+        except Exception as err:  # noqa: BLE001  a bad frame must not stop the worker
+            self._error_throttled(f'pipeline failed on a frame: {type(err).__name__}: {err}')
+            return False
+        with self._lock:
+            self._latencies = replace(result.latency, total=(time.perf_counter() - t0) * 1e3)
+            self._keyframes_in_window = result.keyframes_in_window
+            self._keyframes_total = result.keyframes_total
+        if result.status == StepStatus.SKIPPED:
+            self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
+                                      f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
+        elif result.is_keyframe and self.context.ok():
+            self._publish_poses(frame, result.T_WC)
+        return True
 
     def _publish_poses(self, frame: CameraFrame, T_WC: np.ndarray | None) -> None:
         cfg, pipeline = self._cfg, self._pipeline
@@ -694,13 +663,13 @@ class PerceptionNode(LifecycleNode):
     @_service_guard
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
-        with self._lock:
-            for cam in self._cameras:
-                cam.frames.clear()
+        scheduler = self._scheduler
+        dropped = scheduler.clear() if scheduler is not None else 0
         if self._pipeline is not None:
             self._pipeline.reset()
         response.success = True
-        response.message = 'frame buffers, keyframe window and map cleared'
+        response.message = (f'frame buffers ({dropped} queued frame(s) dropped and counted), '
+                            'keyframe window and map cleared')
         return response
 
     # ---- status -----------------------------------------------------------------------------
@@ -728,10 +697,12 @@ class PerceptionNode(LifecycleNode):
             msg.latency_total_ms = float(lat.total)
             msg.keyframes_in_window = self._keyframes_in_window
             msg.keyframes_total = self._keyframes_total
-            msg.frames_received = self._received
-            msg.frames_processed = self._processed
-            msg.frames_dropped = self._dropped
-            msg.frames_queued = sum(len(cam.frames) for cam in self._cameras)
+        scheduler = self._scheduler
+        counts = scheduler.counts() if scheduler is not None else FrameCounts()
+        msg.frames_received = counts.received
+        msg.frames_processed = counts.processed
+        msg.frames_dropped = counts.dropped
+        msg.frames_queued = counts.queued
         self._status_pub.publish(msg)
 
 
