@@ -6,6 +6,7 @@ checks the installed tree that `ros2 run` / `ros2 launch` rely on.
 
 import os
 from pathlib import Path
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def installed(tmp_path_factory):
     # source tree, CMake refuses exported include paths that point into the sources)
     src, build, prefix = tmp / 'src' / 'ros2_sab3r', tmp / 'build', tmp / 'install'
     src.mkdir(parents=True)
-    for name in ('package.xml', 'CMakeLists.txt', 'msg', 'srv', 'ros2_sab3r', 'launch',
+    for name in ('package.xml', 'CMakeLists.txt', 'setup.py', 'msg', 'srv', 'ros2_sab3r', 'launch',
                  'config', 'scripts'):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, src / name,
@@ -56,8 +57,12 @@ def test_installed_tree(installed):
     share = prefix / 'share' / 'ros2_sab3r'
     for rel in ('package.xml', 'launch/perception.launch.py', 'config/perception.yaml'):
         assert (share / rel).is_file(), rel
-    exe = prefix / 'lib' / 'ros2_sab3r' / 'perception_node'
-    assert exe.is_file() and os.access(exe, os.X_OK)
+    tools = re.findall(r"^ *'([A-Za-z0-9_-]+) = [A-Za-z0-9_.]+:[A-Za-z0-9_]+',",
+                       (ROOT / 'setup.py').read_text(encoding='utf-8'), re.MULTILINE)
+    assert 'perception_node' in tools and 'sab3r-eval' in tools, tools
+    for tool in tools:  # `ros2 run ros2_sab3r <tool>` for every console script
+        exe = prefix / 'lib' / 'ros2_sab3r' / tool
+        assert exe.is_file() and os.access(exe, os.X_OK), tool
     pkg = site / 'ros2_sab3r'
     for rel in ('srv/_locate.py', 'msg/_located_object.py', 'config.py',
                 'ros/perception_node.py', 'types.py'):
@@ -76,3 +81,14 @@ def test_installed_package_imports_both_halves(installed):
     module_file, queries = proc.stdout.strip().splitlines()[-2:]
     assert module_file.startswith(str(site)), module_file
     assert queries == "['x']"
+
+
+@pytest.mark.parametrize('tool', ['sab3r-eval', 'sab3r-convert', 'sab3r-demo'])
+def test_installed_tools_run(installed, tool):
+    """What `ros2 run ros2_sab3r <tool> --help` runs (the launcher with the prefix's Python)."""
+    prefix, site = installed
+    env = dict(os.environ, PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, str(prefix / 'lib' / 'ros2_sab3r' / tool), '--help'],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=site)
+    assert proc.returncode == 0, proc.stderr
+    assert 'usage' in proc.stdout.lower(), proc.stdout
