@@ -8,7 +8,7 @@ The decoder graph's outputs carry the official MASt3R names (``pts3d_1``, ``conf
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 
 from ros2_sab3r.model.outputs import (
+    DECODER_INPUTS,
     FEATURE_FIELDS,
     OUTPUT_FIELDS,
     PREDICTION_FIELDS,
@@ -117,6 +118,41 @@ def warm_up(backend, runs: int = 1) -> float:
         backend.decode(tokens, tokens)
         ms = 1e3 * (time.perf_counter() - t)
     return ms
+
+
+GraphRun = Callable[[dict[str, Any]], dict[str, Any]]  # feeds by input name -> outputs by name
+
+
+class SplitDecoder:
+    """Heads on demand on split graphs (export format 2), whatever runs them (ONNX Runtime
+    sessions, TensorRT engines): the geometry graph once per ordered pair, each view's feature
+    graph at most once, asking again for the pair just decoded (view 1's features of a tracked
+    frame that became a keyframe) runs only what is missing. Pairs are told apart by the
+    identity of their token arrays (a FrameTokens keeps its array)."""
+
+    def __init__(self, geometry: GraphRun, features: Mapping[int, tuple[GraphRun, Sequence[str]]]
+                 ) -> None:
+        self._geometry = geometry
+        self._features = dict(features)  # view -> (run, its input names)
+        self._last: tuple[Any, Any, dict[str, Any]] | None = None
+
+    def decode(self, tokens1: Any, tokens2: Any, request: DecodeRequest) -> dict[str, Any]:
+        last = self._last
+        if last is None or last[0] is not tokens1 or last[1] is not tokens2:
+            self._last = None  # free the previous pair's layers first
+            outputs = dict(self._geometry(dict(zip(DECODER_INPUTS, (tokens1, tokens2)))))
+            last = self._last = (tokens1, tokens2, outputs)
+        outputs = last[2]
+        for view, (run, inputs) in self._features.items():
+            done = any(OUTPUT_FIELDS.get(n) == (view, f) for n in outputs
+                       for f in FEATURE_FIELDS)
+            if request.wants_features(view) and not done:
+                outputs.update(run({n: outputs[n] for n in inputs}))
+        return {n: a for n, a in outputs.items() if n in OUTPUT_FIELDS}
+
+    def forget(self) -> None:
+        """Drop the last pair's outputs and token layers."""
+        self._last = None
 
 
 class ArrayGraphBackend:

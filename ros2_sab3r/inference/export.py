@@ -1,8 +1,11 @@
 """``sab3r-export``: the network as two static-shape ONNX graphs per image size, checked.
 
 The MASt3R-SLAM split: the encoder graph (image -> tokens) runs once per frame, the decoder +
-heads graph (tokens1, tokens2 -> every per-view output) once per ordered pair. Each image size is
-its own pair of graphs with static shapes, because:
+heads graph (tokens1, tokens2 -> every per-view output) once per ordered pair. For heads on
+demand the decoder is also exported split (manifest format 2, fp32): a geometry graph (both
+decoders and geometry heads, plus the token layers the feature heads read) and one feature-head
+graph per view, compared with torch output by output like the full graph. Each image size is
+its own set of graphs with static shapes, because:
 
 - RoPE tables are built from the patch grid as Python integers, so they are constants in the
   graph (no ``positions.max()``-sized tables, no data-dependent shapes TensorRT would reject);
@@ -46,6 +49,7 @@ from ros2_sab3r.inference.manifest import (
     ExportError,
     ExportManifest,
     GraphPair,
+    SplitGraphs,
     file_sha256,
     graph_files,
 )
@@ -54,8 +58,15 @@ from ros2_sab3r.inference.parity import (
     ParityFigure,
     example_image,
     parity_check,
+    split_parity_check,
 )
-from ros2_sab3r.model.network import DecoderGraph, EncoderGraph, Sab3rNet
+from ros2_sab3r.model.network import (
+    DecoderGraph,
+    EncoderGraph,
+    FeatureGraph,
+    GeometryGraph,
+    Sab3rNet,
+)
 from ros2_sab3r.model.preprocess import check_patch_multiple
 
 log = logging.getLogger(__name__)
@@ -145,6 +156,43 @@ def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[i
             for f in figures}
 
 
+def _export_split(net: Sab3rNet, out_dir: Path, size: tuple[int, int], tokens: torch.Tensor,
+                  enc_path: Path, opset: int, check: bool, threads: int) -> SplitGraphs:
+    """The split decoder of one size (format 2): geometry graph + one feature graph per view,
+    checked and compared with torch like the full pair."""
+    h, w = size
+    geo_graph = GeometryGraph(net, size).eval()
+    geo_path = out_dir / f'geometry_{h}x{w}.onnx'
+    with torch.no_grad():
+        _export(geo_graph, (tokens.clone(), tokens.clone()), geo_path, geo_graph.input_names,
+                geo_graph.output_names, opset)
+        with torch.inference_mode():
+            hooks = dict(zip(geo_graph.output_names, geo_graph(tokens, tokens)))
+        paths = {}
+        for view in (1, 2):
+            graph = FeatureGraph(net, size, view).eval()
+            paths[view] = out_dir / f'features{view}_{h}x{w}.onnx'
+            _export(graph, tuple(hooks[n].clone() for n in graph.input_names), paths[view],
+                    graph.input_names, graph.output_names, opset)
+    parity = {}
+    if check:
+        for path in (geo_path, *paths.values()):
+            check_graph(path)
+        figures = split_parity_check(enc_path, geo_path, paths, net, size, threads=threads)
+        failed = [f for f in figures if not f.ok]
+        if failed:
+            raise ExportError(f'the {h}x{w} split decoder runs but differs from torch: '
+                              + '; '.join(f.line() for f in failed))
+        parity = {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol,
+                             'measure': f.measure} for f in figures}
+    return SplitGraphs(
+        geometry=geo_path.name, geometry_sha256=file_sha256(geo_path),
+        features={str(v): p.name for v, p in paths.items()},
+        features_sha256={str(v): file_sha256(p) for v, p in paths.items()},
+        geometry_outputs=tuple(geo_graph.geometry_names), layers=tuple(geo_graph.layers),
+        parity=parity)
+
+
 def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
                    opset: int = DEFAULT_OPSET, source: str = '', check: bool = True,
                    threads: int = 0, progress: bool = True, int8: bool = False,
@@ -177,7 +225,8 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             raise ExportError(str(exc)) from None
     graphs = []
     int8_failures: list[str] = []
-    per_size = (4 if check else 2) + ((3 if check else 1) if int8 else 0)
+    per_size = ((4 if check else 2) + int(bool(net.cfg.feature_heads))
+                + ((3 if check else 1) if int8 else 0))
     steps = tqdm(total=len(sizes) * per_size, desc='sab3r-export', unit='step',
                  disable=not progress, file=sys.stderr)
     for size in sizes:
@@ -201,10 +250,15 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
         parity = (_checked_parity(enc_path, dec_path, net, size, names, threads, 'fp32', steps)
                   if check else {})
         token_shape = tuple(int(s) for s in tokens.shape)
+        split = None
+        if net.cfg.feature_heads:
+            steps.set_postfix_str(f'{h}x{w} split decoder (heads on demand)')
+            split = _export_split(net, out_dir, size, tokens, enc_path, opset, check, threads)
+            steps.update()
         graphs.append(GraphPair(
             image_size=(h, w), encoder=enc_path.name, decoder=dec_path.name,
             encoder_sha256=file_sha256(enc_path), decoder_sha256=file_sha256(dec_path),
-            token_shape=token_shape, output_names=names, parity=parity))
+            token_shape=token_shape, output_names=names, parity=parity, split=split))
         if int8:
             steps.set_postfix_str(f'{h}x{w} int8 quantisation')
             q_enc, q_dec = (f.with_name(f'{f.stem}_int8.onnx') for f in (enc_path, dec_path))

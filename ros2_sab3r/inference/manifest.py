@@ -6,6 +6,11 @@ An export directory holds, per static image size, an encoder graph and a decoder
     encoder_384x512.onnx   decoder_384x512.onnx
     encoder_288x512.onnx   decoder_288x512.onnx
     encoder_384x512_int8.onnx  decoder_384x512_int8.onnx   (with sab3r-export --int8)
+    geometry_384x512.onnx  features1_384x512.onnx  features2_384x512.onnx   (format 2, fp32)
+
+The split graphs serve heads on demand (:class:`~ros2_sab3r.types.DecodeRequest`): the geometry
+graph runs both decoders and the geometry heads and also returns the token layers the feature
+heads read; each view's feature graph turns those layers into its CLIP/DINO features.
 
 The manifest says what they are (architecture, image size, opset, input and output names, hash of
 the weights they were exported from, hash of each file) and how close they came to torch at export
@@ -23,7 +28,9 @@ from typing import Any
 
 MANIFEST_NAME = 'manifest.json'
 FORMAT_NAME = 'ros2_sab3r-onnx'
-FORMAT_VERSION = 1
+# 2: per size, optional split graphs (geometry decoder; feature heads per view) for heads on
+# demand. Format 1 directories still load: every decode then runs the full decoder graph.
+FORMAT_VERSION = 2
 
 
 class ExportError(ValueError):
@@ -47,6 +54,32 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 @dataclass(frozen=True)
+class SplitGraphs:
+    """The split decoder of one fp32 graph pair (format 2): geometry graph + feature graphs."""
+
+    geometry: str  # file: (tokens1, tokens2) -> geometry outputs + feature_inputs of both views
+    geometry_sha256: str
+    features: dict[str, str]  # view ('1', '2') -> file: that view's feature_inputs -> features
+    features_sha256: dict[str, str]
+    geometry_outputs: tuple[str, ...]  # official names, in graph order (then the layers)
+    layers: tuple[int, ...]  # token layers the feature heads read (model.network.feature_layers)
+    parity: dict[str, dict[str, float | str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SplitGraphs:
+        return cls(geometry=d['geometry'], geometry_sha256=d['geometry_sha256'],
+                   features={str(k): v for k, v in d['features'].items()},
+                   features_sha256={str(k): v for k, v in d['features_sha256'].items()},
+                   geometry_outputs=tuple(d['geometry_outputs']),
+                   layers=tuple(int(i) for i in d['layers']), parity=dict(d.get('parity', {})))
+
+    def files(self) -> list[tuple[str, str]]:
+        """(file name, sha256) of every split graph."""
+        return [(self.geometry, self.geometry_sha256),
+                *((self.features[v], self.features_sha256[v]) for v in sorted(self.features))]
+
+
+@dataclass(frozen=True)
 class GraphPair:
     """The two graphs exported for one static image size."""
 
@@ -61,6 +94,7 @@ class GraphPair:
     parity: dict[str, dict[str, float | str]] = field(default_factory=dict)
     precision: str = 'fp32'  # 'fp32', or 'int8' (dynamically quantised, see sab3r-export --int8)
     quantization: str = ''  # how an int8 pair was made, in words
+    split: SplitGraphs | None = None  # heads on demand (format 2, fp32); None: full graph only
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphPair:
@@ -68,7 +102,8 @@ class GraphPair:
                    encoder_sha256=d['encoder_sha256'], decoder_sha256=d['decoder_sha256'],
                    token_shape=tuple(d['token_shape']), output_names=tuple(d['output_names']),
                    parity=dict(d.get('parity', {})), precision=d.get('precision', 'fp32'),
-                   quantization=d.get('quantization', ''))
+                   quantization=d.get('quantization', ''),
+                   split=SplitGraphs.from_dict(d['split']) if d.get('split') else None)
 
 
 @dataclass(frozen=True)
@@ -151,11 +186,13 @@ def read_manifest(directory: str | Path) -> ExportManifest:
 
 
 def verify_files(directory: str | Path, graph: GraphPair) -> tuple[Path, Path]:
-    """Paths of the graph pair after checking that both exist and are the exported bytes."""
+    """Paths of the graph pair after checking that both exist and are the exported bytes
+    (the split graphs too, when the pair has them)."""
     directory = Path(directory).expanduser()
     out = []
+    split = graph.split.files() if graph.split is not None else []
     for name, digest in ((graph.encoder, graph.encoder_sha256),
-                         (graph.decoder, graph.decoder_sha256)):
+                         (graph.decoder, graph.decoder_sha256), *split):
         path = directory / name
         if not path.is_file():
             raise ExportError(f'{path} is missing; the export directory is incomplete, re-export')

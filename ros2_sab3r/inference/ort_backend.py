@@ -13,10 +13,15 @@ the export).
 every matmul with constant weights runs on int8 weights (per output channel) and uint8 activations
 quantised per run, on ONNX Runtime's integer kernels (VNNI/AMX where the CPU has them);
 convolutions stay fp32. Its parity with torch is checked at export against looser tolerances.
+
+Heads on demand: with an export of manifest format 2, fp32 decodes run the split graphs (geometry
+graph once per ordered pair, each view's feature graph only when asked for); format 1 exports and
+the int8 pair run the full decoder graph for every request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 import logging
 from pathlib import Path
@@ -25,11 +30,12 @@ import numpy as np
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import ArrayGraphBackend
+from ros2_sab3r.inference.common import ArrayGraphBackend, SplitDecoder
 from ros2_sab3r.inference.manifest import (
     ExportError,
     ExportManifest,
     GraphPair,
+    SplitGraphs,
     read_manifest,
     verify_files,
 )
@@ -66,6 +72,12 @@ def ort_session(path: Path, options, providers: list):
 
     return ort.InferenceSession(str(path), options, providers=providers,
                                 disabled_optimizers=DISABLED_OPTIMIZERS)
+
+
+def _runner(session) -> Callable[[dict], dict]:
+    """feeds -> every output of the session by name."""
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
 @dataclass(frozen=True)
@@ -133,15 +145,30 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
             enc_path, dec_path = (verify_files(self.export_dir, self.graph) if verify else
                                   (self.export_dir / self.graph.encoder,
                                    self.export_dir / self.graph.decoder))
+            self.split: SplitGraphs | None = self.graph.split
         except ExportError as exc:
             raise BackendUnavailable(f'onnxruntime: {exc}') from None
         self.options = options
         self.input_size = tuple(input_size)
         self.providers = _providers(options, self.export_dir)
         sess_opts = ort_session_options(options.optimization, options.threads)
+        self._decoder = None
+        self._split_decoder: SplitDecoder | None = None
         try:
             self._encoder = ort_session(enc_path, sess_opts, self.providers)
-            self._decoder = ort_session(dec_path, sess_opts, self.providers)
+            if self.split is None:
+                self._decoder = ort_session(dec_path, sess_opts, self.providers)
+            else:
+                # Heads on demand: the split graphs serve every request (the full graph is not
+                # loaded), so all requests give the same numbers.
+                self._features = {
+                    int(v): ort_session(self.export_dir / f, sess_opts, self.providers)
+                    for v, f in self.split.features.items()}
+                self._split_decoder = SplitDecoder(
+                    _runner(ort_session(self.export_dir / self.split.geometry, sess_opts,
+                                        self.providers)),
+                    {v: (_runner(sess), [i.name for i in sess.get_inputs()])
+                     for v, sess in self._features.items()})
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types; report the file
             raise BackendUnavailable(
                 f'onnxruntime cannot load {self.export_dir} ({type(exc).__name__}: {exc}); '
@@ -156,8 +183,13 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
         self.name = f'onnxruntime {self.manifest.config_name} {provider} {options.dtype}'
 
         self._outputs = list(self.graph.output_names)
-        log.info('%s: %s and %s at %dx%d', self.name, enc_path.name, dec_path.name,
-                 *self.input_size)
+        if self.split is None:
+            log.info('%s: %s and %s at %dx%d (no split graphs: every decode runs every head; '
+                     're-export with this version for heads on demand)', self.name,
+                     enc_path.name, dec_path.name, *self.input_size)
+        else:
+            log.info('%s: %s, %s and feature graphs at %dx%d', self.name, enc_path.name,
+                     self.split.geometry, *self.input_size)
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> OnnxRuntimeBackend:
@@ -176,6 +208,18 @@ class OnnxRuntimeBackend(ArrayGraphBackend):
 
     def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray,
                       request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
-        """Raw decoder outputs by official name (batch first)."""
-        outs = self._decoder.run(self._outputs, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
-        return dict(zip(self._outputs, outs))
+        """Raw decoder outputs by official name (batch first). With split graphs: the geometry
+        graph once per ordered pair and each view's feature graph at most once (a second
+        request for the pair just decoded runs only what is missing); else the full graph."""
+        if self._split_decoder is not None:
+            return self._split_decoder.decode(tokens1, tokens2, request)
+        feeds = dict(zip(DECODER_INPUTS, (tokens1, tokens2)))
+        return dict(zip(self._outputs, self._decoder.run(self._outputs, feeds)))
+
+    def forget_pair(self) -> None:
+        """Drop the last pair's geometry outputs and token layers (benchmarks)."""
+        if self._split_decoder is not None:
+            self._split_decoder.forget()
+
+    def close(self) -> None:
+        self.forget_pair()

@@ -114,3 +114,37 @@ def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, i
     for name, got, want in zip(output_names, outs, ref_out):
         figures.append(compare(name, got, want.float().numpy(), tolerances, measure))
     return figures
+
+
+def split_parity_check(encoder: Path, geometry: Path, features: dict[int, Path], net: Sab3rNet,
+                       size: tuple[int, int], level: str = 'all', threads: int = 0,
+                       seed: int = 0, tolerances: dict[str, float] = PARITY_TOLERANCES
+                       ) -> list[ParityFigure]:
+    """The split decoder (format 2) in ONNX Runtime against the torch full decode: the geometry
+    graph on the encoder graph's tokens, each view's feature graph on the geometry graph's
+    token layers (so the feature figures include the geometry graph's error), every output
+    compared as :func:`parity_check` does."""
+    from ros2_sab3r.model.network import FeatureGraph, GeometryGraph
+
+    img1, img2 = example_image(size, seed), example_image(size, seed + 1)
+    full = DecoderGraph(net, size)
+    with torch.inference_mode():
+        ref = dict(zip(full.output_names, full(net.encode(img1).tokens,
+                                              net.encode(img2).tokens)))
+    providers = ['CPUExecutionProvider']
+    enc = ort_session(encoder, ort_session_options(level, threads), providers)
+    t1 = enc.run(None, {ENCODER_INPUT: img1.numpy()})[0]
+    t2 = enc.run(None, {ENCODER_INPUT: img2.numpy()})[0]
+    del enc
+    names = GeometryGraph(net, size).output_names
+    geo = ort_session(geometry, ort_session_options(level, threads), providers)
+    got = dict(zip(names, geo.run(list(names), dict(zip(DECODER_INPUTS, (t1, t2))))))
+    del geo
+    for view, path in sorted(features.items()):
+        graph = FeatureGraph(net, size, view)
+        sess = ort_session(path, ort_session_options(level, threads), providers)
+        outs = sess.run(list(graph.output_names), {n: got[n] for n in graph.input_names})
+        got.update(zip(graph.output_names, outs))
+    return [compare(name, got[name], want.float().numpy(), tolerances)
+            for name, want in ref.items()]
+

@@ -22,9 +22,13 @@ import numpy as np
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import ArrayGraphBackend
+from ros2_sab3r.inference.common import ArrayGraphBackend, SplitDecoder
 from ros2_sab3r.inference.manifest import ExportError, ExportManifest, GraphPair, read_manifest
-from ros2_sab3r.inference.trt_engine import ensure_engines, import_tensorrt
+from ros2_sab3r.inference.trt_engine import (
+    ensure_engines,
+    ensure_split_engines,
+    import_tensorrt,
+)
 from ros2_sab3r.model.outputs import DECODER_INPUTS, ENCODER_INPUT, ENCODER_OUTPUT
 from ros2_sab3r.types import FULL_DECODE, DecodeRequest
 
@@ -90,7 +94,10 @@ class TensorRTBackend(ArrayGraphBackend):
     """Backend protocol on TensorRT engines of an sab3r-export directory."""
 
     def __init__(self, encoder_engine: Path, decoder_engine: Path, manifest: ExportManifest,
-                 graph: GraphPair, precision: str, device_index: int = 0) -> None:
+                 graph: GraphPair, precision: str, device_index: int = 0,
+                 split_engines: dict[str, Path] | None = None) -> None:
+        """``split_engines`` (:func:`ensure_split_engines`): heads on demand on the split
+        decoder; without them every request runs the full decoder engine."""
         trt, cuda = import_tensorrt()
         cuda.init()
         self._ctx = cuda.Device(device_index).retain_primary_context()
@@ -104,8 +111,17 @@ class TensorRTBackend(ArrayGraphBackend):
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             self._encoder = EngineRunner(trt, cuda, runtime, Path(encoder_engine))
             self._decoder = EngineRunner(trt, cuda, runtime, Path(decoder_engine))
+            self._split = {k: EngineRunner(trt, cuda, runtime, Path(p))
+                           for k, p in (split_engines or {}).items()}
         finally:
             self._ctx.pop()
+        self._split_decoder: SplitDecoder | None = None
+        if self._split:
+            geometry = self._split['geometry']
+            self._split_decoder = SplitDecoder(
+                lambda feeds: self._run(geometry, feeds),
+                {int(v): (lambda feeds, r=r: self._run(r, feeds), r.inputs)
+                 for v, r in self._split.items() if v != 'geometry'})
         expected = set(graph.output_names)
         if set(self._decoder.outputs) != expected:
             raise BackendUnavailable(
@@ -130,9 +146,11 @@ class TensorRTBackend(ArrayGraphBackend):
             graph = manifest.graph_for((model.image_height, model.image_width))
             enc, dec = ensure_engines(model.checkpoint, graph, model.dtype,
                                       model.engine_cache_dir)
+            split = ensure_split_engines(model.checkpoint, graph, model.dtype,
+                                         model.engine_cache_dir)
         except ExportError as exc:
             raise BackendUnavailable(f'tensorrt: {exc}') from None
-        return cls(enc, dec, manifest, graph, model.dtype)
+        return cls(enc, dec, manifest, graph, model.dtype, split_engines=split)
 
     @property
     def clip_dim(self) -> int:
@@ -152,7 +170,14 @@ class TensorRTBackend(ArrayGraphBackend):
 
     def decode_arrays(self, tokens1: np.ndarray, tokens2: np.ndarray,
                       request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
+        if self._split_decoder is not None:
+            return self._split_decoder.decode(tokens1, tokens2, request)
         return self._run(self._decoder, dict(zip(DECODER_INPUTS, (tokens1, tokens2))))
+
+    def forget_pair(self) -> None:
+        """Drop the last pair's geometry outputs and token layers (benchmarks)."""
+        if self._split_decoder is not None:
+            self._split_decoder.forget()
 
     def close(self) -> None:
         """Free the GPU buffers (the node's deactivate); the backend is unusable afterwards.
@@ -166,6 +191,9 @@ class TensorRTBackend(ArrayGraphBackend):
             try:
                 self._encoder.free()
                 self._decoder.free()
+                for runner in getattr(self, '_split', {}).values():
+                    runner.free()
+                self._split_decoder = None
             finally:
                 self._ctx.pop()
 

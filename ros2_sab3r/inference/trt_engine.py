@@ -210,6 +210,29 @@ def ensure_engines(export_dir: str | Path, graph: GraphPair, precision: str,
                    workspace_gib: float = DEFAULT_WORKSPACE_GIB, verify: bool = True
                    ) -> tuple[Path, Path]:
     """(encoder engine, decoder engine) for ``graph``: from the cache, else built now."""
+    enc, dec = _ensure(export_dir, graph, [(graph.encoder, graph.encoder_sha256),
+                                           (graph.decoder, graph.decoder_sha256)],
+                       precision, cache_dir, device_index, workspace_gib, verify)
+    return enc, dec
+
+
+def ensure_split_engines(export_dir: str | Path, graph: GraphPair, precision: str,
+                         cache_dir: str | Path = '', device_index: int = 0,
+                         workspace_gib: float = DEFAULT_WORKSPACE_GIB
+                         ) -> dict[str, Path] | None:
+    """Engines of the split decoder (export format 2; heads on demand): {'geometry': engine,
+    '1': view 1's feature engine, '2': ...}; None when the export has no split graphs."""
+    if graph.split is None:
+        return None
+    keys = ['geometry', *sorted(graph.split.features)]
+    paths = _ensure(export_dir, graph, graph.split.files(), precision, cache_dir, device_index,
+                    workspace_gib, verify=False)  # ensure_engines verified every file
+    return dict(zip(keys, paths))
+
+
+def _ensure(export_dir: str | Path, graph: GraphPair, files: list[tuple[str, str]],
+            precision: str, cache_dir: str | Path, device_index: int, workspace_gib: float,
+            verify: bool) -> list[Path]:
     trt, cuda = import_tensorrt()
     export_dir = Path(export_dir).expanduser()
     if verify:
@@ -219,8 +242,7 @@ def ensure_engines(export_dir: str | Path, graph: GraphPair, precision: str,
     cache.mkdir(parents=True, exist_ok=True)
     timing = cache / f'timing_{gpu.slug}_trt{trt.__version__}.cache'
     out = []
-    for onnx_name, digest in ((graph.encoder, graph.encoder_sha256),
-                              (graph.decoder, graph.decoder_sha256)):
+    for onnx_name, digest in files:
         key = engine_key(gpu, trt.__version__, digest, precision, workspace_gib)
         path = engine_path(cache, onnx_name, key, precision)
         if path.is_file():
@@ -233,14 +255,16 @@ def ensure_engines(export_dir: str | Path, graph: GraphPair, precision: str,
                 'tensorrt': trt.__version__, 'precision': precision,
                 'workspace_gib': workspace_gib}, indent=2) + '\n', encoding='utf-8')
         out.append(path)
-    return out[0], out[1]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='sab3r-build-engine',
         description='Build (or find in the cache) TensorRT engines for an sab3r-export '
-                    'directory: one for the encoder, one for the decoder + heads, per size.')
+                    'directory: one for the encoder, one for the decoder + heads, and for a '
+                    'format-2 export the split decoder (geometry; feature heads per view), '
+                    'per size.')
     parser.add_argument('export_dir', help='directory written by sab3r-export')
     parser.add_argument('--size', action='append', metavar='HxW',
                         help='image size to build (repeatable; default: every exported size)')
@@ -258,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             enc, dec = ensure_engines(args.export_dir, manifest.graph_for(size), args.precision,
                                       args.cache_dir, args.device, args.workspace_gib)
             print(f'{size[0]}x{size[1]} {args.precision}: {enc}\n{" " * 12}{dec}')
+            split = ensure_split_engines(args.export_dir, manifest.graph_for(size),
+                                         args.precision, args.cache_dir, args.device,
+                                         args.workspace_gib)
+            for path in (split or {}).values():
+                print(f'{" " * 12}{path}')
     except (BackendUnavailable, ExportError, ValueError) as exc:
         print(f'sab3r-build-engine: {exc}', file=sys.stderr)
         return 2

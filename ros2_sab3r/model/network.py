@@ -30,7 +30,9 @@ from ros2_sab3r.model.outputs import (
     PairOutput,
     ViewOutput,
     ViewTokens,
+    feature_input_name,
     named_outputs,
+    output_name,
     output_names,
 )
 from ros2_sab3r.model.preprocess import check_patch_multiple
@@ -238,6 +240,58 @@ class DecoderGraph(nn.Module):
                               self.features)
         named = named_outputs(out)
         return tuple(named[name] for name in self.output_names)
+
+
+def feature_layers(cfg: NetworkConfig) -> tuple[int, ...]:
+    """Indices into a view's (dec_depth + 1) token list that its feature heads read: the DPT
+    hooks ('dpt' heads), the encoder output and the last decoder layer ('linear' heads)."""
+    used: set[int] = set()
+    for head in cfg.feature_heads:
+        used |= set(cfg.dpt_hooks) if head.head_type == 'dpt' else {0, cfg.dec_depth}
+    return tuple(sorted(used))
+
+
+class GeometryGraph(DecoderGraph):
+    """Split export, part 1: (tokens1, tokens2) -> both views' geometry outputs, then the token
+    layers their feature heads read (:func:`feature_layers`, per view, float32), named by
+    :func:`~ros2_sab3r.model.outputs.feature_input_name`."""
+
+    def __init__(self, net: Sab3rNet, image_size: tuple[int, int]) -> None:
+        super().__init__(net, image_size, features=())
+        self.layers = feature_layers(net.cfg) if net.cfg.feature_heads else ()
+        self.geometry_names = self.output_names
+        self.output_names = (*self.geometry_names, *(
+            feature_input_name(i, v) for v in VIEWS for i in self.layers))
+
+    def forward(self, tokens1: torch.Tensor, tokens2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        views = self.net.decode_tokens(EncodedImage(tokens1, self.grid1, self.image_size1),
+                                       EncodedImage(tokens2, self.grid2, self.image_size2))
+        geometry = [t for v, tokens in zip(VIEWS, views)
+                    for t in self.net.run_geometry(tokens, v)]
+        hooks = [tokens.layers[i].float() for tokens in views for i in self.layers]
+        return (*geometry, *hooks)
+
+
+class FeatureGraph(nn.Module):
+    """Split export, part 2: the feature heads of one view on its token layers (inputs named
+    by :func:`~ros2_sab3r.model.outputs.feature_input_name`) -> that view's feature outputs."""
+
+    def __init__(self, net: Sab3rNet, image_size: tuple[int, int], view: int) -> None:
+        super().__init__()
+        self.net = net
+        self.view = view
+        p = net.cfg.patch_size
+        self.grid = (image_size[0] // p, image_size[1] // p)
+        self.layers = feature_layers(net.cfg)
+        self.input_names = tuple(feature_input_name(i, view) for i in self.layers)
+        self.output_names = tuple(output_name(h.name, view) for h in net.cfg.feature_heads)
+
+    def forward(self, *layers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full: list[torch.Tensor | None] = [None] * (self.net.cfg.dec_depth + 1)
+        for i, t in zip(self.layers, layers):
+            full[i] = t
+        head = self.net.heads()[self.view - 1]
+        return tuple(head.feature(h.name, full, self.grid) for h in self.net.cfg.feature_heads)
 
 
 def create_network(cfg: NetworkConfig | str, device: torch.device | str = 'cpu') -> Sab3rNet:

@@ -4,6 +4,8 @@ One module owns every name the two exported graphs (encoder; decoder + heads) ar
 
 - binding names: the encoder takes :data:`ENCODER_INPUT` and returns :data:`ENCODER_OUTPUT`;
   the decoder takes :data:`DECODER_INPUTS` (view 1's tokens, view 2's tokens);
+- the split export's token layers between the geometry graph and the feature-head graphs,
+  :func:`feature_input_name`;
 - the decoder outputs under the official MASt3R names (``pts3d_1``, ``conf_1``, ``desc_1``,
   ``desc_conf_1``, ``clip_1``, ``dino_1``, ``pts3d_in_other_view_2``, ``conf_2``, ...),
   :func:`output_name` / :func:`output_names` / :data:`OUTPUT_FIELDS`.
@@ -49,6 +51,12 @@ def output_names(feature_heads: Sequence[str] = (),
     views in ``feature_views`` only)."""
     return tuple(output_name(f, v) for v in VIEWS
                  for f in (*GEOMETRY_FIELDS, *(feature_heads if v in feature_views else ())))
+
+
+def feature_input_name(layer: int, view: int) -> str:
+    """Split export: decoder token layer ``layer`` of view 1 or 2, an output of the geometry
+    graph and an input of that view's feature-head graph."""
+    return f'layer{layer}_{view}'
 
 
 # Outputs every decoder graph has (those of a network without feature heads).

@@ -112,6 +112,49 @@ def test_tensorrt_engines_match_torch_and_are_cached(export_dir, reference, tmp_
         be.close()
 
 
+@needs_cuda
+def test_torch_cuda_graphs_per_request_kind(tiny_net, reference):
+    """With CUDA graphs each DecodeRequest kind replays its own captured decoder."""
+    from ros2_sab3r.types import GEOMETRY_ONLY, VIEW1_FEATURES, DecodeRequest
+
+    be = TorchBackend(copy.deepcopy(tiny_net), (48, 64), 'cuda', 'fp32', cuda_graphs=True)
+    a, b = be.encode(_frame(1)), be.encode(_frame(2))
+    geo = be.decode(a, b, GEOMETRY_ONLY)
+    assert geo.view1.S_clip is None and geo.view2.S_clip is None
+    kf = be.decode(a, b, VIEW1_FEATURES)
+    assert kf.view2.S_dino is None
+    err = np.abs(kf.view1.S_clip - reference.view1.S_clip).max()
+    assert err <= TOL_FP32 * np.abs(reference.view1.S_clip).max()
+    two = be.decode(a, b, DecodeRequest((2,)))  # captured when first asked for
+    assert two.view1.S_clip is None and two.view2.S_clip is not None
+
+
+@needs_tensorrt
+def test_tensorrt_split_engines_serve_heads_on_demand(export_dir, reference, tmp_path):
+    """Format-2 exports: the split decoder's engines answer every request; what they compute
+    matches torch like the full engine, and a geometry-only decode has no features."""
+    from ros2_sab3r.inference.trt_backend import TensorRTBackend
+    from ros2_sab3r.inference.trt_engine import ensure_engines, ensure_split_engines
+    from ros2_sab3r.types import GEOMETRY_ONLY, VIEW1_FEATURES
+
+    out, manifest = export_dir
+    graph = manifest.graph_for((48, 64))
+    enc, dec = ensure_engines(out, graph, 'fp32', tmp_path)
+    split = ensure_split_engines(out, graph, 'fp32', tmp_path)
+    assert split is not None and set(split) == {'geometry', '1', '2'}
+    be = TensorRTBackend(enc, dec, manifest, graph, 'fp32', split_engines=split)
+    try:
+        a, b = be.encode(_frame(1)), be.encode(_frame(2))
+        geo = be.decode(a, b, GEOMETRY_ONLY)
+        assert geo.view1.S_clip is None and geo.view2.S_dino is None
+        kf = be.decode(a, b, VIEW1_FEATURES)
+        assert kf.view2.S_clip is None
+        np.testing.assert_array_equal(kf.view2.X, geo.view2.X)
+        _assert_close(be.decode(a, b), reference, TOL_FP32, 'tensorrt split fp32')
+    finally:
+        be.close()
+
+
 @needs_tensorrt
 def test_tensorrt_through_load_model_and_the_pipeline(export_dir, tiny_net, tmp_path):
     """TensorRT fp32 through load_model and the Pipeline builds the map torch builds (posed

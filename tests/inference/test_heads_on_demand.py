@@ -206,3 +206,104 @@ def test_on_demand_heads_build_the_same_map_and_answers_as_full_decodes(tiny_net
         if a.centroid is not None:
             np.testing.assert_array_equal(a.centroid, b.centroid)
     np.testing.assert_array_equal(answer_g.relevancy, answer_r.relevancy)
+
+
+@pytest.mark.export
+def test_export_writes_split_graphs_with_parity_per_output(export_dir):
+    _, manifest = export_dir
+    assert manifest.format_version == 2
+    for graph in manifest.graphs:
+        if graph.precision != 'fp32':
+            assert graph.split is None  # the int8 pair runs its full graph
+            continue
+        split = graph.split
+        assert split is not None and set(split.features) == {'1', '2'}
+        assert set(split.parity) == set(graph.output_names)
+        assert all(f['rel'] <= f['tol'] for f in split.parity.values()), split.parity
+
+
+def _ort(export, **kw):
+    from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+
+    return OnnxRuntimeBackend(export, SIZE, OrtOptions(threads=2), **kw)
+
+
+@pytest.mark.export
+def test_onnxruntime_split_graphs_run_only_the_requested_heads(export_dir):
+    from ros2_sab3r.inference.parity import PARITY_TOLERANCES, compare
+
+    out, manifest = export_dir
+    backend = _ort(out)
+    assert backend.split is not None and backend._decoder is None
+    a, b = backend.encode(_frame(1)), backend.encode(_frame(2))
+    full = backend.decode(a, b, FULL_DECODE)
+    backend.forget_pair()
+    runs = []
+    for view, session in backend._features.items():
+        session.run = _counting(session.run, runs, view)
+    geo = backend.decode(a, b, GEOMETRY_ONLY)
+    assert runs == [] and geo.view1.S_clip is None and geo.view2.S_dino is None
+    kf = backend.decode(a, b, VIEW1_FEATURES)
+    assert runs == [1] and kf.view2.S_clip is None
+    for got in (geo, kf):
+        for f in ('X', 'C', 'D', 'D_conf'):
+            np.testing.assert_array_equal(getattr(got.view2, f), getattr(full.view2, f))
+    np.testing.assert_array_equal(kf.view1.S_clip, full.view1.S_clip)
+    # the split graphs against the full decoder graph of the same export
+    from ros2_sab3r.inference.ort_backend import ort_session, ort_session_options
+
+    graph = manifest.graph_for(SIZE)
+    whole = ort_session(out / graph.decoder, ort_session_options(threads=2),
+                        ['CPUExecutionProvider'])
+    ref = dict(zip(graph.output_names,
+                   whole.run(list(graph.output_names), {'tokens1': a.tokens,
+                                                        'tokens2': b.tokens})))
+    assert compare('clip_1', full.view1.S_clip[None], ref['clip_1']).ok
+    assert compare('pts3d_in_other_view_2', full.view2.X[None],
+                   ref['pts3d_in_other_view_2'], PARITY_TOLERANCES).ok
+
+
+def _counting(run, calls, view):
+    def counted(*args, **kw):
+        calls.append(view)
+        return run(*args, **kw)
+    return counted
+
+
+@pytest.mark.export
+def test_format_1_export_still_loads_and_runs_the_full_graph(export_dir, tmp_path):
+    import json
+    import shutil
+
+    out, _ = export_dir
+    old = tmp_path / 'format1'
+    shutil.copytree(out, old)
+    data = json.loads((old / 'manifest.json').read_text())
+    data['format_version'] = 1
+    for g in data['graphs']:
+        g.pop('split', None)
+    (old / 'manifest.json').write_text(json.dumps(data))
+    for f in old.glob('geometry_*.onnx'):
+        f.unlink()
+    backend = _ort(old)
+    assert backend.split is None
+    a, b = backend.encode(_frame(1)), backend.encode(_frame(2))
+    geo = backend.decode(a, b, GEOMETRY_ONLY)
+    assert geo.view1.S_clip is None
+    full = backend.decode(a, b)
+    assert full.view1.S_clip is not None and full.view2.S_dino is not None
+    np.testing.assert_array_equal(geo.view2.X, full.view2.X)
+
+
+@pytest.mark.export
+def test_onnxruntime_on_demand_map_equals_the_full_decode_map(export_dir):
+    out, _ = export_dir
+    frames = make_scene(seed=0).sequence(6, 128, 96)
+    ref, ref_results = _build(FullDecodeBackendDouble(_ort(out)), frames, False)
+    got, got_results = _build(_ort(out), frames, False)
+    assert [r.status for r in got_results] == [r.status for r in ref_results]
+    map_g, map_r = got.snapshot(), ref.snapshot()
+    assert map_g.n_voxels > 50
+    np.testing.assert_array_equal(map_g.keys, map_r.keys)
+    np.testing.assert_array_equal(map_g.positions, map_r.positions)
+    np.testing.assert_array_equal(map_g.features('clip'), map_r.features('clip'))

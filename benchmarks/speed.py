@@ -1,0 +1,316 @@
+"""Speed where the robot spends it (issue 16): before and after, side by side in one run.
+
+    python benchmarks/speed.py network [--config sab3r_cd] [--size 384x512] [--onnx DIR]
+    python benchmarks/speed.py mapping [--voxels 1000000]
+
+A script printing figures beside the issue's targets and the load average, never a timed test.
+
+network: per frame kind, the network time the pipeline spends, through the backend exactly as
+the pipeline calls it, with random weights (speed does not depend on them):
+
+- tracked frame (unposed): before, encode + a full decode against the latest keyframe; after,
+  encode + a geometry-only decode (``GEOMETRY_ONLY``). Target: at least 3x lower.
+- keyframe (unposed, ``keyframes.pairs_per_keyframe`` pairs): before, encode + a full decode per
+  pair; after, the geometry-only decode against the latest keyframe, then view 1's features of
+  that pair (``VIEW1_FEATURES``: only the feature heads run), then geometry only with the others.
+  Target: at least 1.5x lower.
+  Torch fp32 (``--threads`` threads); ONNX Runtime fp32 on an ``sab3r-export`` directory of the
+  same architecture and size with ``--onnx DIR`` (format 2: split graphs).
+
+mapping: integration rate of 512x384 keyframes (196,608 points, 512-d CLIP at stride 8):
+- into an empty map;
+- into a map of ``--voxels`` voxels, the keyframe re-observing 40,000 voxels spread over the whole
+  map (the worst case for block copies: every block is touched);
+  before = a snapshot handed to a reader before every integration (what every integration paid
+  before: all blocks copy-on-write), after = no reader in between. Target: >= 2 M points/s.
+- the same map saved, then loaded with mapping.feature_codec 'bf16' (before) and 'int8'
+  (after): Locate median over 8 fresh queries with query.threads 1 and 2 (targets 40 and
+  20 ms), bytes per voxel in memory and on disk (target <= 300), save and load times (< 2 s).
+
+The machine is shared: every figure is printed with the load average at that moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROWS: list[tuple[str, str, str, str, str]] = []  # figure, before, after, target, result
+
+
+def load() -> str:
+    return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def row(figure: str, before: str, after: str, target: str = '', ok: bool | None = None) -> None:
+    ROWS.append((figure, before, after, target, '' if ok is None else
+                 ('pass' if ok else 'FAIL')))
+    print(f'  {figure}: before {before} | after {after} | target {target or "-"} '
+          f'(load {load()})', flush=True)
+
+
+def table() -> None:
+    head = ('figure', 'before', 'after', 'target', 'result')
+    widths = [max(len(r[k]) for r in [head, *ROWS]) for k in range(5)]
+    print(f'\nload average (1/5/15 min) at the end: {load()} on {os.cpu_count()} cores')
+    print(' | '.join(h.ljust(w) for h, w in zip(head, widths)))
+    print('-+-'.join('-' * w for w in widths))
+    for r in ROWS:
+        print(' | '.join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+# ----------------------------------------------------------------------------------- network
+def _frames(size: tuple[int, int], n: int):
+    from ros2_sab3r.types import CameraFrame
+
+    rng = np.random.default_rng(0)
+    return [CameraFrame(stamp_ns=i + 1, frame_id='cam',
+                        image=rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+def network_times(backend, size: tuple[int, int], pairs: int, repeat: int) -> dict[str, float]:
+    """Median ms per frame kind, before and after (see the module docstring)."""
+    from ros2_sab3r.types import FULL_DECODE, GEOMETRY_ONLY, VIEW1_FEATURES
+
+    frames = _frames(size, pairs + 1)
+    window = [backend.encode(f) for f in frames[1:]]  # the keyframes' tokens, encoded earlier
+    runs: dict[str, list[float]] = {k: [] for k in ('encode', 'full', 'geometry', 'view1')}
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a = backend.encode(frames[0])
+        runs['encode'].append(time.perf_counter() - t)
+        for request, key in ((FULL_DECODE, 'full'), (GEOMETRY_ONLY, 'geometry')):
+            backend.forget_pair()
+            t = time.perf_counter()
+            backend.decode(a, window[0], request)
+            runs[key].append(time.perf_counter() - t)
+        t = time.perf_counter()  # right after the geometry decode of the same pair
+        backend.decode(a, window[0], VIEW1_FEATURES)
+        runs['view1'].append(time.perf_counter() - t)
+    enc, full, geo, view1 = (1e3 * statistics.median(runs[k])
+                             for k in ('encode', 'full', 'geometry', 'view1'))
+    return {'tracked_before': enc + full, 'tracked_after': enc + geo,
+            'keyframe_before': enc + pairs * full,
+            'keyframe_after': enc + geo + view1 + (pairs - 1) * geo,
+            'encode': enc, 'full': full, 'geometry': geo, 'view1': view1}
+
+
+def network(args) -> None:
+    import torch
+
+    from ros2_sab3r.config import PerceptionConfig
+    from ros2_sab3r.inference.common import parse_size
+    from ros2_sab3r.inference.torch_backend import TorchBackend
+    from ros2_sab3r.model.network import create_network
+
+    torch.set_num_threads(args.threads)
+    size = parse_size(args.size)
+    pairs = PerceptionConfig().keyframes.pairs_per_keyframe
+    backends = []
+    torch.manual_seed(0)
+    backends.append(('torch fp32', lambda: TorchBackend(create_network(args.config), size)))
+    if args.onnx:
+        from ros2_sab3r.inference.ort_backend import OnnxRuntimeBackend, OrtOptions
+
+        backends.append(('onnxruntime fp32', lambda: OnnxRuntimeBackend(
+            args.onnx, size, OrtOptions(threads=args.threads), verify=False)))
+    print(f'network: {args.config} at {size[0]}x{size[1]}, {args.threads} threads, '
+          f'{pairs} pairs per keyframe, {args.repeat} repetition(s); torch {torch.__version__}')
+    for what, make in backends:
+        backend = make()
+        backend.warm_up()
+        t = network_times(backend, size, pairs, args.repeat)
+        print(f'  {what} stages (ms): encode {t["encode"]:.0f}, full decode {t["full"]:.0f}, '
+              f'geometry-only decode {t["geometry"]:.0f}, view 1 features after it '
+              f'{t["view1"]:.0f}')
+        for kind, factor in (('tracked', 3.0), ('keyframe', 1.5)):
+            before, after = t[f'{kind}_before'], t[f'{kind}_after']
+            row(f'{kind} frame network time, {what}', f'{before:.0f} ms',
+                f'{after:.0f} ms ({before / after:.2f}x lower)', f'>= {factor}x lower',
+                before / after >= factor)
+        backend.close()
+        del backend
+
+
+# ----------------------------------------------------------------------------------- mapping
+class HashText:
+    """Deterministic unit vector per string (a benchmark stand-in for the text tower)."""
+
+    dim = 512
+
+    def encode(self, texts):
+        out = []
+        for t in texts:
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], 'little')
+            v = np.random.default_rng(seed).standard_normal(self.dim)
+            out.append(v / np.linalg.norm(v))
+        return np.array(out, np.float32)
+
+
+LABELS = ('chair', 'table', 'sofa', 'wall', 'floor', 'bed', 'lamp', 'door')
+H, W, STRIDE = 384, 512, 8
+
+
+def _features(rng) -> np.ndarray:
+    """(48 * 64, 512) cell features: the LABELS' embeddings plus noise."""
+    E = HashText().encode(LABELS)
+    cells = (H // STRIDE) * (W // STRIDE)
+    S = E[rng.integers(0, len(LABELS), cells)]
+    return (S + 0.5 / np.sqrt(512) * rng.standard_normal(S.shape)).astype(np.float32)
+
+
+def _keyframe(rng, X: np.ndarray):
+    """A keyframe's integrate() arguments for its (196608, 3) points."""
+    n = len(X)
+    cells = rng.integers(0, (H // STRIDE) * (W // STRIDE), n)
+    return (X.astype(np.float32), np.full(n, 3.0, np.float32),
+            rng.integers(0, 255, (n, 3)).astype(np.uint8), 0, cells, _features(rng))
+
+
+def _rate(m, batches, reader: bool) -> float:
+    """Points/s over the batches (median); reader: a snapshot handed out before each."""
+    times = []
+    for i, args in enumerate(batches):
+        if reader:
+            m.snapshot()
+        t = time.perf_counter()
+        m.integrate(args[0], args[1], args[2], 10 ** 9 + i, *args[4:])
+        times.append(time.perf_counter() - t)
+    return len(batches[0][0]) / statistics.median(times)
+
+
+def build_map(n_voxels: int, voxel: float = 0.05):
+    """A map of n_voxels voxels scattered in a cube (each batch creates ~250k voxels)."""
+    from ros2_sab3r.config import MappingConfig
+    from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+
+    rng = np.random.default_rng(1)
+    m = SemanticVoxelMap(MappingConfig(voxel_size_m=voxel, max_voxels=int(n_voxels * 1.2)),
+                         clip_dim=512)
+    side = 20.0
+    i = 0
+    while m.n_voxels < n_voxels:
+        n = min(250_000, int((n_voxels - m.n_voxels) * 1.02) + 1)
+        X = rng.uniform(-side / 2, side / 2, (n, 3))
+        args = _keyframe(rng, X)
+        m.integrate(args[0], args[1], args[2], i, *args[4:])
+        i += 1
+    return m
+
+
+def mapping(args) -> None:
+    import torch
+
+    from ros2_sab3r.config import MappingConfig, config_from_flat
+    from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
+    from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+    from ros2_sab3r.query.engine import QueryEngine
+    from ros2_sab3r.types import LocateQuery
+
+    rng = np.random.default_rng(0)
+    n = H * W
+    # into an empty map: a 4 m x 3 m wall at 2 m, 5 cm voxels (a fresh map each time)
+    u, v = np.meshgrid(np.linspace(-2, 2, W), np.linspace(-1.5, 1.5, H))
+    wall = np.stack([u, v, 2 + 0.05 * np.sin(3 * u)], -1).reshape(-1, 3)
+    batches = [_keyframe(rng, wall + 0.01 * rng.standard_normal(wall.shape))
+               for _ in range(args.keyframes)]
+    rates = {}
+    for reader in (True, False):
+        empty_rates = []
+        for b in batches:
+            m = SemanticVoxelMap(MappingConfig(voxel_size_m=0.05), clip_dim=512)
+            empty_rates.append(_rate(m, [b], reader))
+        rates[reader] = statistics.median(empty_rates)
+    row(f'integration into an empty map ({n} points, 512-d)', f'{rates[True] / 1e6:.2f} M/s',
+        f'{rates[False] / 1e6:.2f} M/s', '>= 2 M points/s', rates[False] >= 2e6)
+
+    t = time.perf_counter()
+    m = build_map(args.voxels)
+    print(f'  built a map of {m.n_voxels} voxels in {time.perf_counter() - t:.1f} s')
+    snap = m.snapshot()
+    pos = snap.positions
+    re_obs = []
+    for _ in range(args.keyframes):
+        pick = rng.choice(len(pos), 40_000, replace=False)
+        X = np.repeat(pos[pick], n // 40_000 + 1, axis=0)[:n]
+        re_obs.append(_keyframe(rng, X + 0.005 * rng.standard_normal(X.shape)))
+    before = _rate(m, re_obs, reader=True)
+    after = _rate(m, re_obs, reader=False)
+    row(f'integration into a {m.n_voxels}-voxel map (40k voxels re-observed, all blocks)',
+        f'{before / 1e6:.2f} M/s', f'{after / 1e6:.2f} M/s', '>= 2 M points/s', after >= 2e6)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'map.npz'
+        t = time.perf_counter()
+        save_map(m, path)
+        t_save = time.perf_counter() - t
+        disk = path.stat().st_size
+        loaded = {}
+        for codec in ('bf16', 'int8'):
+            cfg = dataclasses.replace(m.cfg, feature_codec=codec)
+            t = time.perf_counter()
+            loaded[codec] = map_from_file(read_map(path, cfg, 512), cfg)
+            loaded[f'{codec}_s'] = time.perf_counter() - t
+    del m
+    snaps = {c: loaded[c].snapshot() for c in ('bf16', 'int8')}
+    n = snaps['bf16'].n_voxels
+    mem = {c: sum(sum(getattr(b, f).nbytes for f in b.__slots__ if getattr(b, f) is not None)
+                  for b in snap.blocks) / n for c, snap in snaps.items()}
+    torch.set_num_threads(os.cpu_count() or 1)
+    for threads, target in ((1, 40.0), (2, 20.0)):
+        med = {}
+        for codec, snap in snaps.items():
+            engine = QueryEngine(config_from_flat({'query.threads': threads}).query, HashText())
+            engine.locate(snap, LocateQuery(queries=('warm-up',)))
+            times = []
+            for label in LABELS:
+                query = LocateQuery(queries=(f'{label} #{threads} {codec}',))
+                engine.embed(query.queries)  # the text tower's time is not Locate's
+                t = time.perf_counter()
+                engine.locate(snap, query)
+                times.append(1e3 * (time.perf_counter() - t))
+            med[codec] = statistics.median(times)
+        row(f'Locate on {n} voxels, query.threads {threads}, median (bf16 -> int8 codec)',
+            f'{med["bf16"]:.0f} ms', f'{med["int8"]:.0f} ms', f'<= {target:.0f} ms',
+            med['int8'] <= target)
+    row('map bytes per voxel in memory (bf16 -> int8 codec)', f'{mem["bf16"]:.0f} B',
+        f'{mem["int8"]:.0f} B', '<= 300 B', mem['int8'] <= 300)
+    row('map bytes per voxel on disk (bf16 either way)', f'{disk / n:.0f} B',
+        f'{disk / n:.0f} B', '<= 300 B', disk / n <= 300)
+    row(f'save / load of {n} voxels (load into bf16 -> int8)',
+        f'{t_save:.2f} / {loaded["bf16_s"]:.2f} s', f'{t_save:.2f} / {loaded["int8_s"]:.2f} s',
+        '< 2 s each', max(t_save, loaded['int8_s']) < 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest='what', required=True)
+    net = sub.add_parser('network', help='tracked-frame and keyframe network time')
+    net.add_argument('--config', default='sab3r_cd', help='architecture (random weights)')
+    net.add_argument('--size', default='384x512', help='network input HxW')
+    net.add_argument('--threads', type=int, default=2)
+    net.add_argument('--repeat', type=int, default=1)
+    net.add_argument('--onnx', default='', help='sab3r-export directory of the same '
+                                                 'architecture and size (format 2)')
+    mp = sub.add_parser('mapping', help='integration, Locate, bytes per voxel, save/load')
+    mp.add_argument('--voxels', type=int, default=1_000_000)
+    mp.add_argument('--keyframes', type=int, default=3, help='keyframes per measurement')
+    args = ap.parse_args(argv)
+    print(f'load average at the start: {load()} on {os.cpu_count()} cores')
+    (network if args.what == 'network' else mapping)(args)
+    table()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
