@@ -78,6 +78,10 @@ class NodeConfig:
     autostart: bool = param(
         True, 'configure and activate the lifecycle node on start-up; false when a lifecycle '
         'manager drives it', read_only=True)
+    # Not the launch directory: a node started from a launch file has no meaningful cwd.
+    map_directory: str = param(
+        '', 'absolute directory that relative SaveMap/LoadMap paths resolve against; empty: '
+        '$ROS_HOME/maps (~/.ros/maps), made on first save')
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 import functools
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.logging import LoggingSeverity
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
@@ -202,6 +204,23 @@ class PerceptionNode(LifecycleNode):
 
     # ---- lifecycle --------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('configure', self._configure, state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition('activate', self._activate, state)
+
+    def _transition(self, name: str, body, state: LifecycleState) -> TransitionCallbackReturn:
+        """Every failed transition says why: an exception becomes ERROR (on_error then frees
+        everything and the node is unconfigured) with its traceback in the log."""
+        try:
+            return body(state)
+        except Exception as err:  # noqa: BLE001  the reason must reach the log
+            self.get_logger().error(
+                f'{name} failed: {type(err).__name__}: {err}\n'
+                + ''.join(traceback.format_exception(err)).rstrip())
+            return TransitionCallbackReturn.ERROR
+
+    def _configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self._parameter_problems:
             self.get_logger().error(
                 'invalid parameters (the defaults stand in until fixed; see config/'
@@ -214,9 +233,10 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f'invalid configuration: {err}')
             return TransitionCallbackReturn.FAILURE
         cfg = self._cfg
-        if not cfg.camera.image_topics:
-            self.get_logger().error('configure failed: camera.image_topics is empty; name at '
-                                    'least one sensor_msgs/Image topic')
+        if not cfg.camera.image_topics or not all(t.strip() for t in cfg.camera.image_topics):
+            self.get_logger().error(
+                f'configure failed: camera.image_topics={list(cfg.camera.image_topics)!r} is '
+                'empty or has an empty name; name at least one sensor_msgs/Image topic')
             self._cfg = None
             return TransitionCallbackReturn.FAILURE
         self._scheduler = FrameScheduler(list(cfg.camera.image_topics), cfg.camera.queue_size,
@@ -248,7 +268,7 @@ class PerceptionNode(LifecycleNode):
             f'map frame {cfg.frames.map_frame!r}')
         return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         assert cfg is not None
         if self._pipeline is None:  # a deactivate -> activate cycle keeps the model and map
@@ -335,6 +355,12 @@ class PerceptionNode(LifecycleNode):
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
+        self.get_logger().info(f'shutdown from {state.label}: the process ends')
+        # The transition's answer must leave before the context goes, so the end comes a moment
+        # later from another thread; main() then returns 0.
+        timer = threading.Timer(0.3, rclpy.try_shutdown, kwargs={'context': self.context})
+        timer.daemon = True
+        timer.start()
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_worker(self) -> None:
@@ -624,18 +650,42 @@ class PerceptionNode(LifecycleNode):
         pipeline = self._pipeline  # one reference: cleanup may drop it meanwhile
         if not request.path:
             response.message = 'path is empty: give a file path on the node machine'
-        elif pipeline is None or pipeline.snapshot().empty:
-            response.message = f'nothing saved to {request.path}: {self._no_map_reason()}'
+            return response
+        try:
+            path = self._map_path(request.path, for_saving=True)
+        except (OSError, ValueError) as err:
+            response.message = f'map not saved to {request.path}: {err}'
+            return response
+        if pipeline is None or pipeline.snapshot().empty:
+            response.message = f'nothing saved to {path}: {self._no_map_reason()}'
         else:
             try:
-                pipeline.save(request.path)
-                response.bytes = os.path.getsize(request.path)
+                pipeline.save(path)
+                response.bytes = os.path.getsize(path)
             except (OSError, ValueError) as err:
-                response.message = f'map not saved to {request.path}: {err}'
+                response.message = f'map not saved to {path}: {err}'
             else:
                 response.success = True
-                response.message = f'map saved to {request.path}'
+                response.message = f'map saved to {path}'
         return response
+
+    def _map_path(self, text: str, for_saving: bool) -> str:
+        """`text` as an absolute path: relative ones resolve against node.map_directory."""
+        path = os.path.expanduser(text)
+        if os.path.isabs(path):
+            return path
+        cfg = self._cfg
+        base = cfg.node.map_directory if cfg is not None else ''
+        if base and not os.path.isabs(os.path.expanduser(base)):
+            raise ValueError(f'node.map_directory={base!r} is not absolute; set an absolute '
+                             'directory or give an absolute path')
+        if not base:
+            ros_home = os.environ.get('ROS_HOME') or os.path.join(os.path.expanduser('~'),
+                                                                  '.ros')
+            base = os.path.join(ros_home, 'maps')
+            if for_saving:
+                os.makedirs(base, exist_ok=True)
+        return os.path.join(os.path.expanduser(base), path)
 
     @_service_guard
     def _on_load_map(self, request: LoadMap.Request, response: LoadMap.Response
@@ -644,20 +694,27 @@ class PerceptionNode(LifecycleNode):
         response.success = False
         if not request.path:
             response.message = 'path is empty: give the file written by save_map'
-        elif not os.path.isfile(request.path):
-            response.message = f'{request.path} does not exist or is not a file'
-        elif self._pipeline is None:
-            response.message = (f'{request.path} not loaded: {self._no_model_reason}; the '
+            return response
+        try:
+            path = self._map_path(request.path, for_saving=False)
+        except ValueError as err:
+            response.message = f'{request.path} not loaded: {err}'
+            return response
+        pipeline = self._pipeline
+        if not os.path.isfile(path):
+            response.message = f'{path} does not exist or is not a regular file'
+        elif pipeline is None:
+            response.message = (f'{path} not loaded: {self._no_model_reason}; the '
                                 'current state is unchanged')
         else:
             try:
-                self._pipeline.load(request.path)
+                pipeline.load(path)
             except (OSError, ValueError) as err:
-                response.message = f'{request.path} not loaded, current map kept: {err}'
+                response.message = f'{path} not loaded, current map kept: {err}'
             else:
                 response.success = True
-                response.bytes = os.path.getsize(request.path)
-                response.message = f'map loaded from {request.path}'
+                response.bytes = os.path.getsize(path)
+                response.message = f'map loaded from {path}'
         return response
 
     @_service_guard
@@ -706,18 +763,49 @@ class PerceptionNode(LifecycleNode):
         self._status_pub.publish(msg)
 
 
+class RosLogHandler(logging.Handler):
+    """Python logging of the library (pipeline, mapping, query, ...) into the node's logger, so
+    its lines reach /rosout and the launch log like the node's own."""
+
+    def __init__(self, node: PerceptionNode) -> None:
+        super().__init__()
+        self._logger = node.get_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f'{record.name}: {self.format(record)}'
+            if record.levelno >= logging.ERROR:
+                self._logger.error(text)
+            elif record.levelno >= logging.WARNING:
+                self._logger.warning(text)
+            elif record.levelno >= logging.INFO:
+                self._logger.info(text)
+            else:
+                self._logger.debug(text)
+        except Exception:  # noqa: BLE001  logging must never raise into the caller
+            self.handleError(record)
+
+
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     node = PerceptionNode()
+    library_log = logging.getLogger('ros2_sab3r')
+    library_log.addHandler(RosLogHandler(node))
+    library_log.setLevel(logging.DEBUG if node.get_logger().is_enabled_for(
+        LoggingSeverity.DEBUG) else logging.INFO)
+    library_log.propagate = False  # printed once, by the ROS logger
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
         if node.get_parameter('node.autostart').value:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().error('configure failed; staying unconfigured')
+                node.get_logger().error(
+                    'autostart: configure failed (reason above); the node is '
+                    f'{node._state_machine.current_state[1]}, fix the parameters and configure')
             elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 node.get_logger().error(
-                    f'activate failed; the node is {node._state_machine.current_state[1]}')
+                    'autostart: activate failed (reason above); the node is '
+                    f'{node._state_machine.current_state[1]}')
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

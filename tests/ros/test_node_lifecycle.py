@@ -1,0 +1,96 @@
+"""Lifecycle honesty, map paths and logging of the node in its own process (issue 13, 7-9).
+
+Shutdown ends the process; a configure that fails says why; SaveMap/LoadMap resolve relative
+paths against node.map_directory, not the directory launch was started from; the library's
+Python log lines (pipeline, mapping) reach /rosout.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+import pytest
+from rcl_interfaces.msg import Log
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+from ros2_sab3r.sim.standin import SceneSpec
+from ros2_sab3r.srv import LoadMap, SaveMap
+
+from . import test_node_robustness as robust
+from .rosgraph import NodeProcess, call, spin_until
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+SCENE = 'seed=0,frames=6,width=160,height=120'
+
+
+def test_shutdown_ends_the_process(ros_node, tmp_path):
+    overlay = robust._overlay(SCENE) + '    node:\n      autostart: false\n'
+    node_proc = NodeProcess(tmp_path, overlay)
+    try:
+        state = call(ros_node, GetState, f'{node_proc.name}/get_state', GetState.Request())
+        assert state.current_state.id == State.PRIMARY_STATE_UNCONFIGURED
+        answer = call(ros_node, ChangeState, f'{node_proc.name}/change_state', ChangeState.Request(
+            transition=Transition(id=Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)))
+        assert answer.success, node_proc.log()
+        assert spin_until(ros_node, lambda: node_proc.proc.poll() is not None, timeout=20), (
+            'the node process outlived its shutdown transition:\n' + node_proc.log())
+        assert node_proc.proc.returncode == 0, node_proc.log()
+    finally:
+        node_proc.stop()
+    assert 'the process ends' in node_proc.log()
+
+
+def test_an_empty_camera_list_fails_configure_with_the_reason(ros_node, tmp_path):
+    overlay = robust._overlay(SCENE).replace("image_topics: ['NS/cam0/image_raw']",
+                                             "image_topics: ['']")
+    assert "image_topics: ['']" in overlay
+    node_proc = NodeProcess(tmp_path, overlay)
+    try:
+        assert spin_until(ros_node, lambda: 'configure failed' in node_proc.log(), timeout=60), (
+            node_proc.log())
+        state = call(ros_node, GetState, f'{node_proc.name}/get_state', GetState.Request())
+        assert state.current_state.id == State.PRIMARY_STATE_UNCONFIGURED
+        assert node_proc.proc.poll() is None
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert 'image_topics' in log and 'the node is unconfigured' in log, log
+
+
+def test_map_paths_resolve_against_map_directory_and_library_logs_reach_rosout(ros_node,
+                                                                               tmp_path):
+    maps = tmp_path / 'maps'
+    maps.mkdir()
+    overlay = robust._overlay(SCENE, queue_size=10) + f"    node:\n      map_directory: '{maps}'\n"
+    rosout: list[Log] = []
+    log_sub = ros_node.create_subscription(
+        Log, '/rosout', rosout.append,
+        QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    node_proc = NodeProcess(tmp_path, overlay)
+    try:
+        _, frames = SceneSpec.parse(SCENE).render()
+        status, sub, (pub,) = robust._connect(ros_node, node_proc, ['cam0/image_raw'])
+        robust._feed(ros_node, node_proc, pub, [robust._image(f) for f in frames], status)
+        assert spin_until(ros_node, lambda: status[-1].map_ready, timeout=30)
+        saved = call(ros_node, SaveMap, f'{node_proc.name}/save_map',
+                     SaveMap.Request(path='run1/map.npz'))
+        assert not saved.success and str(maps / 'run1') in saved.message  # no such directory
+        saved = call(ros_node, SaveMap, f'{node_proc.name}/save_map',
+                     SaveMap.Request(path='map.npz'))
+        assert saved.success and str(maps / 'map.npz') in saved.message, saved.message
+        assert (maps / 'map.npz').is_file() and not (robust.Path.cwd() / 'map.npz').exists()
+        assert saved.bytes == os.path.getsize(maps / 'map.npz')
+        loaded = call(ros_node, LoadMap, f'{node_proc.name}/load_map',
+                      LoadMap.Request(path='map.npz'))
+        assert loaded.success, loaded.message
+        # the pipeline's own (Python logging) line about the loaded map, on /rosout
+        assert spin_until(ros_node, lambda: any(
+            'ros2_sab3r.pipeline' in m.msg and 'loaded map' in m.msg for m in rosout),
+            timeout=10), [m.msg for m in rosout]
+        ros_node.destroy_subscription(sub)
+    finally:
+        ros_node.destroy_subscription(log_sub)
+        assert node_proc.stop() == 0, node_proc.log()
