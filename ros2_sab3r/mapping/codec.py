@@ -2,10 +2,11 @@
 
 'bf16' (the default): bfloat16 bit patterns (uint16), numpy having no bfloat16. 'int8': int8
 values with one float32 scale per voxel (max |x| / 127), half the bytes; every Locate reads all
-CLIP features, so it reads half as much. Rounding moves a stored unit feature by at most
-1/254 of its largest channel per element: cosines with a query change by ~1e-3 (measured in
-tests/mapping/test_feature_codec.py, bounded there at 1e-2), the relevancy of a voxel by a few
-thousandths.
+CLIP features, so it reads half as much, and multiplies them in float32 after an exact widening
+(on a CPU without bf16 matrix units 3-4x faster per block than the bf16 product). Rounding
+moves a stored unit feature by at most 1/254 of its largest channel per element: cosines with
+a query change by ~1e-3 (measured in tests/mapping/test_feature_codec.py, bounded there at
+1e-2), the relevancy of a voxel by a few thousandths.
 
 Why bfloat16 for CLIP: every Locate multiplies all CLIP features by the query embeddings; at 500k
 voxels x 512 that reads 0.5 GB, and CPUs with bf16 matrix units (AVX512-BF16, AMX) do it about
