@@ -46,6 +46,7 @@ setup(
             'sab3r-export = ros2_sab3r.inference.export:main',
             'sab3r-build-engine = ros2_sab3r.inference.trt_engine:main',
             'sab3r-teacher = ros2_sab3r.train.teacher_cli:main',
+            'sab3r-train = ros2_sab3r.train.cli:main',
         ],
     },
 )

@@ -361,6 +361,11 @@ class Batch:
         return Batch(move(self.img1), move(self.img2), targets, move(self.has_geometry))
 
 
+def student_input(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] crop -> the network's [-1, 1] input (ToTensor then Normalize(0.5, 0.5))."""
+    return (images - 0.5) / 0.5
+
+
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(h, w, 3) uint8 -> (3, h, w) float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255.0)

@@ -131,7 +131,7 @@ class LossTerms:
 
     def as_floats(self) -> dict[str, float]:
         """Flat names for logging: total, regr_1, regr_2, pts_err_1, ..., match, clip_1, ..."""
-        out = {'total': float(self.total)}
+        out = {'total': float(self.total.detach())}
         for name, pair in (('regr', self.regression), ('pts_err', self.point_error),
                            ('clip', self.clip), ('dino', self.dino)):
             if pair is not None:

@@ -31,6 +31,7 @@ CROPS = ('random', 'centre')
 GEOMETRY_GUARDS = ('auto', 'none', 'heads_only', 'self_distill')
 OPTIMISERS = ('adamw',)
 SCHEDULES = ('constant', 'cosine')
+WARMUP_SHAPES = ('linear', 'log')
 PRECISIONS = ('fp32', 'bf16')
 PARALLELISMS = ('ddp', 'fsdp2')
 FEATURE_TEACHERS = {'clip': 'maskclip', 'dino': 'dinov2'}  # loss term -> teacher kind
@@ -170,7 +171,8 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     no_decay_norms_biases: bool = False  # the official recipe decays every parameter
-    warmup_steps: int = 4000  # linear warm-up from 0 (optimiser steps)
+    warmup_steps: int = 4000  # warm-up from 0 to lr (optimiser steps)
+    warmup_shape: str = 'linear'  # linear | log (DeepSpeed WarmupLR's default)
     schedule: str = 'constant'  # after warm-up: constant | cosine (to min_lr at run.steps)
     min_lr: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
@@ -181,6 +183,8 @@ class OptimSection:
         _check(all(0.0 <= b < 1.0 for b in self.betas), f'{key}.betas', 'must be in [0, 1)')
         _check(self.weight_decay >= 0, f'{key}.weight_decay', 'must be >= 0')
         _check(self.warmup_steps >= 0, f'{key}.warmup_steps', 'must be >= 0')
+        _check(self.warmup_shape in WARMUP_SHAPES, f'{key}.warmup_shape',
+               f'{self.warmup_shape!r} is not one of {WARMUP_SHAPES}')
         _check(self.schedule in SCHEDULES, f'{key}.schedule',
                f'{self.schedule!r} is not one of {SCHEDULES}')
         _check(0.0 <= self.min_lr <= self.lr, f'{key}.min_lr', 'needs 0 <= min_lr <= lr')
@@ -354,6 +358,11 @@ def _set_path(value: Any, hint: Any, path: list[str], raw: str, key: str) -> Any
         if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
                            and str in typing.get_args(hint)):
             parsed = raw  # strings stay as written ('1e-4' as a path, 'true' as a name)
+        elif hint is float and isinstance(parsed, str):
+            try:  # YAML 1.1 reads '2e-3' (no dot) as a string
+                parsed = float(parsed)
+            except ValueError:
+                pass
         elif typing.get_origin(hint) is tuple and isinstance(parsed, str):
             parsed = [_parse_value(v) for v in parsed.split(',')]  # --set data.resolution=32,64
         return _convert(parsed, hint, key)

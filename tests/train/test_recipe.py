@@ -49,11 +49,12 @@ def test_overrides_are_typed_by_the_field():
     r = load_recipe('toy_cpu', ['run.steps=7', 'data.resolution=32,64',
                                 'data.sources.0.frames=5', 'optim.betas=[0.8, 0.9]',
                                 'model.init=1e-4', 'precision=bf16',
-                                'model.activation_checkpointing=true'])
+                                'model.activation_checkpointing=true', 'optim.lr=2e-3'])
     assert r.run.steps == 7 and r.data.resolution == (32, 64)
     assert r.data.sources[0].frames == 5 and r.optim.betas == (0.8, 0.9)
     assert r.model.init == '1e-4'  # a string field keeps the text as written
     assert r.precision == 'bf16' and r.model.activation_checkpointing is True
+    assert r.optim.lr == 2e-3
 
 
 def test_override_creates_an_optional_section():

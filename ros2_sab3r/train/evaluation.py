@@ -1,0 +1,110 @@
+"""Evaluation during training: teacher cosine and depth on held-out pairs, and forgetting.
+
+Held-out pairs (``data.held_out``) are centre-cropped without jitter, so every evaluation sees
+the same pixels. Figures (all means over the held-out pairs, view 1 and view 2 together):
+
+- ``cos_clip``, ``cos_dino``: per-pixel cosine between the student's head and its teacher;
+- ``depth_rel``: median relative depth error against the ground truth after a median scale
+  alignment (pairs with geometry only);
+- ``depth_vs_initial``: median relative difference between the student's depth and the initial
+  model's (how far the geometry moved; 0 when it is untouched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ros2_sab3r.model.network import Sab3rNet
+from ros2_sab3r.model.outputs import PairOutput
+from ros2_sab3r.train.data import Batch, PairSpec, SceneViews, collate, make_pair, student_input
+from ros2_sab3r.train.recipe import Recipe
+
+
+def held_out_batches(scenes: Sequence[SceneViews], specs: Sequence[PairSpec], recipe: Recipe,
+                     device: torch.device | str = 'cpu') -> list[Batch]:
+    """One batch per held-out pair: centre crop at scale 1, no colour jitter, seeded."""
+    data = replace(recipe.data, crop='centre', scale_range=(1.0, 1.0), color_jitter=0.0)
+    batches = []
+    for i, spec in enumerate(specs):
+        scene = scenes[spec.scene]
+        rng = np.random.default_rng([recipe.run.seed, 3, i])
+        pair = make_pair(scene.views[spec.first], scene.views[spec.second], data, rng,
+                         scene.is_metric)
+        batches.append(collate([pair]).to(device))
+    return batches
+
+
+@torch.no_grad()
+def forward(net: Sab3rNet, batch: Batch) -> PairOutput:
+    """The student in float32 on a batch (the crops mapped to [-1, 1])."""
+    return net(student_input(batch.img1), student_input(batch.img2))
+
+
+def feature_cosine(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean per-pixel cosine of (B, H, W, C) maps."""
+    return float(F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean())
+
+
+def depth_relative_error(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> float:
+    """Median |s z_pred - z_gt| / z_gt over valid pixels, s the median ratio (scale-free)."""
+    z_pred, z_gt = pred[..., 2][valid], gt[..., 2][valid]
+    keep = (z_pred > 0) & (z_gt > 0)
+    if not bool(keep.any()):
+        return float('nan')
+    z_pred, z_gt = z_pred[keep], z_gt[keep]
+    scale = torch.median(z_gt / z_pred)
+    return float(torch.median((scale * z_pred - z_gt).abs() / z_gt))
+
+
+def initial_depths(net: Sab3rNet, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, ...]]:
+    """Depth maps (view 1, view 2) of the initial model: what forgetting is measured against."""
+    was = net.training
+    net.eval()
+    try:
+        out = [forward(net, b) for b in batches]
+    finally:
+        net.train(was)
+    return [(o.view1.pts3d[..., 2].cpu(), o.view2.pts3d[..., 2].cpu()) for o in out]
+
+
+@torch.no_grad()
+def evaluate_batches(net: Sab3rNet, teachers: Mapping[str, nn.Module], batches: Sequence[Batch],
+                     initial: Sequence[tuple[torch.Tensor, ...]] | None = None
+                     ) -> dict[str, float]:
+    """Figures of the module docstring (keys present when they can be computed)."""
+    was = net.training
+    net.eval()
+    sums: dict[str, list[float]] = {}
+    try:
+        for i, batch in enumerate(batches):
+            out = forward(net, batch)
+            views = ((out.view1, batch.img1, batch.targets.view1),
+                     (out.view2, batch.img2, batch.targets.view2))
+            for v, (view, img, target) in enumerate(views):
+                for head, teacher in teachers.items():
+                    student = getattr(view, head)
+                    if student is not None:
+                        sums.setdefault(f'cos_{head}', []).append(
+                            feature_cosine(student, teacher(img)))
+                if bool(batch.has_geometry.all()) and bool(target.valid.any()):
+                    sums.setdefault('depth_rel', []).append(
+                        depth_relative_error(view.pts3d, target.pts3d, target.valid))
+                if initial is not None:
+                    z0 = initial[i][v].to(view.pts3d.device)
+                    z = view.pts3d[..., 2]
+                    sums.setdefault('depth_vs_initial', []).append(
+                        float(torch.median((z - z0).abs() / z0.abs().clamp_min(1e-6))))
+    finally:
+        net.train(was)
+    out = {}
+    for k, values in sums.items():
+        finite = [v for v in values if np.isfinite(v)]
+        if finite:
+            out[k] = float(np.mean(finite))
+    return out

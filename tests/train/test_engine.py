@@ -1,0 +1,240 @@
+"""The training engine at toy scale: teachers see the student's pixels, a student distils a
+random teacher, heads-only keeps the geometry, DDP equals one process, resume is bit-identical,
+exports load, bad states stop with a named cause, and the CLI runs end to end."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ros2_sab3r.model.checkpoint import load_network
+from ros2_sab3r.model.preprocess import u8_to_tensor
+from ros2_sab3r.train import checkpoint as train_checkpoint
+from ros2_sab3r.train.checkpoint import (
+    TrainingCheckpointError,
+    complete_checkpoints,
+    load_checkpoint,
+)
+from ros2_sab3r.train.cli import main
+from ros2_sab3r.train.data import image_tensor, student_input
+from ros2_sab3r.train.engine import Trainer, TrainingError, run_training
+from ros2_sab3r.train.recipe import load_recipe
+
+pytestmark = pytest.mark.train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy model gains nothing from threads, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class RandomTeacherDouble(nn.Module):
+    """Test double of a teacher: a fixed random conv net on the [0, 1] crop, (B, H, W, dim)
+    at every pixel (a smooth function of the local colours, learnable by a student)."""
+
+    def __init__(self, dim: int, seed: int = 0, record: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(32, 3, 5, 5, generator=g) * 0.4, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(dim, 32, 1, 1, generator=g) * 0.5, requires_grad=False)
+        self.dim = dim
+        self.seen: list[torch.Tensor] = []
+        self.record = record
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.record:
+            self.seen.append(images.clone())
+        x = F.avg_pool2d(images - 0.5, 4)
+        x = torch.tanh(F.conv2d(x, self.w1, padding=2))
+        x = F.conv2d(x, self.w2)
+        x = F.interpolate(x, size=images.shape[-2:], mode='bilinear', align_corners=False)
+        return x.permute(0, 2, 3, 1).contiguous()
+
+
+class NanTeacherDouble(RandomTeacherDouble):
+    """Test double: a teacher whose targets are NaN (a corrupt teacher)."""
+
+    def forward(self, images):
+        return super().forward(images) * float('nan')
+
+
+def toy(*overrides):
+    return load_recipe('toy_cpu', list(overrides))
+
+
+def distil(*overrides):
+    """Toy recipe with the CLIP term on (tiny_cd's clip head has 16 channels)."""
+    return toy('loss.clip=1.0', 'teachers.clip.weights=unused', 'teachers.clip.upsampler=none',
+               *overrides)
+
+
+def teachers(seed=0, record=False):
+    return {'clip': RandomTeacherDouble(16, seed, record)}
+
+
+def test_teachers_see_exactly_the_student_pixels(tmp_path):
+    trainer = Trainer(distil('run.steps=1'), tmp_path, teachers=teachers(record=True),
+                      progress=False)
+    k = trainer.sample_indices(0, 0)[0]
+    pair = trainer.dataset[k]
+    trainer.optimise(0)
+    seen = trainer.teachers['clip'].seen
+    assert len(seen) == 2 * trainer.recipe.batch.accumulation  # both views, every micro-batch
+    assert torch.equal(seen[0][0], image_tensor(pair.rgb1))  # the crop, in [0, 1]
+    assert torch.equal(seen[1][0], image_tensor(pair.rgb2))
+    # ... and the student was given the same crop as the official ToTensor + Normalize(0.5)
+    assert torch.equal(student_input(seen[0][:1]), u8_to_tensor(pair.rgb1))
+
+
+@pytest.mark.slow
+def test_a_student_distils_a_random_teacher(tmp_path):
+    """Held-out pairs of the scene: cosine about 0.01 untrained, 0.67 after 60 steps and
+    0.73 after 100 (measured); the issue's 0.85 needs a longer run than a unit test."""
+    recipe = distil('run.steps=60', 'run.checkpoint_every=60', 'optim.warmup_steps=5',
+                    'optim.lr=2e-3', 'batch.accumulation=1', 'batch.micro_batch=2',
+                    'loss.matching=0', 'data.held_out=0.25')
+    trainer = Trainer(recipe, tmp_path, teachers=teachers(), progress=False)
+    before = trainer.evaluate()['cos_clip']
+    trainer.fit()
+    after = trainer.evaluate()['cos_clip']
+    assert before < 0.2 and after > 0.55, (before, after)
+
+
+def test_heads_only_keeps_the_geometry_bit_identical(tmp_path):
+    recipe = distil('model.trainable=heads', 'run.steps=2', 'optim.warmup_steps=0')
+    trainer = Trainer(recipe, tmp_path, teachers=teachers(), progress=False)
+    initial = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.fit()
+    changed = [k for k, v in trainer.net.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed and all('.clip_head.' in k for k in changed), changed
+    assert any('.clip_head.' in k for k in changed)
+    metrics = trainer.evaluate()
+    assert metrics['depth_vs_initial'] == 0.0
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(distil('batch.accumulation=1', 'data.held_out=0'), out, progress=False,
+                      teachers=teachers())
+    trainer.accumulate(0)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in trainer.net.named_parameters() if p.grad is not None},
+                   os.path.join(out, 'ddp.pt'))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gradients_equal_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ddp = torch.load(tmp_path / 'ddp.pt')
+    single = Trainer(distil('batch.accumulation=2', 'data.held_out=0'), tmp_path / 'one',
+                     progress=False, teachers=teachers())
+    single.accumulate(0)  # samples 0 and 1: what ranks 0 and 1 read
+    grads = {n: p.grad for n, p in single.net.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ddp) and len(grads) > 10
+    worst = max(float((ddp[n] - g).abs().max() / g.abs().max().clamp_min(1e-12))
+                for n, g in grads.items())
+    assert worst < 1e-4, worst  # float32 summation order only
+
+
+def test_resume_is_bit_identical(tmp_path):
+    recipe = distil('run.steps=2', 'run.checkpoint_every=1', 'data.held_out=0',
+                    'batch.accumulation=1', 'batch.micro_batch=2', 'optim.warmup_steps=0')
+    straight = run_training(recipe, tmp_path / 'a', teachers=teachers(), progress=False)
+    paused = run_training(recipe, tmp_path / 'b', teachers=teachers(), stop_at=1,
+                          progress=False)
+    assert paused.step == 1 and not (tmp_path / 'b' / 'export').exists()
+    resumed = run_training(recipe, tmp_path / 'b', teachers=teachers(), resume='auto',
+                           progress=False)
+    assert resumed.step == 2
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    a = load_checkpoint(complete_checkpoints(tmp_path / 'a')[-1])
+    b = load_checkpoint(complete_checkpoints(tmp_path / 'b')[-1])
+    for key in ('exp_avg', 'exp_avg_sq'):
+        for i, state in a['optimizer']['state'].items():
+            assert torch.equal(state[key], b['optimizer']['state'][i][key])
+    assert a['scheduler'] == b['scheduler']
+    assert torch.equal(a['rng'][0]['torch'], b['rng'][0]['torch'])
+    # the exports of both runs load strictly and reproduce the in-memory model
+    img = torch.rand(1, 3, 48, 64) * 2 - 1
+    resumed.net.eval()
+    want = resumed.net(img, img.flip(-1))
+    for export in (tmp_path / 'b' / 'export' / 'toy_cpu.safetensors',):
+        got = load_network(export)(img, img.flip(-1))
+        for name in ('pts3d', 'conf', 'desc', 'clip', 'dino'):
+            assert torch.equal(getattr(got.view2, name), getattr(want.view2, name)), name
+    official = load_network(tmp_path / 'b' / 'export' / 'toy_cpu.pth', config='tiny_cd')
+    for k, v in official.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    card = (tmp_path / 'b' / 'export' / 'MODEL_CARD.md').read_text()
+    assert 'CC BY-NC-SA 4.0' in card and 'step 2' in card
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    recipe = toy('run.steps=4', 'run.checkpoint_every=2', 'batch.accumulation=1')
+    trainer = Trainer(recipe, tmp_path, progress=False)
+    trainer.fit(stop_at=2)
+    (good,) = complete_checkpoints(tmp_path)
+    before = load_checkpoint(good)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(train_checkpoint.torch, 'save', full)
+    with pytest.raises(TrainingCheckpointError, match='step 4.*No space left.*step_00000002 '
+                       'is intact'):
+        trainer.fit()
+    assert complete_checkpoints(tmp_path) == [good]
+    assert not list((tmp_path / 'checkpoints').glob('.*partial'))
+    after = load_checkpoint(good)
+    for k, v in before['model'].items():
+        assert torch.equal(v, after['model'][k])
+
+
+def test_a_non_finite_loss_stops_naming_step_and_term(tmp_path):
+    recipe = distil('run.steps=3', 'run.checkpoint_every=1', 'batch.accumulation=1')
+    trainer = Trainer(recipe, tmp_path, teachers=teachers(), progress=False)
+    trainer.fit(stop_at=1)
+    trainer.teachers['clip'] = NanTeacherDouble(16)
+    with pytest.raises(TrainingError, match="step 1: loss term 'clip_1' is nan"):
+        trainer.fit()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ['step_00000001']
+
+
+def test_cli_end_to_end_on_the_toy_recipe(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(['toy_cpu', '--out', str(out), '--set', 'run.steps=2', '--no-progress',
+                 '--stop-at', '1']) == 0
+    assert 'resume with --resume auto' in capsys.readouterr().out
+    assert main(['toy_cpu', '--out', str(out), '--set', 'run.steps=2', '--no-progress',
+                 '--resume', 'auto']) == 0
+    rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows if 'total' in r] == [1, 2]
+    assert all(np.isfinite(r['total']) and r['pairs_per_s'] > 0 for r in rows if 'total' in r)
+    assert any('eval/depth_vs_initial' in r for r in rows)
+    net = load_network(out / 'export' / 'toy_cpu.safetensors')
+    assert net.cfg.name == 'tiny_cd'
+    assert (out / 'export' / 'MODEL_CARD.md').is_file()
+    assert main(['toy_cpu', '--set', 'run.stepz=2']) == 2
+    assert "no key 'stepz'" in capsys.readouterr().err
+    assert main(['toy_cpu', '--resume', str(tmp_path / 'nowhere')]) == 2
+    assert main([str(tmp_path / 'missing.yaml')]) == 2
