@@ -121,6 +121,15 @@ class FramesConfig:
     pose_source: str = param(
         'none', "'tf': camera poses from TF at the image stamp; 'none': from SAB3R, map "
         'anchored at the first keyframe', choices=('none', 'tf'), read_only=True)
+    # REP-105: in unposed mode the node is a localizer. When TF gives the camera in odom_frame,
+    # it publishes map -> odom_frame (the robot keeps odom -> base -> camera); else map ->
+    # estimate_frame, a frame of its own. Never map -> the camera's frame: a second parent.
+    odom_frame: str = param(
+        'odom', "pose_source 'none': frame the node publishes map -> odom_frame into when TF "
+        'gives the camera in it')
+    estimate_frame: str = param(
+        'sab3r_camera', "pose_source 'none': the camera pose estimate's own frame (map -> it) "
+        'when TF does not connect the camera to odom_frame')
     tf_timeout_s: float = param(
         0.05, "pose_source 'tf': how long the worker waits for the camera's TF at the image "
         'stamp before skipping the frame', unit='s', min=0.0, max=5.0)

@@ -314,13 +314,14 @@ class PerceptionNode(LifecycleNode):
                 subs.append(self.create_subscription(
                     CameraInfo, topic, lambda msg, i=idx: self._on_camera_info(i, msg),
                     cam_qos, callback_group=self._camera_group))
-        if cfg.frames.pose_source == 'tf':
-            subs.append(self.create_subscription(
-                TFMessage, '/tf', lambda msg: self._on_tf(msg, False), 100,
-                callback_group=self._camera_group))
-            subs.append(self.create_subscription(
-                TFMessage, '/tf_static', lambda msg: self._on_tf(msg, True), qos.LATCHED_TF,
-                callback_group=self._camera_group))
+        # TF in both modes: posed mode reads camera poses; unposed mode needs odom -> camera to
+        # publish map -> odom (REP-105), and Locate answers in any frame of the tree.
+        subs.append(self.create_subscription(
+            TFMessage, '/tf', lambda msg: self._on_tf(msg, False), 100,
+            callback_group=self._camera_group))
+        subs.append(self.create_subscription(
+            TFMessage, '/tf_static', lambda msg: self._on_tf(msg, True), qos.LATCHED_TF,
+            callback_group=self._camera_group))
         self._subscriptions_active = subs
         self.get_logger().info('active: listening on ' + ', '.join(s.topic_name for s in subs))
         return super().on_activate(state)
@@ -560,9 +561,24 @@ class PerceptionNode(LifecycleNode):
         self._pubs['poses'].publish(pose_array)
         self._pubs['path'].publish(path)
         if T_WC is not None and cfg.frames.pose_source != 'tf' and frame.frame_id:
-            # unposed mode: the node is the source of map -> camera
-            self._pubs['tf'].publish(TFMessage(transforms=[
-                messages.transform_from_matrix(header, frame.frame_id, T_WC)]))
+            self._publish_localization(header, frame, T_WC)
+
+    def _publish_localization(self, header: Header, frame: CameraFrame, T_WC: np.ndarray
+                              ) -> None:
+        """Unposed mode, the REP-105 way: map -> odom when TF gives the camera in odom (at the
+        image stamp), else map -> frames.estimate_frame; never map -> the camera's own frame,
+        which would give it a second parent."""
+        cfg = self._cfg
+        try:
+            T_OC = self._tf.lookup(cfg.frames.odom_frame, frame.frame_id, frame.stamp_ns)
+        except TransformLookupError:
+            child, T = cfg.frames.estimate_frame, T_WC
+        else:
+            child, T = cfg.frames.odom_frame, T_WC @ np.linalg.inv(T_OC)  # T_MO
+        # known at once to this node's own lookups (Locate in any frame of the tree)
+        self._tf.set_transform(cfg.frames.map_frame, child, frame.stamp_ns, T, False)
+        self._pubs['tf'].publish(TFMessage(transforms=[
+            messages.transform_from_matrix(header, child, T)]))
 
     @_callback_guard(counts_as_dropped=False)
     def _publish_map(self) -> None:
