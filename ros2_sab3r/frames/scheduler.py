@@ -15,6 +15,9 @@ Everything about time lives here, per camera:
   silent for ``stale_s`` is not waited for.
 - Accounting: ``received == processed + dropped + queued`` whenever no frame is in the worker's
   hands, across drop-oldest, out-of-order frames, failed steps, loops and :meth:`clear`.
+- Frames that never arrive (a best-effort subscription losing large images) show as a gap in a
+  camera's stamps: more than ``gap_factor`` times its median step. They are estimated, counted
+  as ``missing`` and reported, since the middleware drops them without telling the node.
 
 Warnings go through ``notify(key, text)``; :class:`Throttle` limits each key to one line per
 period, so a bad stream does not log at frame rate.
@@ -44,6 +47,7 @@ class FrameCounts:
     queued: int = 0
     out_of_order: int = 0  # part of dropped
     loops: int = 0  # confirmed jumps back of the whole stream (map resets)
+    missing: int = 0  # frames that never arrived, estimated from stamp gaps (not received)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class _Camera:
         self.backward: list[int] = []  # consecutive stamps far behind last_ns, in order
         self.jumped = False  # confirmed a new timeline; waiting for the other cameras
         self.seen_at = -math.inf  # clock() when its last frame arrived
+        self.periods: deque[int] = deque(maxlen=15)  # recent stamp steps (ns)
 
 
 class FrameScheduler:
@@ -95,7 +100,7 @@ class FrameScheduler:
 
     def __init__(self, cameras: Sequence[str], capacity: int, *,
                  jump_back_ns: int = 1_000_000_000, confirm: int = 2, stale_s: float = 5.0,
-                 notify: Notify | None = None,
+                 gap_factor: float = 2.5, notify: Notify | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not cameras:
             raise ValueError('FrameScheduler needs at least one camera; set camera.image_topics')
@@ -112,7 +117,9 @@ class FrameScheduler:
         self._next = 0
         self._epoch = 0  # +1 per loop of the whole stream
         self._taken_epoch = 0
+        self._gap_factor = gap_factor
         self._received = self._processed = self._dropped = self._out_of_order = 0
+        self._missing = 0
 
     # ---- cameras ---------------------------------------------------------------------------
     def reject(self, camera: int, reason: str) -> None:
@@ -156,6 +163,8 @@ class FrameScheduler:
                 self._out_of_order += 1
             return False
         if cam.last_ns is None or t >= cam.last_ns:
+            if cam.last_ns is not None:
+                self._note_gap(cam, t - cam.last_ns, notes)
             cam.last_ns, cam.backward = t, []
             return True
         behind = cam.last_ns - t
@@ -172,6 +181,21 @@ class FrameScheduler:
         notes.append((f'late:{cam.name}', f'frame on {cam.name} {behind / 1e9:.3f} s older than '
                       'the last one dropped (out of order)'))
         return False
+
+    def _note_gap(self, cam: _Camera, step: int, notes: list) -> None:
+        """Estimate frames lost before this one from the camera's usual stamp step."""
+        if len(cam.periods) >= 5:
+            period = sorted(cam.periods)[len(cam.periods) // 2]
+            if period > 0 and step > self._gap_factor * period:
+                lost = round(step / period) - 1
+                self._missing += lost
+                notes.append((f'gap:{cam.name}', f'{cam.name}: about {lost} frame(s) never '
+                              f'arrived ({step / 1e9:.3f} s gap, usual {period / 1e9:.3f} s); '
+                              'if large frames get lost between processes, set '
+                              'camera.qos_reliability: reliable'))
+                return  # a gap is not a period
+        if step > 0:
+            cam.periods.append(step)
 
     def _loop_if_every_camera_jumped(self, notes: list) -> bool:
         now = self._clock()
@@ -243,7 +267,8 @@ class FrameScheduler:
             return FrameCounts(received=self._received, processed=self._processed,
                                dropped=self._dropped,
                                queued=sum(len(c.queue) for c in self._cameras),
-                               out_of_order=self._out_of_order, loops=self._epoch)
+                               out_of_order=self._out_of_order, loops=self._epoch,
+                               missing=self._missing)
 
 
 class FrameWorker:

@@ -192,3 +192,19 @@ def test_worker_runs_steps_resets_before_a_loop_and_survives_errors():
     assert errors == ['a stage failed']
     c = sched.counts()
     assert (c.received, c.processed, c.dropped, c.queued) == (5, 3, 2, 0), c
+
+
+def test_frames_that_never_arrived_are_estimated_and_reported():
+    sched, notes = _scheduler(capacity=50)
+    stamps = [10.0 + 0.1 * k for k in range(10)] + [11.4, 11.5, 11.6]  # 0.5 s: 4 frames lost
+    for t in stamps:
+        sched.push(0, _frame(t))
+    c = sched.counts()
+    assert c.missing == 4 and c.received == len(stamps) and c.dropped == 0, c
+    assert any('about 4 frame(s) never arrived' in n and 'qos_reliability' in n
+               for n in notes), notes
+    # an even stream reports nothing
+    sched, notes = _scheduler(capacity=50)
+    for k in range(30):
+        sched.push(0, _frame(10.0 + 0.1 * k))
+    assert sched.counts().missing == 0 and not notes
