@@ -378,6 +378,11 @@ class QueryConfig:
     merge_gap_m: float = param(
         0.15, 'instances of one query closer than this, with similar DINO features, are one '
         'object (0: never merged)', unit='m', min=0.0, max=10.0)
+    # Fragments: a few voxels of an object fused elsewhere (a depth edge, a
+    # registration slip), or background that happens to lean towards the query.
+    min_relative_size: float = param(
+        0.1, "calibrated mode: instances smaller than this share of the query's largest "
+        'FOUND instance are dropped as fragments', unit='ratio', min=0.0, max=1.0)
     estimate_gravity: bool = param(
         True, 'unposed maps: estimate gravity from the floor plane (cameras look level) so '
         'boxes are upright; false: PCA boxes')

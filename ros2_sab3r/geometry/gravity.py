@@ -16,13 +16,16 @@ CAMERA_DOWN = np.array([0.0, 1.0, 0.0])  # OpenCV camera frame: y points down
 
 def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
                      inlier_m: float = 0.05, max_tilt_deg: float = 35.0,
-                     min_support: float = 0.05, iterations: int = 300,
-                     max_points: int = 20_000, seed: int = 0) -> np.ndarray:
+                     min_support: float = 0.1, iterations: int = 2000,
+                     max_points: int = 20_000, max_score_points: int = 4000,
+                     refine_candidates: int = 8,
+                     seed: int = 0) -> np.ndarray:
     """(3,) unit gravity direction in the frame of `points` (N, 3).
 
     RANSAC over planes of the (subsampled) points whose normal is within `max_tilt_deg` of
-    `prior_down`; the plane with the most inliers (within `inlier_m`) is refined by least squares
-    on its inliers. Fewer than `min_support` of the points on it: the normalised prior.
+    `prior_down`, ranked by their inliers (within `inlier_m`) among `max_score_points` points;
+    the best `refine_candidates` are refined by least squares on their inliers and the one with
+    the most inliers wins. Fewer than `min_support` of the points on it: the normalised prior.
     """
     prior = np.asarray(prior_down, np.float64)
     n_prior = np.linalg.norm(prior)
@@ -34,8 +37,7 @@ def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
     if len(P) < 3:
         return prior
     rng = np.random.default_rng(seed)
-    if len(P) > max_points:
-        P = P[rng.choice(len(P), max_points, replace=False)]
+    P = P[rng.permutation(len(P))[:max_points]]
     cos_tilt = np.cos(np.radians(max_tilt_deg))
     tri = P[rng.integers(0, len(P), (iterations, 3))]  # (I, 3, 3)
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
@@ -43,16 +45,26 @@ def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
     ok = length > 1e-9
     normals[ok] /= length[ok, None]
     ok &= np.abs(normals @ prior) >= cos_tilt
-    best, best_count = None, 0
+    counts = np.zeros(len(tri), np.int64)
+    score_on = P[:max_score_points]  # hypotheses are ranked on a subset (P is shuffled)
     for i in np.flatnonzero(ok):
-        inliers = np.abs((P - tri[i, 0]) @ normals[i]) < inlier_m
-        count = int(inliers.sum())
-        if count > best_count:
-            best, best_count = inliers, count
-    if best is None or best_count < min_support * len(P):
+        counts[i] = int((np.abs((score_on - tri[i, 0]) @ normals[i]) < inlier_m).sum())
+    best_normal, best_count = None, 0
+    # The best few hypotheses, each refined by least squares on its inliers (a hypothesis
+    # from three close points is tilted; the refit settles on the plane itself).
+    for i in np.argsort(-counts)[:refine_candidates]:
+        if counts[i] == 0:
+            break
+        normal, point = normals[i], tri[i, 0]
+        for _ in range(4):
+            inliers = np.abs((P - point) @ normal) < inlier_m
+            if inliers.sum() < 3:
+                break
+            point = P[inliers].mean(0)
+            normal = np.linalg.svd(P[inliers] - point, full_matrices=False)[2][-1]
+        count = int((np.abs((P - point) @ normal) < inlier_m).sum())
+        if abs(normal @ prior) >= cos_tilt and count > best_count:
+            best_normal, best_count = normal, count
+    if best_normal is None or best_count < min_support * len(P):
         return prior
-    Q = P[best] - P[best].mean(0)
-    normal = np.linalg.svd(Q, full_matrices=False)[2][-1]
-    if abs(normal @ prior) < cos_tilt:
-        return prior
-    return normal * np.sign(normal @ prior)
+    return best_normal * np.sign(best_normal @ prior)

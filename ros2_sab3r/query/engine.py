@@ -476,7 +476,8 @@ class QueryEngine:
         the same units (0.5: a tie). FOUND at score >= min_score; AMBIGUOUS within
         query.ambiguity_margin below it when z is a full std above query.vocabulary_min_z
         (clearly of the query's kind, a close competitor); otherwise the instance is something
-        else and is not returned.
+        else and is not returned. Instances smaller than query.min_relative_size of the query's
+        largest FOUND instance are dropped as fragments.
         """
         cfg = self.cfg
         decided = []
@@ -517,6 +518,8 @@ class QueryEngine:
                 f'{text!r} beats the vocabulary')
             return [LocatedObject(query=text, label=label, status=LocateStatus.NOT_FOUND,
                                   score=0.0, reason=why)]
+        largest = max((d[1] for d in decided if d[3] == LocateStatus.FOUND), default=0)
+        decided = [d for d in decided if d[1] >= cfg.min_relative_size * largest]
         # FOUND before AMBIGUOUS, then by size (evidence), then score.
         decided.sort(key=lambda d: (d[3] != LocateStatus.FOUND, -d[1], -d[0]))
         gravity = self.gravity(snap)

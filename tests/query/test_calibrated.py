@@ -175,6 +175,21 @@ def test_class_present_twice_two_instances_both_found(encoder):
     assert ious[0] >= 0.75
 
 
+def test_small_fragment_of_the_query_elsewhere_is_dropped():
+    enc = HashTextEncoderStandIn()
+    objects = [('sofa', (-1.5, 0.5, 0), (0.3, 1.4, 0.8)),
+               ('sofa', (1.5, -1.5, 0), (1.6, -1.4, 0.1))]
+    snap, _ = build_map(objects, enc)
+
+    def found(**cfg):
+        res = QueryEngine(QueryConfig(**cfg), enc).locate(snap, LocateQuery(queries=('sofa',)))
+        return sorted(o.point_count for o in res.objects if o.status == LocateStatus.FOUND)
+
+    kept = found(min_relative_size=0.0)
+    assert len(kept) == 2 and kept[0] < 0.1 * kept[1]
+    assert found() == kept[1:]
+
+
 def test_one_object_split_by_a_gap_is_merged():
     """A lamp in two parts 10 cm apart (less than query.merge_gap_m): one object when the parts'
     DINO features agree, two when they differ or merging is off."""
