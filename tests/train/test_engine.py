@@ -234,6 +234,7 @@ def test_cli_end_to_end_on_the_toy_recipe(tmp_path, capsys):
     net = load_network(out / 'export' / 'toy_cpu.safetensors')
     assert net.cfg.name == 'tiny_cd'
     assert (out / 'export' / 'MODEL_CARD.md').is_file()
+    assert list((out / 'tensorboard').glob('events.out.tfevents.*'))  # pinned dependency
     assert main(['toy_cpu', '--set', 'run.stepz=2']) == 2
     assert "no key 'stepz'" in capsys.readouterr().err
     assert main(['toy_cpu', '--resume', str(tmp_path / 'nowhere')]) == 2
