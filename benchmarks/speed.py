@@ -15,7 +15,9 @@ the pipeline calls it, with random weights (speed does not depend on them):
   that pair (``VIEW1_FEATURES``: only the feature heads run), then geometry only with the others.
   Target: at least 1.5x lower.
   Torch fp32 (``--threads`` threads); ONNX Runtime fp32 on an ``sab3r-export`` directory of the
-  same architecture and size with ``--onnx DIR`` (format 2: split graphs).
+  same architecture and size with ``--onnx DIR`` (format 2: split graphs). Printed first, and
+  independent of the machine's load: the same comparison in FLOPs counted by torch on the meta
+  device (``--flops-only`` stops there).
 
 mapping: integration rate of 512x384 keyframes (196,608 points, 512-d CLIP at stride 8):
 - into an empty map;
@@ -108,6 +110,35 @@ def network_times(backend, size: tuple[int, int], pairs: int, repeat: int) -> di
             'encode': enc, 'full': full, 'geometry': geo, 'view1': view1}
 
 
+def network_flops(config: str, size: tuple[int, int], pairs: int) -> dict[str, float]:
+    """GFLOP per frame kind, before and after, counted by torch on the meta device (no weights,
+    no time): the load-independent side of the same comparison."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ros2_sab3r.model.network import create_network
+
+    net = create_network(config, device='meta')
+    img = torch.zeros(1, 3, *size, device='meta')
+
+    def gflop(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    with torch.no_grad():
+        a, b = net.encode(img), net.encode(img)
+        enc = gflop(lambda: net.encode(img))
+        full = gflop(lambda: net.decode(a, b))
+        geo = gflop(lambda: net.decode(a, b, features=()))
+        view1 = gflop(lambda: net.decode(a, b, features=(1,))) - geo
+    return {'tracked_before': enc + full, 'tracked_after': enc + geo,
+            'keyframe_before': enc + pairs * full,
+            'keyframe_after': enc + geo + view1 + (pairs - 1) * geo,
+            'encode': enc, 'decoder': gflop(lambda: net.decode_tokens(a, b)), 'full': full,
+            'geometry': geo, 'view1': view1}
+
+
 def network(args) -> None:
     import torch
 
@@ -129,6 +160,17 @@ def network(args) -> None:
             args.onnx, size, OrtOptions(threads=args.threads), verify=False)))
     print(f'network: {args.config} at {size[0]}x{size[1]}, {args.threads} threads, '
           f'{pairs} pairs per keyframe, {args.repeat} repetition(s); torch {torch.__version__}')
+    f = network_flops(args.config, size, pairs)
+    print(f'  GFLOP: encode {f["encode"]:.0f}, decoders {f["decoder"]:.0f}, full decode '
+          f'{f["full"]:.0f}, geometry-only decode {f["geometry"]:.0f}, view 1 features '
+          f'{f["view1"]:.0f}')
+    for kind, factor in (('tracked', 3.0), ('keyframe', 1.5)):
+        before, after = f[f'{kind}_before'], f[f'{kind}_after']
+        row(f'{kind} frame network GFLOP ({args.config}, counted)', f'{before:.0f}',
+            f'{after:.0f} ({before / after:.2f}x lower)', f'>= {factor}x lower',
+            before / after >= factor)
+    if args.flops_only:
+        return
     for what, make in backends:
         backend = make()
         backend.warm_up()
@@ -321,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     net.add_argument('--size', default='384x512', help='network input HxW')
     net.add_argument('--threads', type=int, default=2)
     net.add_argument('--repeat', type=int, default=1)
+    net.add_argument('--flops-only', action='store_true',
+                     help='only count the FLOPs (seconds, whatever the load)')
     net.add_argument('--onnx', default='', help='sab3r-export directory of the same '
                                                  'architecture and size (format 2)')
     mp = sub.add_parser('mapping', help='integration, Locate, bytes per voxel, save/load')
