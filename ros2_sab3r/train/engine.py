@@ -303,7 +303,6 @@ class Trainer:
         self.info = init_distributed(resolve_device(recipe))
         self.device = resolve_device(recipe, self.info)
         self.progress = progress and self.info.main
-        torch.manual_seed(recipe.run.seed + self.info.rank)
 
         self.scenes = [load_source(s) for s in recipe.data.sources]
         pairs = select_pairs(self.scenes, recipe.data.min_overlap, recipe.data.max_overlap)
@@ -313,7 +312,11 @@ class Trainer:
                                    recipe.batch.symmetrise)
         self.guard = self._geometry_guard(self.scenes)
 
+        # Every rank builds the same initial weights (FSDP2 shards each rank's own copy; DDP
+        # would broadcast rank 0's), then draws its own random stream (seed + rank, official).
+        torch.manual_seed(recipe.run.seed)
         self.net = build_student(recipe).to(self.device)
+        torch.manual_seed(recipe.run.seed + self.info.rank)
         self.reference = None
         if self.guard == 'self_distill':  # the frozen initial model teaches the geometry
             self.reference = copy.deepcopy(self.net).eval().requires_grad_(False)

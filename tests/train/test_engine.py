@@ -125,26 +125,32 @@ def test_heads_only_keeps_the_geometry_bit_identical(tmp_path):
     assert metrics['depth_vs_initial'] == 0.0
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _parallel_worker(rank: int, world: int, port: int, out: str, parallelism: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = Trainer(distil('batch.accumulation=1', 'data.held_out=0'), out, progress=False,
+    trainer = Trainer(distil('batch.accumulation=1', 'data.held_out=0',
+                             f'run.parallelism={parallelism}'), out, progress=False,
                       teachers=teachers())
     trainer.accumulate(0)
+    grads = {}
+    for name, p in trainer.net.named_parameters():
+        if p.grad is not None:  # FSDP2 holds shards (DTensor): gather them (a collective)
+            grads[name] = p.grad.full_tensor() if hasattr(p.grad, 'full_tensor') else p.grad
     if rank == 0:
-        torch.save({n: p.grad for n, p in trainer.net.named_parameters() if p.grad is not None},
-                   os.path.join(out, 'ddp.pt'))
+        torch.save(grads, os.path.join(out, 'grads.pt'))
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_process_ddp_gradients_equal_one_process(tmp_path):
+@pytest.mark.parametrize('parallelism', ['ddp', 'fsdp2'])
+def test_two_process_gradients_equal_one_process(tmp_path, parallelism):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    ddp = torch.load(tmp_path / 'ddp.pt')
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, port, str(tmp_path), parallelism),
+                                nprocs=2)
+    ddp = torch.load(tmp_path / 'grads.pt')
     single = Trainer(distil('batch.accumulation=2', 'data.held_out=0'), tmp_path / 'one',
                      progress=False, teachers=teachers())
     single.accumulate(0)  # samples 0 and 1: what ranks 0 and 1 read
