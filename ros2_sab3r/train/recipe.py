@@ -71,7 +71,7 @@ class TeacherSection:
     upsampler_weights: str = ''  # FeatUp JBU checkpoint (jbu only)
     chunk_pixels: int = 65536  # JBU band size in output pixels (memory)
     upsampler_dropout: bool = False  # reproduction only: the official trainer's active dropout
-    uncropped_input: bool = False  # reproduction only: teacher sees the view before the crop
+    uncropped_input: bool = False  # reproduction only (not supported by sab3r-train's data yet)
 
     def validate(self, key: str) -> None:
         _check(self.kind in TEACHERS, f'{key}.kind', f'{self.kind!r} is not one of {TEACHERS}')
@@ -82,6 +82,8 @@ class TeacherSection:
         _check(self.upsampler != 'jbu' or bool(self.upsampler_weights),
                f'{key}.upsampler_weights', 'the jbu upsampler needs its FeatUp checkpoint')
         _check(self.chunk_pixels >= 1, f'{key}.chunk_pixels', 'must be >= 1')
+        _check(not self.uncropped_input, f'{key}.uncropped_input', 'the data pipeline keeps no '
+               'uncropped view yet; the teachers always see the student crop (set false)')
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,6 @@ class DataSource:
     stride: int = 1  # bag: keep every n-th image
     trajectory: str = 'handheld'  # synthetic camera path: handheld | robot | rotation
     render_size: tuple[int, int] = (96, 128)  # synthetic (H, W) rendered before augmentation
-    weight: float = 1.0  # share of the pairs drawn from this source
     is_metric: bool = True  # metric-scale depth: the 3D term learns the scale
     pose_topic: str = '/gt/pose'  # bag poses: this PoseStamped topic, or TF when '' ...
     tf_map_frame: str = ''  # ... from this frame to the image's frame_id
@@ -126,7 +127,6 @@ class DataSource:
                f'{self.trajectory!r} is not one of handheld, robot, rotation')
         _check(all(v >= 16 for v in self.render_size), f'{key}.render_size',
                'both sides must be >= 16 pixels')
-        _check(math.isfinite(self.weight) and self.weight > 0, f'{key}.weight', 'must be > 0')
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,6 @@ class DataSection:
     max_overlap: float = 0.95
     held_out: float = 0.0  # share of each source's pairs kept for evaluation
     geometry_guard: str = 'auto'  # without depth/poses: heads_only | self_distill | none
-    workers: int = 0  # DataLoader worker processes
 
     def validate(self, key: str = 'data') -> None:
         _check(len(self.sources) >= 1, f'{key}.sources', 'needs at least one source')
@@ -161,7 +160,6 @@ class DataSection:
         _check(0.0 <= self.held_out < 1.0, f'{key}.held_out', 'must be in [0, 1)')
         _check(self.geometry_guard in GEOMETRY_GUARDS, f'{key}.geometry_guard',
                f'{self.geometry_guard!r} is not one of {GEOMETRY_GUARDS}')
-        _check(self.workers >= 0, f'{key}.workers', 'must be >= 0')
 
 
 @dataclass(frozen=True)

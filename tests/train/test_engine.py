@@ -245,3 +245,30 @@ def test_cli_end_to_end_on_the_toy_recipe(tmp_path, capsys):
     assert "no key 'stepz'" in capsys.readouterr().err
     assert main(['toy_cpu', '--resume', str(tmp_path / 'nowhere')]) == 2
     assert main([str(tmp_path / 'missing.yaml')]) == 2
+
+
+def test_sources_without_depth_or_poses_are_guarded(tmp_path):
+    from ros2_sab3r.eval.bag import GroundTruthBagWriter
+    from ros2_sab3r.sim.synthetic import make_scene
+    from ros2_sab3r.train.data import DataError
+
+    bag = tmp_path / 'bare'
+    with GroundTruthBagWriter(bag) as writer:  # images and K only: no depth, no pose
+        for f in make_scene(0).sequence(4, width=64, height=48):
+            writer.write_frame(f.stamp_ns, f.rgb, f.K)
+    source = ['data.sources.0.kind=bag', f'data.sources.0.path={bag}', 'data.held_out=0',
+              'batch.accumulation=1']
+    trainer = Trainer(toy(*source), tmp_path / 'run', progress=False)
+    assert trainer.guard == 'self_distill'
+    metrics = trainer.accumulate(0)
+    # the targets are the frozen initial model's own pointmaps: zero error before any step
+    assert metrics['pts_err_1'] < 1e-6 and metrics['pts_err_2'] < 1e-6
+    assert metrics['regr_1'] < 0  # every pixel counted: -alpha log C (unguarded: no pixel, 0)
+    assert metrics['match'] == 0.0  # no true correspondence without geometry
+    heads = Trainer(distil(*source, 'model.trainable=heads'), tmp_path / 'heads',
+                    teachers=teachers(), progress=False)
+    assert heads.guard == 'heads_only'
+    with pytest.raises(DataError, match='geometry_guard to heads_only or self_distill'):
+        Trainer(toy(*source, 'data.geometry_guard=none'), tmp_path / 'x', progress=False)
+    with pytest.raises(DataError, match='set model.trainable=heads'):
+        Trainer(toy(*source, 'data.geometry_guard=heads_only'), tmp_path / 'y', progress=False)

@@ -81,6 +81,12 @@ def test_bad_overrides_name_the_key(override, words):
         apply_overrides(base, [override])
 
 
+def test_reproduction_only_teacher_input_is_refused_until_supported():
+    with pytest.raises(RecipeError, match='teachers.clip.uncropped_input: the data pipeline'):
+        load_recipe('toy_cpu', ['teachers.clip.weights=w', 'teachers.clip.upsampler=none',
+                                'teachers.clip.uncropped_input=true'])
+
+
 def test_unknown_keys_and_wrong_types_in_a_file_are_refused(tmp_path):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('name: x\nrun:\n  steps: 3\n  chekpoint_every: 2\n')
