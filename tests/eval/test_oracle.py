@@ -110,3 +110,6 @@ def test_sab3r_eval_oracle_on_a_scannet_layout_scene(tmp_path, capsys):
     assert 'ORACLE' in r['configuration']['backend']
     assert r['configuration']['bag']['info']['source'] == 'scannet:scene0000_00'
     assert r['pose']['RRA@15'] == 100.0 and r['locate']['success_rate'] is not None
+    loc = r['locate']
+    assert loc['one_found_per_object'] is not None and loc['objects']
+    assert all(q['reason'] for q in loc['queries'])  # calibrated mode says why, every answer

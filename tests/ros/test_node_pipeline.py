@@ -133,8 +133,10 @@ def test_locate_relevancy_mode_per_request(ros_node, replayed):
                Locate.Request(queries=[label], relevancy_mode='official'))
     assert res.success and 'official relevancy' in res.message, res.message
     assert res.objects[0].status != LocatedObject.STATUS_NOT_FOUND, res.message
+    assert 'calibrated relevancy' in call(ros_node, Locate, f'{node_proc.name}/locate',
+                                          Locate.Request(queries=[label])).message
     assert 'lerf relevancy' in call(ros_node, Locate, f'{node_proc.name}/locate',
-                                    Locate.Request(queries=[label])).message
+                                    Locate.Request(queries=[label], relevancy_mode='lerf')).message
     bad = call(ros_node, Locate, f'{node_proc.name}/locate',
                Locate.Request(queries=[label], relevancy_mode='clip'))
     assert not bad.success and "relevancy_mode='clip' is not one of" in bad.message
