@@ -16,9 +16,9 @@ CAMERA_DOWN = np.array([0.0, 1.0, 0.0])  # OpenCV camera frame: y points down
 
 def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
                      inlier_m: float = 0.05, max_tilt_deg: float = 35.0,
-                     min_support: float = 0.1, iterations: int = 2000,
-                     max_points: int = 20_000, max_score_points: int = 4000,
-                     refine_candidates: int = 8,
+                     min_support: float = 0.1, iterations: int = 1000,
+                     max_points: int = 10_000, max_score_points: int = 2000,
+                     refine_candidates: int = 5,
                      seed: int = 0) -> np.ndarray:
     """(3,) unit gravity direction in the frame of `points` (N, 3).
 
@@ -32,12 +32,14 @@ def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
     if not np.isfinite(prior).all() or n_prior == 0:
         raise ValueError(f'prior_down={prior_down!r} must be a finite non-zero 3-vector')
     prior = prior / n_prior
-    P = np.asarray(points, np.float64).reshape(-1, 3)
+    P = np.asarray(points).reshape(-1, 3)
+    rng = np.random.default_rng(seed)
+    if len(P) > max_points:  # a random subset (with repetition: cheap on large maps)
+        P = P[rng.integers(0, len(P), max_points)]
+    P = P.astype(np.float64)
     P = P[np.isfinite(P).all(1)]
     if len(P) < 3:
         return prior
-    rng = np.random.default_rng(seed)
-    P = P[rng.permutation(len(P))[:max_points]]
     cos_tilt = np.cos(np.radians(max_tilt_deg))
     tri = P[rng.integers(0, len(P), (iterations, 3))]  # (I, 3, 3)
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
@@ -46,9 +48,12 @@ def estimate_gravity(points: np.ndarray, prior_down: np.ndarray = CAMERA_DOWN,
     normals[ok] /= length[ok, None]
     ok &= np.abs(normals @ prior) >= cos_tilt
     counts = np.zeros(len(tri), np.int64)
-    score_on = P[:max_score_points]  # hypotheses are ranked on a subset (P is shuffled)
-    for i in np.flatnonzero(ok):
-        counts[i] = int((np.abs((score_on - tri[i, 0]) @ normals[i]) < inlier_m).sum())
+    score_on = P[rng.integers(0, len(P), min(max_score_points, len(P)))]  # ranking subset
+    idx = np.flatnonzero(ok)
+    for lo in range(0, len(idx), 256):  # (256, M) distances at a time
+        i = idx[lo:lo + 256]
+        dist = score_on @ normals[i].T - (tri[i, 0] * normals[i]).sum(1)  # (M, k)
+        counts[i] = (np.abs(dist) < inlier_m).sum(0)
     best_normal, best_count = None, 0
     # The best few hypotheses, each refined by least squares on its inliers (a hypothesis
     # from three close points is tilted; the refit settles on the plane itself).
