@@ -378,6 +378,10 @@ class QueryConfig:
     merge_gap_m: float = param(
         0.15, 'instances of one query closer than this, with similar DINO features, are one '
         'object (0: never merged)', unit='m', min=0.0, max=10.0)
+    # Bounds the vocabulary check on large maps (its cost grows with the candidates).
+    max_candidate_voxels: int = param(
+        20_000, 'calibrated mode: at most this many of the most similar voxels are checked '
+        'against the vocabulary', unit='voxels', min=100, max=10_000_000)
     # Fragments: a few voxels of an object fused elsewhere (a depth edge, a
     # registration slip), or background that happens to lean towards the query.
     min_relative_size: float = param(

@@ -370,12 +370,20 @@ class QueryEngine:
         if gap <= 0 or len(instances) < 2:
             return instances
         n = len(instances)
-        trees = [cKDTree(snap.take('pos', rows)) for rows in instances]
+        P = [snap.take('pos', rows) for rows in instances]
+        lo = np.stack([p.min(0) for p in P])  # (n, 3) axis-aligned bounds
+        hi = np.stack([p.max(0) for p in P])
+        # Pairs whose bounds are within the gap (cheap); only those are checked point-wise.
+        apart = np.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]).max(-1)  # (n, n)
+        near = np.argwhere(np.triu(apart <= gap, 1))
+        if not len(near):
+            return instances
         dino = None
         if snap.dino_dim:
             dino = np.stack([snap.feature_rows('dino', rows).mean(0) for rows in instances])
             dino /= np.maximum(np.linalg.norm(dino, axis=1, keepdims=True), 1e-12)
         parent = list(range(n))
+        trees: dict[int, cKDTree] = {}
 
         def root(i: int) -> int:
             while parent[i] != i:
@@ -383,13 +391,16 @@ class QueryEngine:
                 i = parent[i]
             return i
 
-        for i in range(n):
-            for j in range(i + 1, n):
-                if dino is not None and dino[i] @ dino[j] < self.cfg.dino_split_similarity:
-                    continue
-                d, _ = trees[j].query(trees[i].data, k=1, distance_upper_bound=gap)
-                if np.isfinite(d).any():
-                    parent[root(j)] = root(i)
+        for i, j in near:
+            if dino is not None and dino[i] @ dino[j] < self.cfg.dino_split_similarity:
+                continue
+            if root(i) == root(j):
+                continue
+            if j not in trees:
+                trees[j] = cKDTree(P[j])
+            d, _ = trees[j].query(P[i], k=1, distance_upper_bound=gap)
+            if np.isfinite(d).any():
+                parent[root(j)] = root(i)
         groups: dict[int, list[np.ndarray]] = {}
         for i in range(n):
             groups.setdefault(root(i), []).append(instances[i])
@@ -449,6 +460,9 @@ class QueryEngine:
         cand = np.flatnonzero(has_feature & (s_q >= cut))
         if not len(cand):
             return relevancy, []
+        limit = self.cfg.max_candidate_voxels
+        if len(cand) > limit:
+            cand = np.sort(cand[np.argpartition(-s_q[cand], limit - 1)[:limit]])
         if len(E_c):
             F = snap.feature_rows('clip', cand)
             F /= np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
