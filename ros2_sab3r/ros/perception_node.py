@@ -639,6 +639,7 @@ class PerceptionNode(LifecycleNode):
                 frame = target
         header = Header(stamp=messages.stamp_from_ns(result.map_stamp_ns), frame_id=frame)
         response.objects = [messages.located_to_msg(o, header) for o in objects]
+        response.reasons = [o.reason for o in objects]
         found = sum(o.status != LocateStatus.NOT_FOUND for o in objects)
         response.success = True
         response.message = (result.message or f'{found} object(s) for {len(query.queries)} '

@@ -133,8 +133,12 @@ def test_locate_relevancy_mode_per_request(ros_node, replayed):
                Locate.Request(queries=[label], relevancy_mode='official'))
     assert res.success and 'official relevancy' in res.message, res.message
     assert res.objects[0].status != LocatedObject.STATUS_NOT_FOUND, res.message
-    assert 'calibrated relevancy' in call(ros_node, Locate, f'{node_proc.name}/locate',
-                                          Locate.Request(queries=[label])).message
+    calibrated = call(ros_node, Locate, f'{node_proc.name}/locate',
+                      Locate.Request(queries=[label, 'refrigerator']))
+    assert 'calibrated relevancy' in calibrated.message
+    # one reason per object, in words, for the found object and for the absent class alike
+    assert len(calibrated.reasons) == len(calibrated.objects) >= 2
+    assert all(calibrated.reasons), calibrated.reasons
     assert 'lerf relevancy' in call(ros_node, Locate, f'{node_proc.name}/locate',
                                     Locate.Request(queries=[label], relevancy_mode='lerf')).message
     bad = call(ros_node, Locate, f'{node_proc.name}/locate',
