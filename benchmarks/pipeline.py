@@ -32,7 +32,6 @@ The machine is shared: figures depend on the load average printed with them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import QueryEngine
 from ros2_sab3r.sim.groundtruth_backend import GroundTruthBackend
+from ros2_sab3r.sim.standin import HashTextEncoderStandIn as HashText  # named stand-in text tower
 from ros2_sab3r.sim.synthetic import make_scene
 from ros2_sab3r.types import (
     CameraFrame,
@@ -56,20 +56,6 @@ from ros2_sab3r.types import (
     StepStatus,
     ViewPrediction,
 )
-
-
-class HashText:
-    """Deterministic unit vector per string (a benchmark stand-in for the text tower)."""
-
-    dim = 512
-
-    def encode(self, texts):
-        out = []
-        for t in texts:
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], 'little')
-            v = np.random.default_rng(seed).standard_normal(self.dim)
-            out.append(v / np.linalg.norm(v))
-        return np.array(out, np.float32)
 
 
 def rss_mb() -> float:
@@ -118,7 +104,7 @@ def keyframe_run(width: int, height: int, n: int, posed: bool):
 
 def integration_rate(calls) -> tuple[float, int]:
     """Replay recorded keyframe integrations into a fresh map: (points/s, points per keyframe)."""
-    m = SemanticVoxelMap(MappingConfig(), clip_dim=HashText.dim)
+    m = SemanticVoxelMap(MappingConfig(), clip_dim=HashText().dim)
     times = []
     for args in calls:
         t = time.perf_counter()
