@@ -39,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -179,6 +180,19 @@ def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool,
     return out
 
 
+def _failure(exc: BaseException) -> str:
+    """An exception as one line with where it was raised: the report says why, not only that."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = ' <- '.join(f'{Path(f.filename).name}:{f.lineno} {f.name}' for f in reversed(frames))
+    return f'{type(exc).__name__}: {exc} [{where}]'
+
+
+def _save(report: dict, path: Path) -> None:
+    """Written after every section, so a run stopped by its time limit still reports."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + '\n')
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--smoke', action='store_true',
@@ -204,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'architecture': arch, 'size_hw': size,
         'torch': torch.__version__, 'python': platform.python_version(), 'device': device,
         'gpu': torch.cuda.get_device_name(0) if device == 'cuda' else None,
+        'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(),
         'load_average': os.getloadavg(), 'targets_ms': TARGETS_MS, 'network': [],
         'pipeline': {}, 'skipped': []}
     if device == 'cpu' and not args.smoke:
@@ -228,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 row = measure_network(net, size, device, dtype, graphs, clock)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                report['skipped'].append(f'network {dtype} graphs={graphs}: {exc}')
+            except Exception as exc:  # noqa: BLE001 - reported; the other settings still run
+                report['skipped'].append(f'network {dtype} graphs={graphs}: {_failure(exc)}')
+                _save(report, out_path)
                 continue
             report['network'].append(row)
+            _save(report, out_path)
             print(f"{dtype:5s} graphs={'on ' if graphs else 'off'} "
                   + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
     pipeline_dtype = 'bf16' if device == 'cuda' else 'fp32'
@@ -245,12 +262,13 @@ def main(argv: list[str] | None = None) -> int:
             print('pipeline', json.dumps(report['pipeline']), flush=True)
         except ImportError as exc:  # scipy/pillow missing on the machine
             report['skipped'].append(f'pipeline: {exc}')
+        except Exception as exc:  # noqa: BLE001 - reported with its traceback's last frames
+            report['skipped'].append(f'pipeline: {_failure(exc)}')
     best = {k: min((r['ms'][k] for r in report['network']), default=None) for k in TARGETS_MS}
     for k, target in TARGETS_MS.items():
         print(f'{k}: best {best[k]} ms (target <= {target} ms on an H100/H200, bf16 + graphs)')
     report['seconds'] = round(time.perf_counter() - started, 1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1) + '\n')
+    _save(report, out_path)
     print(f'wrote {out_path} after {report["seconds"]} s; load average {os.getloadavg()}')
     return 0
 

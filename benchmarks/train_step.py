@@ -18,6 +18,7 @@ A40s for 13,360 steps of 64 pairs, i.e. about 2.4 s per pair per GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     device = 'cuda' if torch.cuda.is_available() and not args.smoke else 'cpu'
     size = tuple(int(v) for v in (args.size or ('48x64' if args.smoke else '384x512')).split('x'))
     repeat = args.repeat or (1 if args.smoke else 3)
-    rows = []
+    rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix='sab3r-train-step-') as tmp:
         architecture = str(smoke_architecture(Path(tmp))) if args.smoke else 'sab3r_cd'
         if device == 'cpu' and not args.smoke:
@@ -136,9 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         if not settings:
             parser.error(f'--only {args.only}: settings are fp32|bf16 : on|off')
         for precision, checkpointing in settings:
-            rows.append(measure(architecture, size, precision, checkpointing, device, repeat,
-                                Path(tmp) / f'{precision}-{checkpointing}',
-                                'bilinear' if args.smoke else 'jbu'))
+            try:
+                rows.append(measure(architecture, size, precision, checkpointing, device,
+                                    repeat, Path(tmp) / f'{precision}-{checkpointing}',
+                                    'bilinear' if args.smoke else 'jbu'))
+            except Exception as exc:  # noqa: BLE001 - reported; the other settings still run
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                failures.append(f'{precision} checkpointing={checkpointing}: '
+                                f'{type(exc).__name__}: {exc} '
+                                f'[{Path(where.filename).name}:{where.lineno}]')
+                print(failures[-1], flush=True)
+                continue
+            finally:
+                gc.collect()
+                if device == 'cuda':
+                    torch.cuda.empty_cache()  # each setting starts from the same free memory
             r = rows[-1]
             print(f'{precision} checkpointing={str(checkpointing):5s} step {r["step_s"]:.3f} s'
                   f' (teachers {r["teachers_s"]:.3f} s, {100 * r["teachers_share"]:.0f} %)'
@@ -146,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {'architecture': 'tiny_cd (teacher widths)' if args.smoke else 'sab3r_cd',
               'upsampler': 'bilinear' if args.smoke else 'jbu',
               'size': list(size), 'device': device, 'repeat': repeat, 'rows': rows,
+              'failures': failures, 'torch': torch.__version__,
+              'gpu': torch.cuda.get_device_name(0) if device == 'cuda' else None,
               'reference_s_per_pair_per_gpu': round(OFFICIAL_S_PER_PAIR_PER_GPU, 2),
               'load_average': os.getloadavg()}
     print(f'reference: official run about {report["reference_s_per_pair_per_gpu"]} s per pair '
           f'per A40; load average {report["load_average"]}')
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + '\n', encoding='utf-8')
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == '__main__':
