@@ -128,12 +128,25 @@ def stage_functions(net: Sab3rNet, size: tuple[int, int], device: str
             'tracked_frame': tracked_frame, 'full_pair': full_pair}
 
 
-def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, clock: Clock
-                    ) -> dict:
+VARIANTS = {  # what each changes against the backend's settings (measured, not used by it)
+    'cudnn_benchmark': 'torch.backends.cudnn.benchmark = True (convolution autotuning)',
+    'tf32': "torch.set_float32_matmul_precision('high') (TF32 for the fp32 heads' matmuls)",
+    'heads_bf16': 'the fp32 heads run under torch.autocast(bfloat16) (precision not checked)',
+}
+
+
+def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, clock: Clock,
+                    variant: str = '') -> dict:
     net.set_backbone_dtype(BACKBONE_DTYPES[dtype])
     row: dict = {'dtype': dtype, 'cuda_graphs': graphs, 'ms': {}, 'peak_mib': {}}
+    if variant:
+        row['variant'] = variant
+    torch.backends.cudnn.benchmark = variant == 'cudnn_benchmark'
+    torch.set_float32_matmul_precision('high' if variant == 'tf32' else 'highest')
     with torch.inference_mode():
         for name, fn in stage_functions(net, size, device).items():
+            if variant == 'heads_bf16':
+                fn = _autocast(fn)
             if device == 'cuda':
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -142,7 +155,27 @@ def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, 
             if device == 'cuda':
                 row['peak_mib'][name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             del run
+    torch.backends.cudnn.benchmark = False
+    torch.set_float32_matmul_precision('highest')
     return row
+
+
+def _autocast(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def _median_stages(results) -> dict[str, dict[str, float]]:
+    """Per status, the median ms of each stage that ran (where a frame's time goes)."""
+    by_status: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        stages = by_status.setdefault(str(getattr(r.status, 'value', r.status)), {})
+        for name, ms in r.latency.ran().items():
+            stages.setdefault(name, []).append(ms)
+    return {status: {k: round(statistics.median(v), 2) for k, v in stages.items()}
+            for status, stages in by_status.items()}
 
 
 def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, frames: int
@@ -176,7 +209,8 @@ def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool,
             'fps': round(len(results) / seconds, 2), 'frames': len(results),
             'statuses': dict(Counter(str(getattr(r.status, 'value', r.status))
                                      for r in results)),
-            'voxels': results[-1].voxels}
+            'voxels': results[-1].voxels,
+            'median_ms_by_stage': _median_stages(results)}
     return out
 
 
@@ -205,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--deadline-s', type=float, default=420.0,
                         help='start no new measurement after this many seconds')
     parser.add_argument('--out', type=Path, default=None)
+    parser.add_argument('--dtypes', default='fp16,bf16', help='backbone dtypes on the GPU')
+    parser.add_argument('--variants', action='store_true',
+                        help='also bf16 + graphs with: ' + '; '.join(VARIANTS.values()))
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes, graph_settings = ['fp32'], [False]
         report['skipped'].append('CUDA graphs and fp16/bf16: CPU smoke run')
     else:
-        dtypes, graph_settings = ['fp16', 'bf16'], [False, True]
+        dtypes, graph_settings = args.dtypes.split(','), [False, True]
 
     torch.manual_seed(0)
     net = create_network(arch, device).eval()
@@ -250,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
             report['network'].append(row)
             _save(report, out_path)
             print(f"{dtype:5s} graphs={'on ' if graphs else 'off'} "
+                  + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
+    if device == 'cuda' and args.variants:
+        for variant in VARIANTS:
+            if time.perf_counter() - started > args.deadline_s:
+                report['skipped'].append(f'variant {variant}: deadline')
+                continue
+            try:
+                row = measure_network(net, size, device, 'bf16', True, clock, variant)
+            except Exception as exc:  # noqa: BLE001 - reported; the rest still runs
+                report['skipped'].append(f'variant {variant}: {_failure(exc)}')
+                continue
+            report['network'].append(row)
+            _save(report, out_path)
+            print(f'bf16  graphs=on  {variant}: '
                   + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
     pipeline_dtype = 'bf16' if device == 'cuda' else 'fp32'
     if time.perf_counter() - started > args.deadline_s:

@@ -89,7 +89,10 @@ def measure(architecture: str, size: tuple[int, int], precision: str, checkpoint
         'teachers.dino.weights=random', 'teachers.dino.upsampler=none',
         f'precision={precision}', f'model.activation_checkpointing={str(checkpointing).lower()}',
         'batch.micro_batch=1', 'batch.accumulation=1', f'run.device={device}',
-        f'run.steps={repeat + 1}', 'data.correspondences=1024'])
+        f'run.steps={repeat + 1}', 'data.correspondences=1024',
+        # the official optimiser settings: with random weights the toy recipe's lr
+        # (1e-3, 2 warm-up steps) drives the full-size pointmaps to inf by step 3
+        'optim.lr=1e-4', 'optim.warmup_steps=4000', 'optim.warmup_shape=log'])
     dev = torch.device('cuda' if device == 'cuda' else 'cpu')
     teachers = {'clip': Teacher('maskclip', upsampler), 'dino': Teacher('dinov2', upsampler)}
     trainer = Trainer(recipe, run_dir, teachers=teachers, progress=False)
