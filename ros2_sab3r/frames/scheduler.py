@@ -46,6 +46,7 @@ class FrameCounts:
     dropped: int = 0
     queued: int = 0
     out_of_order: int = 0  # part of dropped
+    dropped_by_reset: int = 0  # part of dropped: queued when a reset (clear or loop) emptied them
     loops: int = 0  # confirmed jumps back of the whole stream (map resets)
     missing: int = 0  # frames that never arrived, estimated from stamp gaps (not received)
 
@@ -119,7 +120,7 @@ class FrameScheduler:
         self._taken_epoch = 0
         self._gap_factor = gap_factor
         self._received = self._processed = self._dropped = self._out_of_order = 0
-        self._missing = 0
+        self._missing = self._dropped_by_reset = 0
 
     # ---- cameras ---------------------------------------------------------------------------
     def reject(self, camera: int, reason: str) -> None:
@@ -205,6 +206,7 @@ class FrameScheduler:
         self._epoch += 1
         for c in self._cameras:
             self._dropped += len(c.queue)  # frames of the old timeline
+            self._dropped_by_reset += len(c.queue)
             c.queue.clear()
             if c.jumped:
                 c.last_ns, c.jumped = c.backward[-1], False
@@ -243,13 +245,16 @@ class FrameScheduler:
             else:
                 self._dropped += 1
 
-    def clear(self) -> int:
-        """Drop every queued frame (counted); returns how many. Clocks are kept."""
+    def clear(self, reset: bool) -> int:
+        """Drop every queued frame (counted); returns how many. Clocks are kept. `reset`: a map
+        reset asked for it (counted in dropped_by_reset too), not a deactivation."""
         with self._cond:
             n = sum(len(c.queue) for c in self._cameras)
             for c in self._cameras:
                 c.queue.clear()
             self._dropped += n
+            if reset:
+                self._dropped_by_reset += n
             return n
 
     def close(self) -> None:
@@ -267,7 +272,8 @@ class FrameScheduler:
             return FrameCounts(received=self._received, processed=self._processed,
                                dropped=self._dropped,
                                queued=sum(len(c.queue) for c in self._cameras),
-                               out_of_order=self._out_of_order, loops=self._epoch,
+                               out_of_order=self._out_of_order,
+                               dropped_by_reset=self._dropped_by_reset, loops=self._epoch,
                                missing=self._missing)
 
 

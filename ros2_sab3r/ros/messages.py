@@ -109,7 +109,10 @@ def locate_query_from_request(request) -> types.LocateQuery:
         relevancy_mode=str(request.relevancy_mode))
 
 
-def located_to_msg(obj: types.LocatedObject, header: Header) -> LocatedObject:
+def located_to_msg(obj: types.LocatedObject, header: Header, include_points: bool = False
+                   ) -> LocatedObject:
+    """One answer as a message; its voxel centres only with `include_points` (Locate's
+    request flag: they are most of a reply's bytes)."""
     msg = LocatedObject()
     msg.header = header
     msg.query, msg.label, msg.score = obj.query, obj.label, float(obj.score)
@@ -123,7 +126,7 @@ def located_to_msg(obj: types.LocatedObject, header: Header) -> LocatedObject:
         msg.box_size = Vector3(x=float(s[0]), y=float(s[1]), z=float(s[2]))
     msg.point_count = obj.point_count
     msg.last_seen = stamp_from_ns(obj.last_seen_ns)
-    if obj.points is not None:
+    if include_points and obj.points is not None:
         msg.points = arrays_to_cloud(header, obj.points, obj.colors)
     return msg
 

@@ -377,7 +377,7 @@ class PerceptionNode(LifecycleNode):
         with self._lock:
             self._cameras = []
         if self._scheduler is not None:
-            self._scheduler.clear()  # counted as dropped: nobody will process them
+            self._scheduler.clear(reset=False)  # counted as dropped: nobody will process them
 
     def _release(self) -> None:
         self._drop_subscriptions()
@@ -638,7 +638,8 @@ class PerceptionNode(LifecycleNode):
                 objects = [transform_located(o, T_TM) for o in objects]
                 frame = target
         header = Header(stamp=messages.stamp_from_ns(result.map_stamp_ns), frame_id=frame)
-        response.objects = [messages.located_to_msg(o, header) for o in objects]
+        response.objects = [messages.located_to_msg(o, header, request.include_points)
+                            for o in objects]
         response.reasons = [o.reason for o in objects]
         found = sum(o.status != LocateStatus.NOT_FOUND for o in objects)
         response.success = True
@@ -738,7 +739,7 @@ class PerceptionNode(LifecycleNode):
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
         scheduler = self._scheduler
-        dropped = scheduler.clear() if scheduler is not None else 0
+        dropped = scheduler.clear(reset=True) if scheduler is not None else 0
         if self._pipeline is not None:
             self._pipeline.reset()
         response.success = True
@@ -777,6 +778,9 @@ class PerceptionNode(LifecycleNode):
         msg.frames_processed = counts.processed
         msg.frames_dropped = counts.dropped
         msg.frames_queued = counts.queued
+        msg.frames_out_of_order = counts.out_of_order
+        msg.frames_dropped_by_reset = counts.dropped_by_reset
+        msg.frames_missing = counts.missing
         self._status_pub.publish(msg)
 
 

@@ -142,13 +142,37 @@ def test_drop_oldest_clear_and_accounting_across_resets():
     sched.reject(1, 'unsupported encoding')
     c = sched.counts()
     assert (c.received, c.dropped, c.queued) == (6, 4, 2)
-    assert sched.clear() == 2
+    assert sched.clear(reset=True) == 2
     c = sched.counts()
     assert (c.received, c.processed, c.dropped, c.queued) == (6, 0, 6, 0)
+    assert c.dropped_by_reset == 2
     sched.push(0, _frame(9, 'a'))
     item = sched.take(timeout=0.0)
     sched.done(False)  # the step failed: dropped
     assert item.frame.stamp_ns == 9 * S and _balanced(sched)
+
+
+def test_frames_dropped_by_a_reset_are_counted_apart():
+    """dropped_by_reset: frames a reset (the Reset service, a loop of the stream) emptied from
+    the queues; a deactivation's clear and out-of-order frames are dropped, not by a reset."""
+    sched, _ = _scheduler(('a',), capacity=5)
+    for t in (10.0, 10.5, 11.0):
+        sched.push(0, _frame(t))
+    assert sched.clear(reset=False) == 3
+    assert sched.counts().dropped_by_reset == 0
+    for t in (12.0, 12.5, 13.0):
+        sched.push(0, _frame(t))
+    sched.push(0, _frame(12.9))  # out of order
+    assert sched.clear(reset=True) == 3
+    c = sched.counts()
+    assert (c.dropped, c.out_of_order, c.dropped_by_reset) == (7, 1, 3), c
+    # a loop of the whole stream drops what was queued of the old timeline
+    for t in (14.0, 14.5):
+        sched.push(0, _frame(t))
+    sched.push(0, _frame(1.0))
+    sched.push(0, _frame(1.1))  # confirms the loop: 14.0 and 14.5 go
+    c = sched.counts()
+    assert c.loops == 1 and c.dropped_by_reset == 5 and _balanced(sched), c
 
 
 def test_cameras_are_served_in_turn():

@@ -53,7 +53,7 @@ def _found(query='dresser'):
 
 def test_located_object_message():
     header = Header(frame_id='map')
-    msg = messages.located_to_msg(_found(), header)
+    msg = messages.located_to_msg(_found(), header, include_points=True)
     assert msg.status == LocatedObject.STATUS_FOUND and msg.point_count == 2
     assert (msg.centroid.x, msg.centroid.y, msg.centroid.z) == (1.0, 2.0, 0.5)
     q = msg.box_center.orientation
@@ -61,6 +61,9 @@ def test_located_object_message():
     np.testing.assert_allclose(angle, [0, 0, 30], atol=1e-9)
     assert (msg.last_seen.sec, msg.last_seen.nanosec) == (3, 500_000_000)
     assert msg.points.header.frame_id == 'map' and msg.points.width == 2
+    # Locate's default (include_points false): the count stays, the cloud is empty
+    slim = messages.located_to_msg(_found(), header)
+    assert slim.point_count == 2 and slim.points.width == 0 and len(slim.points.data) == 0
     not_found = types.LocatedObject(query='unicorn', label='unicorn',
                                     status=types.LocateStatus.NOT_FOUND, score=0.0)
     msg = messages.located_to_msg(not_found, header)

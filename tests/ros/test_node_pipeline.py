@@ -126,6 +126,26 @@ def test_locate_present_and_absent(ros_node, replayed):
         (LocatedObject.STATUS_NOT_FOUND, 0.0)], res.message
 
 
+def test_locate_points_only_on_request(ros_node, replayed):
+    """Locate.srv version 4: objects carry their voxel centres only with include_points; the
+    default reply has the same boxes and counts and is a fraction of the bytes."""
+    node_proc, scene, *_ = replayed
+    assert Locate.Request.INTERFACE_VERSION == 4
+    queries = list(scene.labels[:2])
+    slim = call(ros_node, Locate, f'{node_proc.name}/locate', Locate.Request(queries=queries))
+    full = call(ros_node, Locate, f'{node_proc.name}/locate',
+                Locate.Request(queries=queries, include_points=True))
+    assert slim.success and full.success, (slim.message, full.message)
+    found = [o for o in full.objects if o.status != LocatedObject.STATUS_NOT_FOUND]
+    assert found and all(o.points.width == o.point_count > 0 for o in found)
+    assert all(o.points.width == 0 and not o.points.data for o in slim.objects)
+    assert [(o.query, o.point_count, o.box_size) for o in slim.objects] == [
+        (o.query, o.point_count, o.box_size) for o in full.objects]
+    slim_bytes = sum(len(o.points.data) for o in slim.objects)
+    full_bytes = sum(len(o.points.data) for o in full.objects)
+    assert slim_bytes == 0 and full_bytes >= 16 * sum(o.point_count for o in found)
+
+
 def test_locate_relevancy_mode_per_request(ros_node, replayed):
     node_proc, scene, *_ = replayed
     label = scene.labels[0]
