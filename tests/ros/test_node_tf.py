@@ -17,7 +17,8 @@ from ros2_sab3r.sim.standin import SceneSpec
 from ros2_sab3r.srv import Locate
 
 from . import test_node_robustness as robust
-from .rosgraph import NodeProcess, call, spin_until
+from .rosgraph import NodeProcess, call, publish_until, spin_until
+from .test_node_parameters import param_set
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -60,4 +61,46 @@ def test_unposed_tf_never_gives_the_camera_a_second_parent(ros_node, tmp_path, r
     finally:
         ros_node.destroy_subscription(tf_sub)
         ros_node.destroy_publisher(static_pub)
+        assert node_proc.stop() == 0, node_proc.log()
+
+
+def test_posed_mode_waits_frames_tf_timeout_s_for_a_late_transform(ros_node, tmp_path):
+    """frames.tf_timeout_s is how long a frame waits for its TF (which often comes after the
+    image): the transform comes 1 s late, so 0.3 s skips the frame and 5 s (set live) maps it.
+    A value ignored, whatever it is replaced by, fails one of the two halves."""
+    overlay = robust._overlay(SCENE, queue_size=10) + (
+        "    frames:\n      pose_source: 'tf'\n      tf_timeout_s: 0.3\n")
+    node_proc = NodeProcess(tmp_path, overlay)
+    tf_pub = ros_node.create_publisher(TFMessage, '/tf', 100)
+    try:
+        _, frames = SceneSpec.parse(SCENE).render()
+        status, sub, (pub,) = robust._connect(ros_node, node_proc, ['cam0/image_raw'])
+
+        def send_then_tf(f) -> None:
+            """The image until the node has it, its transform 1 s later."""
+            received = status[-1].frames_received
+            assert publish_until(
+                ros_node, pub, lambda: robust._image(f),
+                lambda: status[-1].frames_received > received, timeout=30,
+                period=3.0), node_proc.log()
+            spin_until(ros_node, lambda: False, timeout=1.0)
+            header = Header(frame_id='map', stamp=messages.stamp_from_ns(f.stamp_ns))
+            tf_pub.publish(TFMessage(transforms=[
+                messages.transform_from_matrix(header, 'cam_optical', f.T_WC)]))
+
+        send_then_tf(frames[0])
+        assert spin_until(ros_node, lambda: robust._settled(status), timeout=20)
+        spin_until(ros_node, lambda: False, timeout=0.5)
+        assert status[-1].keyframes_total == 0, status[-1]  # skipped after 0.3 s
+        assert 'waited frames.tf_timeout_s = 0.3 s' in node_proc.log(), node_proc.log()
+
+        assert param_set(ros_node, node_proc, 'frames.tf_timeout_s', 5.0) == (True, '')
+        send_then_tf(frames[1])
+        assert spin_until(ros_node, lambda: robust._settled(status)
+                          and status[-1].keyframes_total == 1, timeout=20), (
+            status[-1], node_proc.log())
+        assert node_proc.log().count('waited frames.tf_timeout_s') == 1, node_proc.log()
+        ros_node.destroy_subscription(sub)
+    finally:
+        ros_node.destroy_publisher(tf_pub)
         assert node_proc.stop() == 0, node_proc.log()
