@@ -130,7 +130,7 @@ def stage_functions(net: Sab3rNet, size: tuple[int, int], device: str
 
 VARIANTS = {  # what each changes against the backend's settings (measured, not used by it)
     'cudnn_benchmark': 'torch.backends.cudnn.benchmark = True (convolution autotuning)',
-    'tf32': "torch.set_float32_matmul_precision('high') (TF32 for the fp32 heads' matmuls)",
+    'no_tf32': "full fp32 matmuls in the heads (the backend's rows use TF32 with fp16/bf16)",
     'heads_bf16': 'the fp32 heads run under torch.autocast(bfloat16) (precision not checked)',
 }
 
@@ -142,7 +142,9 @@ def measure_network(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, 
     if variant:
         row['variant'] = variant
     torch.backends.cudnn.benchmark = variant == 'cudnn_benchmark'
-    torch.set_float32_matmul_precision('high' if variant == 'tf32' else 'highest')
+    # as TorchBackend does: TF32 for the fp32 heads' matmuls when the backbone is fp16/bf16
+    tf32 = device == 'cuda' and dtype != 'fp32' and variant != 'no_tf32'
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
     with torch.inference_mode():
         for name, fn in stage_functions(net, size, device).items():
             if variant == 'heads_bf16':

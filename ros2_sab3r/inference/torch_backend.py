@@ -2,9 +2,10 @@
 
 fp16/bf16 apply to the backbone (encoder and decoders); the heads and their post-processing run
 in fp32 (``Sab3rNet.run_heads``), because ``expm1``/``exp`` of the depth and confidence overflow
-in fp16. All calls run under ``torch.inference_mode``. On CUDA, ``cuda_graphs`` captures the
-encoder and the decoder + heads as CUDA graphs for the static input size: one launch per stage
-instead of hundreds of kernels, with static input/output buffers that are copied in and out.
+in fp16 (on CUDA their matmuls use TF32 when the backbone is fp16/bf16). All calls run under
+``torch.inference_mode``. On CUDA, ``cuda_graphs`` captures the encoder and the decoder + heads
+as CUDA graphs for the static input size: one launch per stage instead of hundreds of kernels,
+with static input/output buffers that are copied in and out.
 
 Heads on demand (:class:`~ros2_sab3r.types.DecodeRequest`): the feature heads (CLIP, DINO at full
 resolution, most of a decode's work) run only for the views asked for. Eagerly, the decoders run
@@ -101,6 +102,13 @@ class TorchBackend(ArrayGraphBackend):
                 f'{exc}; set model.image_height/model.image_width to multiples of {p}') from None
         self.net = net.to(device).eval()
         self.net.set_backbone_dtype(BACKBONE_DTYPES[dtype])
+        if device == 'cuda' and dtype != 'fp32':
+            # Asking for a reduced-precision backbone also lets the fp32 heads' matmuls use TF32
+            # (fp32 range, 10-bit mantissa inputs, fp32 accumulation; cuDNN already runs fp32
+            # convolutions so by default). H200, sab3r_cd 384x512, bf16 + CUDA graphs: full
+            # pair 29.6 -> 23.6 ms, tracked frame 16.8 -> 12.5 ms (benchmarks/device_check.py,
+            # 2026-12-04). A process-wide torch setting; model.dtype 'fp32' keeps full fp32.
+            torch.set_float32_matmul_precision('high')
         # The heads are convolution stacks up to full resolution, which oneDNN (CPU) and cuDNN
         # run fastest channels-last (sab3r_cd decode on 2 CPU threads: 8.9 s -> 7.5 s). Only the
         # weights' memory layout changes, not their values or the outputs.
