@@ -29,6 +29,7 @@ setup(
         'timm',
         'tqdm',
         'matplotlib',
+        'PyYAML>=6',  # sab3r-train recipes
     ],
     extras_require={
         # NVIDIA's wheels come from their own index; pycuda needs the CUDA driver to build.

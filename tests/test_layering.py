@@ -130,7 +130,10 @@ def test_stand_ins_live_in_sim_only():
 
 
 # Distribution name -> import name, where they differ.
-IMPORT_NAMES = {'pillow': 'PIL', 'open_clip_torch': 'open_clip', 'pycuda': 'pycuda.driver'}
+IMPORT_NAMES = {'pillow': 'PIL', 'open_clip_torch': 'open_clip', 'pycuda': 'pycuda.driver',
+                'pyyaml': 'yaml'}
+# Imported only behind a clear 'install the extra' error (setup.py extras_require).
+OPTIONAL_IMPORTS = {'tensorrt', 'pycuda'}
 
 
 def _declared_dependencies() -> list[str]:
@@ -148,3 +151,16 @@ def test_every_declared_dependency_is_imported():
     assert 'numpy' in declared
     unused = [d for d in declared if IMPORT_NAMES.get(d, d).split('.')[0] not in imported]
     assert not unused, f'declared in setup.py but imported nowhere in ros2_sab3r/: {unused}'
+
+
+def test_every_imported_dependency_is_declared():
+    """A third-party import the package makes is in install_requires (or an extra): a fresh
+    `pip install` must not fail on first use (PyYAML was imported and not declared)."""
+    import sys
+
+    declared = {IMPORT_NAMES.get(d, d).split('.')[0] for d in _declared_dependencies()}
+    undeclared = sorted({
+        name.split('.')[0] for p in PACKAGE.rglob('*.py') for name in _imports(p)
+        if not _is_ros_import(name)} - declared - OPTIONAL_IMPORTS - {'ros2_sab3r'}
+        - set(sys.stdlib_module_names))
+    assert not undeclared, f'imported in ros2_sab3r/ but not in setup.py: {undeclared}'
