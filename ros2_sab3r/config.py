@@ -137,9 +137,12 @@ class FramesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # 'none' is the explicit way to run without a network (tests, wiring checks); a built-in
+    # backend with no model.checkpoint refuses to configure instead of running without a map.
     backend: str = param(
-        'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', or a 'module:Class' path",
-        choices=('torch', 'onnxruntime', 'tensorrt'), read_only=True)
+        'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', a 'module:Class' path, or "
+        "'none' (no network, no map)", choices=('torch', 'onnxruntime', 'tensorrt', 'none'),
+        read_only=True)
     checkpoint: str = param(
         '', 'network weights: checkpoint file, directory or Hugging Face repo[/file] (torch); '
         'sab3r-export directory (onnxruntime, tensorrt)', read_only=True)

@@ -201,6 +201,9 @@ def load_model(model: ModelConfig) -> LoadedModel:
     against the backend's ``clip_dim``.
     """
     if ':' not in model.backend:
+        if model.backend == 'none':
+            raise BackendUnavailable("model.backend='none' names no network (the node runs "
+                                     'without one); choose torch, onnxruntime or tensorrt')
         if model.backend not in BUILTIN_BACKENDS:
             raise BackendUnavailable(f'model.backend={model.backend!r} is not one of '
                                      f'{", ".join(BUILTIN_BACKENDS)} nor a module:Class path')

@@ -45,6 +45,7 @@ from ros2_sab3r.frames.decode import (
 from ros2_sab3r.frames.scheduler import FrameCounts, FrameScheduler, FrameWorker, Throttle
 from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.geometry.transforms import transform_located
+from ros2_sab3r.inference.base import Backend
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
@@ -61,6 +62,7 @@ from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 from ros2_sab3r.types import CameraFrame, LocateStatus, StepLatency, StepStatus
 
 NODE_NAME = 'perception_node'
+NO_MODEL = 'none'  # model.backend value: the node runs without a network, on purpose
 _THROTTLE_S = 5.0
 _STATE_NAMES = {
     StateMsg.PRIMARY_STATE_UNCONFIGURED: 'unconfigured',
@@ -68,6 +70,18 @@ _STATE_NAMES = {
     StateMsg.PRIMARY_STATE_ACTIVE: 'active',
     StateMsg.PRIMARY_STATE_FINALIZED: 'finalized',
 }
+
+
+def model_refusal(cfg: PerceptionConfig) -> str | None:
+    """Why configure refuses `cfg.model` before anything is loaded, or None. A built-in backend
+    without weights would otherwise run a node that never builds a map."""
+    model = cfg.model
+    if model.backend in ('torch', 'onnxruntime', 'tensorrt') and not model.checkpoint.strip():
+        return (f'model.checkpoint is empty, so model.backend={model.backend!r} has no weights; '
+                'give a SAB3R/MASt3R checkpoint file or Hugging Face repo (torch) or an '
+                "sab3r-export directory (onnxruntime, tensorrt), or set model.backend: 'none' to "
+                'run the node without a network (no map; tests and wiring checks)')
+    return None
 
 
 def _service_guard(method):
@@ -239,6 +253,10 @@ class PerceptionNode(LifecycleNode):
                 'empty or has an empty name; name at least one sensor_msgs/Image topic')
             self._cfg = None
             return TransitionCallbackReturn.FAILURE
+        if refusal := model_refusal(cfg):
+            self.get_logger().error(f'configure failed: {refusal}')
+            self._cfg = None
+            return TransitionCallbackReturn.FAILURE
         self._scheduler = FrameScheduler(list(cfg.camera.image_topics), cfg.camera.queue_size,
                                          notify=self._notify)
         self._status_pub = self.create_publisher(PerceptionStatus, '~/status', qos.STATUS)
@@ -271,21 +289,22 @@ class PerceptionNode(LifecycleNode):
     def _activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         assert cfg is not None
-        if self._pipeline is None:  # a deactivate -> activate cycle keeps the model and map
+        if cfg.model.backend == NO_MODEL:
+            self._no_model_reason = f'model.backend is {NO_MODEL!r} (no network, no map)'
+            self.get_logger().warning(
+                f'model.backend is {NO_MODEL!r}: frames are received, validated and counted; '
+                'no map is built and Locate answers that there is none')
+        elif self._pipeline is None:  # a deactivate -> activate cycle keeps the model and map
             try:
                 loaded = load_model(cfg.model)
             except BackendUnavailable as err:
-                if cfg.model.checkpoint or ':' in cfg.model.backend:
-                    # A model was asked for (weights, or a 'module:Class' backend such as the
-                    # stand-in) and cannot be used: say why and go back to
-                    # unconfigured (on_error) instead of running without it.
-                    self.get_logger().error(
-                        f'activate failed, the model cannot be loaded: {err}. The node returns to '
-                        f'unconfigured; fix model.* and configure and activate again')
-                    return TransitionCallbackReturn.ERROR
-                self._no_model_reason = str(err)
-                self.get_logger().warning(
-                    f'{err}; frames are received and validated, no map is built')
+                # The model that was asked for (weights, an export, a 'module:Class' backend)
+                # cannot be used: say why and go back to unconfigured (on_error) instead of
+                # running without it.
+                self.get_logger().error(
+                    f'activate failed, the model cannot be loaded: {err}. The node returns to '
+                    f'unconfigured; fix model.* and configure and activate again')
+                return TransitionCallbackReturn.ERROR
             else:
                 self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
                 self._backend_name = loaded.description
@@ -326,14 +345,11 @@ class PerceptionNode(LifecycleNode):
         self.get_logger().info('active: listening on ' + ', '.join(s.topic_name for s in subs))
         return super().on_activate(state)
 
-    def _warm_up(self, backend) -> None:
+    def _warm_up(self, backend: Backend) -> None:
         """Built-in backends run one pair on a grey frame before the cameras are subscribed, so
-        the first real frame does not pay for lazy initialisation (stand-ins have no warm_up)."""
-        warm_up = getattr(backend, 'warm_up', None)
-        if warm_up is None:
-            return
+        the first real frame does not pay for lazy initialisation (a stand-in's takes 0 ms)."""
         try:
-            ms = warm_up()
+            ms = backend.warm_up()
         except Exception as err:  # noqa: BLE001  a failed warm-up is reported, frames decide
             self.get_logger().warning(f'warm-up failed: {type(err).__name__}: {err}')
         else:

@@ -1,7 +1,8 @@
 """The perception node in its own process, driven through a real rclpy graph.
 
 The node is started as users start it (``--ros-args --params-file config/perception.yaml``, plus a
-small overlay naming test topics) and talked to with the custom service types.
+small overlay naming test topics and `model.backend: none`, the explicit way to run without a
+network) and talked to with the custom service types.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ OVERLAY = """/**:
     camera:
       image_topics: ['NS/cam/image_raw']
       camera_info_topics: ['NS/cam/camera_info']
+    model:
+      backend: 'none'
     publish:
       status_rate_hz: 10.0
 """

@@ -1,6 +1,8 @@
 """Lifecycle honesty, map paths and logging of the node in its own process (issue 13, 7-9).
 
-Shutdown ends the process; a configure that fails says why; SaveMap/LoadMap resolve relative
+Shutdown ends the process; a configure that fails says why; a node without weights refuses to
+configure unless told to run without a network (model.backend 'none'), and weights that are
+missing fail activation with the path; SaveMap/LoadMap resolve relative
 paths against node.map_directory, not the directory launch was started from; the library's
 Python log lines (pipeline, mapping) reach /rosout.
 """
@@ -15,11 +17,14 @@ import pytest
 from rcl_interfaces.msg import Log
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+from ros2_sab3r.config import ModelConfig, PerceptionConfig
+from ros2_sab3r.ros.perception_node import model_refusal
 from ros2_sab3r.sim.standin import SceneSpec
-from ros2_sab3r.srv import LoadMap, SaveMap
+from ros2_sab3r.srv import LoadMap, Locate, SaveMap
 
 from . import test_node_robustness as robust
 from .rosgraph import NodeProcess, call, spin_until
+from .test_node_parameters import param_set, state_of, transition
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -58,6 +63,61 @@ def test_an_empty_camera_list_fails_configure_with_the_reason(ros_node, tmp_path
         assert node_proc.stop() == 0, node_proc.log()
     log = node_proc.log()
     assert 'image_topics' in log and 'the node is unconfigured' in log, log
+
+
+@pytest.mark.parametrize(('backend', 'checkpoint', 'refused'), [
+    ('torch', '', True), ('onnxruntime', ' ', True), ('tensorrt', '', True),
+    ('torch', 'uva-cv-lab/SAB3R/demo_ckpt/base/base.pt', False),
+    ('none', '', False), ('ros2_sab3r.sim.standin:SyntheticSceneBackend', '', False)])
+def test_model_refusal(backend, checkpoint, refused):
+    cfg = PerceptionConfig(model=ModelConfig(backend=backend, checkpoint=checkpoint))
+    reason = model_refusal(cfg)
+    assert (reason is not None) == refused, reason
+    if refused:
+        assert 'model.checkpoint is empty' in reason and "model.backend: 'none'" in reason
+
+
+def test_no_weights_refuse_to_configure_unless_backend_none(ros_node, tmp_path):
+    """The default (torch, no checkpoint) used to activate and build nothing; now configure
+    fails saying what to set, and 'none' is the explicit choice of a node without a network."""
+    overlay = robust._overlay(SCENE).replace(
+        "backend: 'ros2_sab3r.sim.standin:SyntheticSceneBackend'", "backend: 'torch'")
+    assert "backend: 'torch'" in overlay
+    node_proc = NodeProcess(tmp_path, overlay)
+    try:
+        assert spin_until(ros_node, lambda: 'autostart: configure failed' in node_proc.log(),
+                          timeout=60), node_proc.log()
+        assert state_of(ros_node, node_proc) == State.PRIMARY_STATE_UNCONFIGURED
+        assert param_set(ros_node, node_proc, 'model.backend', 'none') == (True, '')
+        assert transition(ros_node, node_proc, Transition.TRANSITION_CONFIGURE), node_proc.log()
+        assert transition(ros_node, node_proc, Transition.TRANSITION_ACTIVATE), node_proc.log()
+        answer = call(ros_node, Locate, f'{node_proc.name}/locate',
+                      Locate.Request(queries=['bed']))
+        assert not answer.success and "model.backend is 'none'" in answer.message, answer
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert "model.checkpoint is empty, so model.backend='torch' has no weights" in log, log
+    assert 'no map is built' in log, log
+
+
+@pytest.mark.parametrize(('backend', 'what'), [('onnxruntime', 'export'), ('torch', 'model.pt')])
+def test_missing_weights_fail_activation_with_the_path(ros_node, tmp_path, backend, what):
+    missing = tmp_path / 'not_there' / what
+    overlay = robust._overlay(SCENE).replace(
+        "backend: 'ros2_sab3r.sim.standin:SyntheticSceneBackend'",
+        f"backend: '{backend}'\n      checkpoint: '{missing}'")
+    node_proc = NodeProcess(tmp_path, overlay)
+    try:
+        assert spin_until(ros_node, lambda: 'autostart: activate failed' in node_proc.log(),
+                          timeout=60), node_proc.log()
+        assert state_of(ros_node, node_proc) == State.PRIMARY_STATE_UNCONFIGURED
+        assert node_proc.proc.poll() is None
+    finally:
+        assert node_proc.stop() == 0, node_proc.log()
+    log = node_proc.log()
+    assert 'the model cannot be loaded' in log and str(missing) in log, log
+    assert 'listening on' not in log, log  # never active
 
 
 def test_map_paths_resolve_against_map_directory_and_library_logs_reach_rosout(ros_node,
