@@ -225,6 +225,11 @@ class KeyframeConfig:
     match_stride: int = param(
         16, 'pixel spacing of the reciprocal-matching seed grid that measures overlap; cost '
         'grows with the inverse 4th power', unit='px', min=2, max=64)
+    # The overlap test alone let tracked frames see parts of objects no keyframe saw (the
+    # ScanNet-layout acceptance scene: lamps and bookshelves got half-width boxes, IoU 0.73).
+    max_unmapped: float = param(
+        0.3, 'unposed mode: a frame also becomes a keyframe when this share of its confident '
+        'points lies where no keyframe was (1 = off)', unit='ratio', min=0.0, max=1.0)
     min_translation_m: float = param(
         0.25, 'posed mode: a frame becomes a keyframe when it moved this far from the latest '
         'keyframe', unit='m', min=0.0, max=100.0)

@@ -7,9 +7,12 @@ Order of work per frame (the one place where it is written down):
 1. Unposed mode (``frames.pose_source == 'none'``): decode the frame against the latest keyframe,
    measure the overlap (share of reciprocal descriptor matches) and register the frame to that
    keyframe (confidence-weighted Umeyama between the keyframe's canonical pointmap and its points
-   as seen from the frame). When the overlap drops below ``keyframes.min_overlap`` the frame
-   becomes a keyframe: it is also decoded against the next most recent window keyframes, its pose
-   and per-pair scales are refined jointly, and its pointmap is fused into the map.
+   as seen from the frame). When the overlap drops below ``keyframes.min_overlap``, or more
+   than ``keyframes.max_unmapped`` of its confident points lie where no keyframe was (a
+   :class:`CoverageGrid` of the keyframes' points; tracked frames are never fused, so what only
+   they saw would be missing from the map), the frame becomes a keyframe: it is also decoded
+   against the next most recent window keyframes, its pose and per-pair scales are refined
+   jointly, and its pointmap is fused into the map.
 2. Posed mode (``'tf'``): the pose comes with the frame; a frame becomes a keyframe after enough
    motion, is decoded against recent keyframes only then, and each pair's scale is solved against
    the metric poses (the first keyframe's scale is fixed once the camera has moved).
@@ -49,10 +52,11 @@ from ros2_sab3r.geometry.registration import (
     register_to_keyframe,
     similarity_to_T,
 )
-from ros2_sab3r.geometry.transforms import is_rigid
+from ros2_sab3r.geometry.transforms import apply, is_rigid
 from ros2_sab3r.inference import Backend
 from ros2_sab3r.inference.base import decode_takes_request
 from ros2_sab3r.mapping.fusion import fuse_keyframe
+from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 from ros2_sab3r.mapping.snapshot import MapSnapshot
@@ -136,6 +140,46 @@ def _median_depth(X: np.ndarray, C: np.ndarray, min_conf: float) -> float:
     return float(np.median(np.abs(z))) if len(z) else 1.0
 
 
+class CoverageGrid:
+    """Where keyframes have seen: the set of cells (`cell` wide, map units) holding a keyframe
+    point. A sorted int64 key array: lookups by searchsorted, one merge per keyframe.
+
+    Cells twice the map's voxel, points every `stride`-th pixel: a surface seen again with
+    pointmap noise of a fraction of a voxel still falls into cells already covered.
+    """
+
+    def __init__(self, cell: float, stride: int = 4) -> None:
+        self.cell = float(cell)
+        self.stride = int(stride)
+        self._keys = np.zeros(0, np.int64)
+
+    def _cell_keys(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float,
+                   scale: float = 1.0) -> np.ndarray:
+        s = self.stride
+        Xs, Cs = X[::s, ::s].reshape(-1, 3), C[::s, ::s].reshape(-1)
+        ok = (Cs >= min_conf) & np.isfinite(Xs).all(-1)
+        ijk = np.floor(apply(T_WC, scale * Xs[ok].astype(np.float64)) / self.cell)
+        return pack_keys(ijk[(np.abs(ijk) < KEY_OFFSET - 2).all(-1)])
+
+    def add(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float) -> None:
+        """Cover the cells of the confident points X (H, W, 3) (camera frame, map scale)."""
+        self._keys = np.union1d(self._keys, self._cell_keys(T_WC, X, C, min_conf))
+
+    def unmapped_share(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float,
+                       scale: float = 1.0) -> float:
+        """Share of the confident points `scale` * X (H, W, 3) outside every covered cell (0
+        without confident points)."""
+        keys = self._cell_keys(T_WC, X, C, min_conf, scale)
+        if not len(keys):
+            return 0.0
+        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        covered = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), bool)
+        return float(1.0 - covered.mean())
+
+    def clear(self) -> None:
+        self._keys = np.zeros(0, np.int64)
+
+
 class Pipeline:
     """Keyframes, poses and the semantic map from a stream of CameraFrames (module docstring)."""
 
@@ -150,6 +194,7 @@ class Pipeline:
         self._posed = self._cfg.frames.pose_source == 'tf'
         self._window = KeyframeWindow(self._cfg.keyframes.window_size)
         self._map = self._new_map()
+        self._coverage = CoverageGrid(2.0 * self._cfg.mapping.voxel_size_m)
         self._query = QueryEngine(self._cfg.query, text_encoder)
         self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
         self.frames_processed = 0
@@ -202,6 +247,12 @@ class Pipeline:
         bad input."""
         return self._query.locate(self._map.snapshot() if snapshot is None else snapshot, query)
 
+    def gravity(self, snapshot: MapSnapshot) -> np.ndarray | None:
+        """(3,) gravity (down) in `snapshot`'s frame, as Locate uses it: known (posed maps),
+        else the floor-plane estimate (query.estimate_gravity, cached per map version), else
+        None."""
+        return self._query.gravity(snapshot)
+
     def save(self, path) -> None:
         """Write the latest snapshot of the map to `path` atomically (npz + JSON metadata)."""
         save_map(self._map, path, extra={'pose_source': self._cfg.frames.pose_source,
@@ -227,6 +278,7 @@ class Pipeline:
         with self._write_lock:
             self._map = new_map
             self._window.clear()
+            self._coverage.clear()
         if not self._posed:
             log.warning('loaded map %s in unposed mode: new frames start a new trajectory and are '
                         'not relocalised against it', path)
@@ -236,6 +288,7 @@ class Pipeline:
         with self._write_lock:
             self._window.clear()
             self._map.clear()
+            self._coverage.clear()
             self.frames_processed = 0
             self.frames_skipped = 0
 
@@ -328,9 +381,19 @@ class Pipeline:
                 f'registration to keyframe {kf_latest.keyframe_id} is inconsistent (RMS '
                 f'{sim.rmse:.3f} m at depth {depth:.2f} m, above geometry.max_registration_rmse)')
         T_WC = kf_latest.T_WC @ similarity_to_T(sim)
-        if not needs_keyframe_by_overlap(overlap, self._cfg.keyframes):
-            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED, T_WC=T_WC,
-                              overlap=overlap)
+        kc = self._cfg.keyframes
+        if needs_keyframe_by_overlap(overlap, kc):
+            why = f'overlap {overlap:.2f} < {kc.min_overlap}'
+        else:
+            unmapped = 0.0
+            if kc.max_unmapped < 1.0:
+                unmapped = clock.run('match', self._coverage.unmapped_share, T_WC,
+                                     pred.view1.X, pred.view1.C,
+                                     self._cfg.mapping.min_confidence, sim.s)
+            if unmapped <= kc.max_unmapped:
+                return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED,
+                                  T_WC=T_WC, overlap=overlap)
+            why = f'unmapped {unmapped:.2f} > {kc.max_unmapped}'
         pred = self._with_features(clock, tokens, latest.tokens, pred)
         edges = [(kf_latest, pred.view2, sim.s)]
         for other in self._window.recent(self._cfg.keyframes.pairs_per_keyframe)[1:]:
@@ -349,8 +412,7 @@ class Pipeline:
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
         self._insert(kf, tokens, clock)
         return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
-                          reason=f'overlap {overlap:.2f} < {self._cfg.keyframes.min_overlap}',
-                          T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
+                          reason=why, T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
 
     def _step_posed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
         g = self._cfg.geometry
@@ -408,6 +470,8 @@ class Pipeline:
     def _insert(self, kf: PosedKeyframe, tokens, clock: StageClock) -> None:
         self._window.insert(WindowKeyframe(kf, tokens, metric=True))
         self._integrate(kf, clock)
+        if not self._posed:
+            self._coverage.add(kf.T_WC, kf.X, kf.C, self._cfg.mapping.min_confidence)
 
     def _integrate(self, kf: PosedKeyframe, clock: StageClock) -> None:
         clock.run('integrate', fuse_keyframe, self._map, kf, self._cfg.mapping)
