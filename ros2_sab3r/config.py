@@ -262,7 +262,7 @@ class GeometryConfig:
 
 
 # mapping.feature_codec values (ros2_sab3r.mapping.codec implements them)
-FEATURE_CODECS = ('bf16', 'int8')
+FEATURE_CODECS = ('bf16', 'int8', 'pca_int8')
 
 
 @dataclass(frozen=True)
@@ -292,11 +292,21 @@ class MappingConfig:
         True, 'also fuse DINO features when the backend provides them (used to split touching '
         'instances; doubles feature memory)', read_only=True)
     # int8 halves the CLIP bytes every Locate reads; cosines move by ~1e-3 (bounded at 1e-2 in
-    # tests/mapping/test_feature_codec.py). Map files store bf16 either way.
+    # tests/mapping/test_feature_codec.py). pca_int8 keeps int8 codes of a projection fitted to
+    # the map (CLIP and DINO), refitted when new features leave its span (mapping.codec).
+    # Map files store what memory holds (format 3).
     feature_codec: str = param(
-        'bf16', "CLIP features in memory: 'bf16' (2 bytes per channel) or 'int8' with a "
-        'per-voxel scale (1 byte, Locate within 1e-2 in cosine)', choices=FEATURE_CODECS,
-        read_only=True)
+        'bf16', "map features: 'bf16', 'int8' (per-voxel scale) or 'pca_int8' (int8 codes of a "
+        'projection fitted to the map)', choices=FEATURE_CODECS, read_only=True)
+    clip_projection_dim: int = param(
+        128, "pca_int8: CLIP channels kept (the projection's rank); bytes per voxel grow by 1 "
+        'per channel', unit='channels', min=8, max=4096, read_only=True)
+    dino_projection_dim: int = param(
+        64, 'pca_int8: DINO channels kept (DINO only splits and merges instances)',
+        unit='channels', min=8, max=4096, read_only=True)
+    projection_refit_residual: float = param(
+        0.1, "pca_int8: refit the projection when a keyframe's feature energy outside it exceeds "
+        "the fitted data's by this share", unit='ratio', min=0.0, max=1.0, read_only=True)
     # Unposed maps have no known gravity and use PCA boxes.
     gravity_in_map: tuple[float, ...] = param(
         [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside '

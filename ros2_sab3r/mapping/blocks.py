@@ -7,8 +7,10 @@ import mmap
 import numpy as np
 
 BLOCK_SIZE = 4096  # voxel slots per block: the unit of copy-on-write
-# CLIP storage per mapping.feature_codec (see mapping.codec)
-CLIP_DTYPES = {'bf16': np.uint16, 'int8': np.int8}
+# Stored feature dtypes per mapping.feature_codec (see mapping.codec): (CLIP, DINO). int8 values
+# come with a float32 scale per voxel (value = q * scale).
+FEATURE_DTYPES = {'bf16': (np.uint16, np.float16), 'int8': (np.int8, np.float16),
+                  'pca_int8': (np.int8, np.int8)}
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, 'MAP_POPULATE', 0)
 
 
@@ -22,26 +24,31 @@ class Block:
     mapping goes back to the system as soon as its block is dropped (RSS now flat within 0.1 MB
     per 1000 frames); the price is faulting in fresh pages for each copy, ~9% of the integration
     rate of a fresh map.
+
+    clip_width, dino_width: stored channels (the projection's rank under 'pca_int8').
     """
 
-    __slots__ = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
-                 'clip_scale', 'clip_norm', 'clip_w', 'dino', 'dino_w')
+    ARRAYS = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
+              'clip_scale', 'clip_norm', 'clip_w', 'dino', 'dino_scale', 'dino_w')
+    __slots__ = (*ARRAYS, 'codec')
 
-    def __init__(self, clip_dim: int, dino_dim: int, codec: str = 'bf16') -> None:
-        """codec: mapping.feature_codec of the CLIP features ('bf16' or 'int8')."""
-        if codec not in CLIP_DTYPES:
-            raise ValueError(f'feature codec {codec!r} is not one of {", ".join(CLIP_DTYPES)}')
+    def __init__(self, clip_width: int, dino_width: int, codec: str = 'bf16') -> None:
+        """codec: mapping.feature_codec ('bf16', 'int8' or 'pca_int8')."""
+        if codec not in FEATURE_DTYPES:
+            raise ValueError(f'feature codec {codec!r} is not one of {", ".join(FEATURE_DTYPES)}')
+        self.codec = codec
         n = BLOCK_SIZE
-        int8 = codec == 'int8' and clip_dim > 0
+        clip_dt, dino_dt = FEATURE_DTYPES[codec]
+        clip_scaled = clip_dt == np.int8 and clip_width > 0
+        dino_scaled = dino_dt == np.int8 and dino_width > 0
         fields = [('keys', np.int64, 1), ('valid', np.bool_, 1), ('pos', np.float32, 3),
                   ('color', np.float32, 3), ('weight', np.float32, 1), ('count', np.uint32, 1),
                   ('last_seen', np.int64, 1),
-                  # bfloat16 bits or int8 values; None when clip_dim is 0
-                  ('clip', CLIP_DTYPES[codec], clip_dim),
-                  ('clip_scale', np.float32, int(int8)),  # int8: value = q * scale; else None
-                  ('clip_norm', np.float32, 1),  # L2 norm of each clip row (0: no feature)
-                  ('clip_w', np.float32, 1), ('dino', np.float16, dino_dim),
-                  ('dino_w', np.float32, 1)]
+                  ('clip', clip_dt, clip_width),  # None when clip_width is 0
+                  ('clip_scale', np.float32, int(clip_scaled)),  # int8 only, else None
+                  ('clip_norm', np.float32, 1),  # L2 norm of each stored clip row (0: none)
+                  ('clip_w', np.float32, 1), ('dino', dino_dt, dino_width),
+                  ('dino_scale', np.float32, int(dino_scaled)), ('dino_w', np.float32, 1)]
         # each array starts on a 64-byte boundary (cache lines, vector loads)
         sizes = [(n * width * np.dtype(dt).itemsize + 63) // 64 * 64 for _, dt, width in fields]
         # zero-filled, unmapped when its last array is freed; private (shared anonymous memory
@@ -50,7 +57,7 @@ class Block:
         buf = mmap.mmap(-1, sum(sizes), flags=_MAP_FLAGS)
         offset = 0
         for (name, dt, width), size in zip(fields, sizes):
-            if name in ('clip', 'clip_scale', 'dino') and width == 0:
+            if width == 0:
                 setattr(self, name, None)
                 continue
             a = np.frombuffer(buf, dt, n * width, offset)
@@ -58,19 +65,18 @@ class Block:
                     else a)
             offset += size
 
-    @property
-    def codec(self) -> str:
-        """mapping.feature_codec of the CLIP features ('bf16' without any)."""
-        return 'int8' if self.clip is not None and self.clip.dtype == np.int8 else 'bf16'
-
-    def copy(self, dino_dim: int | None = None) -> Block:
-        """A copy; with dino_dim, one with (zero) DINO features of that width added."""
+    def copy(self, dino_width: int | None = None) -> Block:
+        """A copy; with dino_width, one with (zero) DINO features of that width added."""
         new = Block(0 if self.clip is None else self.clip.shape[1],
-                     dino_dim if dino_dim is not None else
-                     0 if self.dino is None else self.dino.shape[1], self.codec)
-        for name in Block.__slots__:
+                    dino_width if dino_width is not None else
+                    0 if self.dino is None else self.dino.shape[1], self.codec)
+        for name in Block.ARRAYS:
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and getattr(new, name) is not None:
                 np.copyto(getattr(new, name), value)
         return new
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the block's arrays."""
+        return sum(getattr(self, f).nbytes for f in Block.ARRAYS if getattr(self, f) is not None)

@@ -8,6 +8,16 @@ moves a stored unit feature by at most 1/254 of its largest channel per element:
 a query change by ~1e-3 (measured in tests/mapping/test_feature_codec.py, bounded there at
 1e-2), the relevancy of a voxel by a few thousandths.
 
+'pca_int8': int8 codes (per-voxel scale) of the features projected on an orthonormal basis
+fitted to the map (:class:`FeatureProjection`; mapping.clip_projection_dim, dino_projection_dim):
+at 128 of 512 CLIP channels and 64 DINO channels a voxel takes ~280 bytes instead of ~1.2 KB
+(bf16 with fp16 DINO), and Locate reads a quarter of the int8 bytes. Locate projects each text
+embedding once and computes its similarity in the projected space (MapSnapshot.cosine): the
+part of a stored feature outside the basis is dropped, which is why the basis is refitted as
+soon as a keyframe brings features that leave its span (the stored codes are then rotated into
+the new basis). Dense CLIP features of a scene span far fewer directions than their 512 channels;
+tolerances on the evaluation scenes are in tests/mapping/test_feature_codec.py.
+
 Why bfloat16 for CLIP: every Locate multiplies all CLIP features by the query embeddings; at 500k
 voxels x 512 that reads 0.5 GB, and CPUs with bf16 matrix units (AVX512-BF16, AMX) do it about
 twice as fast as from fp16 (torch, 2 cores: ~25 ms vs ~50 ms). bfloat16 keeps 8 mantissa bits:
@@ -21,8 +31,8 @@ import numpy as np
 
 from ros2_sab3r.config import FEATURE_CODECS
 
-__all__ = ['FEATURE_CODECS', 'bf16_decode', 'bf16_encode', 'fold_bf16_mean', 'fold_int8_mean',
-           'int8_decode', 'int8_encode']
+__all__ = ['FEATURE_CODECS', 'FeatureProjection', 'bf16_decode', 'bf16_encode',
+           'fold_bf16_mean', 'fold_int8_mean', 'int8_decode', 'int8_encode']
 
 
 def bf16_encode(x: np.ndarray) -> np.ndarray:
@@ -78,12 +88,13 @@ def int8_decode(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(q, np.float32) * np.asarray(scale, np.float32)[:, None]
 
 
-def fold_int8_mean(clip: np.ndarray, clip_scale: np.ndarray, clip_norm: np.ndarray,
+def fold_int8_mean(clip: np.ndarray, clip_scale: np.ndarray, clip_norm: np.ndarray | None,
                    rows: np.ndarray, fsum: np.ndarray, w_old: np.ndarray,
                    w_new: np.ndarray) -> None:
     """:func:`fold_bf16_mean` for int8 means with a per-voxel scale: the stored mean is decoded,
-    folded in float32 and encoded again; clip_norm gets the norm of the stored (encoded) mean,
-    so that a cosine computed from the stored values is exact up to the product's rounding."""
+    folded in float32 and encoded again; clip_norm (unless None) gets the norm of the stored
+    (encoded) mean, so that a cosine computed from the stored values is exact up to the
+    product's rounding."""
     mean = int8_decode(clip[rows], clip_scale[rows])
     mean *= (w_old / w_new).astype(np.float32)[:, None]
     fsum *= (1.0 / w_new).astype(np.float32)[:, None]
@@ -91,6 +102,103 @@ def fold_int8_mean(clip: np.ndarray, clip_scale: np.ndarray, clip_norm: np.ndarr
     q, scale = int8_encode(mean)
     clip[rows] = q
     clip_scale[rows] = scale
+    if clip_norm is None:
+        return
     qf = q.astype(np.float32)
     clip_norm[rows] = scale * np.sqrt(np.einsum('ij,ij->i', qf, qf))
 
+
+
+class FeatureProjection:
+    """An orthonormal basis P (F, k) fitted to a map's features, refitted when they drift.
+
+    Fitted uncentred (what must survive are dot products with arbitrary query vectors). The
+    history is kept as its projection on the basis, ``moment`` = sum of (S P)^T (S P) over the
+    rows that fed it (k, k), which is what the map can represent anyway; a refit
+    eigen-decomposes P moment P^T + S^T S of the new rows.
+
+    Drift is judged cell by cell, not on average: a small object new to the map is a few dozen
+    feature cells of a keyframe, and its features would be projected away unnoticed by a mean.
+    A keyframe triggers a refit when more than :data:`MIN_OUTLIERS` of its cells have more of
+    their energy outside the basis than ``fit_residual`` (that share for the data of the last
+    fit) + ``refit_residual``; the refit takes all those cells and a sample of the others.
+    The writer owns an instance; snapshots get :attr:`basis`, a read-only array that a refit
+    replaces (never writes).
+    """
+
+    SAMPLE = 256  # rows per keyframe that feed the history (cost ~SAMPLE * k * k)
+    MAX_OUTLIERS = 1024  # outlier rows a refit takes at most
+    MIN_OUTLIERS = 4  # fewer drifting cells than this are noise, not a new object
+
+    def __init__(self, dim: int, rank: int, refit_residual: float,
+                 basis: np.ndarray | None = None, moment: np.ndarray | None = None,
+                 fit_residual: float = 0.0) -> None:
+        self.dim = int(dim)
+        self.rank = min(int(rank), self.dim)
+        self.refit_residual = float(refit_residual)
+        self.basis = None if basis is None else _frozen(np.array(basis, np.float32))
+        self.moment = (np.zeros((self.rank, self.rank)) if moment is None
+                       else np.array(moment, np.float64))
+        self.fit_residual = float(fit_residual)
+        self.refits = 0  # refits after the first fit (tests, benchmarks)
+        self._rng = np.random.default_rng(0)
+
+    def _pick(self, n: int, k: int) -> np.ndarray:
+        return np.arange(n) if n <= k else np.sort(self._rng.choice(n, k, replace=False))
+
+    def residuals(self, S: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
+        """(n,) share of each row's energy outside the basis (S (n, F); Y = S @ basis when
+        already computed); 0 for zero rows, 1 without a basis."""
+        total = np.einsum('ij,ij->i', S, S)
+        if self.basis is None:
+            return (total > 0).astype(np.float32)
+        Y = S @ self.basis if Y is None else Y
+        kept = np.einsum('ij,ij->i', Y, Y)
+        return np.clip(1.0 - np.divide(kept, total, out=np.ones_like(total), where=total > 0),
+                       0.0, 1.0)
+
+    def observe(self, S: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray | None:
+        """Take a keyframe's feature rows S (n, F) into account (Y = S @ basis when already
+        computed): fits the first basis, or refits on drift. Returns R (k, k) when an existing
+        basis was replaced (stored codes c in the old basis become c @ R in the new one), else
+        None."""
+        S = np.asarray(S, np.float32)
+        if not len(S):
+            return None
+        if self.basis is None:
+            return self.fit(S[self._pick(len(S), self.SAMPLE + self.MAX_OUTLIERS)])
+        Y = S @ self.basis if Y is None else Y
+        out = np.flatnonzero(self.residuals(S, Y) > self.fit_residual + self.refit_residual)
+        if len(out) < self.MIN_OUTLIERS:
+            pick = self._pick(len(S), self.SAMPLE)
+            self.moment += Y[pick].T.astype(np.float64) @ Y[pick]
+            return None
+        rows = np.union1d(out[self._pick(len(out), self.MAX_OUTLIERS)],
+                          self._pick(len(S), self.SAMPLE))
+        return self.fit(S[rows])
+
+    def fit(self, S: np.ndarray) -> np.ndarray | None:
+        """Fit the basis to rows S (n, F) and the history (refit), whatever the drift; returns
+        the rotation of stored codes as :meth:`observe` does."""
+        S = np.asarray(S, np.float32)
+        old = self.basis
+        M = S.T.astype(np.float64) @ S  # (F, F)
+        if old is not None:
+            P = old.astype(np.float64)
+            M += P @ self.moment @ P.T
+        values, vectors = np.linalg.eigh(M)  # ascending
+        top = vectors[:, ::-1][:, :self.rank]
+        total = float(np.trace(M))
+        kept = float(values[::-1][:self.rank].sum())
+        self.fit_residual = max(0.0, 1.0 - kept / total) if total > 0 else 0.0
+        self.basis = _frozen(np.ascontiguousarray(top, np.float32))
+        self.moment = top.T @ M @ top
+        if old is None:
+            return None
+        self.refits += 1
+        return (old.T @ self.basis).astype(np.float32)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a

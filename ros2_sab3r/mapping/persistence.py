@@ -7,8 +7,14 @@
 - Checked: a corrupt, foreign or incompatible file raises :class:`MapFileError` naming the file
   and the fix, before anything of the current map is touched; the archive's directory, the
   metadata (types per key, table :data:`_META`) and every .npy header (dtype, shape, stored size,
-  table :data:`_ARRAYS`) are checked before any array is read, so memory stays bounded by
-  mapping.max_voxels whatever the file declares.
+  tables :data:`_ARRAYS` and :data:`_FEATURES`) are checked before any array is read, so memory
+  stays bounded by mapping.max_voxels whatever the file declares.
+- Versioned: format 3 stores the features as the map held them (mapping.feature_codec: bf16,
+  int8 with per-voxel scales, or pca_int8 codes with their projection), uncompressed, so that
+  saving and loading copy arrays and nothing else when the codecs agree. Format 2 files (bf16
+  CLIP, fp16 DINO: the arrays of format 3's 'bf16') are read and converted; any other version is
+  refused by name. A file loads with any mapping.feature_codec (converted; a pca_int8 map from
+  other features gets a projection fitted to them).
 """
 
 from __future__ import annotations
@@ -26,24 +32,42 @@ import zipfile
 
 import numpy as np
 
-from ros2_sab3r.config import MappingConfig
+from ros2_sab3r.config import FEATURE_CODECS, MappingConfig
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 FORMAT = 'ros2_sab3r.semantic_map'
-FORMAT_VERSION = 2  # 2: CLIP features as bfloat16 bit patterns ('clip_bf16', uint16)
+# 3: features as mapping.feature_codec stores them (metadata 'feature_codec');
+# 2: CLIP as bfloat16 bit patterns ('clip_bf16', uint16), DINO fp16 (read as format 3 'bf16')
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 META_MAX_BYTES = 1 << 20  # the JSON metadata; a real map's is a few hundred bytes
 
-# name -> (dtype, trailing shape; None: the feature dimension from the metadata)
+# Array shapes are tuples of sizes or of these symbols, resolved from the metadata: 'n' voxels,
+# 'clip' / 'dino' feature channels, 'clip_rank' / 'dino_rank' stored channels (pca_int8).
+# name -> (dtype, shape)
 _ARRAYS = {
-    'keys': (np.int64, ()),
-    'positions': (np.float32, (3,)),
-    'colors': (np.float32, (3,)),
-    'weights': (np.float32, ()),
-    'counts': (np.uint32, ()),
-    'last_seen_ns': (np.int64, ()),
-    'clip_weights': (np.float32, ()),
-    'dino_weights': (np.float32, ()),
+    'keys': (np.int64, ('n',)),
+    'positions': (np.float32, ('n', 3)),
+    'colors': (np.float32, ('n', 3)),
+    'weights': (np.float32, ('n',)),
+    'counts': (np.uint32, ('n',)),
+    'last_seen_ns': (np.int64, ('n',)),
+    'clip_weights': (np.float32, ('n',)),
+    'dino_weights': (np.float32, ('n',)),
 }
+_FP16_DINO = {'dino': (np.float16, ('n', 'dino'))}
+# feature_codec -> feature kind -> the arrays it has (present when the kind's channels > 0)
+_FEATURES = {
+    'bf16': {'clip': {'clip_bf16': (np.uint16, ('n', 'clip'))}, 'dino': _FP16_DINO},
+    'int8': {'clip': {'clip_int8': (np.int8, ('n', 'clip')),
+                      'clip_scale': (np.float32, ('n',))}, 'dino': _FP16_DINO},
+    'pca_int8': {kind: {f'{kind}_int8': (np.int8, ('n', f'{kind}_rank')),
+                        f'{kind}_scale': (np.float32, ('n',)),
+                        f'{kind}_basis': (np.float32, (kind, f'{kind}_rank')),
+                        f'{kind}_moment': (np.float64, (f'{kind}_rank', f'{kind}_rank'))}
+                 for kind in ('clip', 'dino')},
+}
+assert set(_FEATURES) == set(FEATURE_CODECS), 'every mapping.feature_codec has a file layout'
 
 
 def _is_int(v: Any) -> bool:
@@ -74,6 +98,12 @@ _META = {
     'saved_unix_s': (False, _is_number, 'a number'),
     'pose_source': (False, lambda v: isinstance(v, str), 'a string'),
     'backend': (False, lambda v: isinstance(v, str), 'a string'),
+    # format 3 (required there, see _check_meta)
+    'feature_codec': (False, lambda v: v in FEATURE_CODECS, f'one of {FEATURE_CODECS}'),
+    'clip_rank': (False, lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'dino_rank': (False, lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'clip_fit_residual': (False, lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]'),
+    'dino_fit_residual': (False, lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]'),
 }
 
 
@@ -120,13 +150,13 @@ def save_map(m: SemanticVoxelMap, path: str | os.PathLike, extra: dict | None = 
         kind = 'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a regular file'
         raise MapFileError(f'cannot save the map to {path}: it exists and is {kind}; give the '
                            'path of a new or regular file')
-    arrays = m.arrays()
+    arrays, feature_meta = m.contents()
     meta = {
         'format': FORMAT, 'version': FORMAT_VERSION, 'voxel_size_m': m.voxel_size,
         'n_voxels': int(len(arrays['keys'])), 'clip_dim': m.clip_dim, 'dino_dim': m.dino_dim,
         'stamp_ns': int(m.snapshot().stamp_ns), 'frame': m.frame,
         'gravity': None if m.gravity is None else [float(g) for g in m.gravity],
-        'saved_unix_s': time.time(), **(extra or {}),
+        'saved_unix_s': time.time(), **(extra or {}), **feature_meta,
     }
     blob = np.frombuffer(json.dumps(meta).encode('utf-8'), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -176,9 +206,14 @@ def _check_meta(meta: Any, path: Path) -> dict:
     if meta.get('format') != FORMAT:
         raise MapFileError(f'{path} is not a ros2_sab3r semantic map (format '
                            f'{meta.get("format")!r})')
-    if meta.get('version') != FORMAT_VERSION:
-        raise MapFileError(f'{path} has map format version {meta.get("version")!r}, this build '
-                           f'reads version {FORMAT_VERSION}; use the matching ros2_sab3r release')
+    version = meta.get('version')
+    if version not in READABLE_VERSIONS:
+        newer = _is_int(version) and version > FORMAT_VERSION
+        raise MapFileError(f'{path} has map format version {version!r}, this build reads versions '
+                           f'{", ".join(map(str, READABLE_VERSIONS))}; '
+                           + ('update ros2_sab3r to load it' if newer else
+                              'load it with the ros2_sab3r release that wrote it and save it '
+                              'again, or rebuild the map'))
     for key, (required, check, wanted) in _META.items():
         if key not in meta:
             if required:
@@ -187,6 +222,20 @@ def _check_meta(meta: Any, path: Path) -> dict:
         if not check(meta[key]):
             raise MapFileError(f'{path}: metadata {key!r} is {meta[key]!r:.80}, expected '
                                f'{wanted}; the file is corrupt or was not written by ros2_sab3r')
+    if version == 2:  # the arrays of format 3's 'bf16'
+        meta['feature_codec'] = 'bf16'
+    needed = ['feature_codec']
+    if meta['feature_codec'] == 'pca_int8':
+        needed += [f'{kind}_{what}' for kind in ('clip', 'dino') if meta.get(f'{kind}_dim')
+                   for what in ('rank', 'fit_residual')]
+    for key in needed:
+        if key not in meta:
+            raise MapFileError(f'{path}: metadata lacks {key!r}; the file is incomplete')
+    for kind in ('clip', 'dino'):
+        rank = meta.get(f'{kind}_rank')
+        if rank is not None and rank > (meta.get(f'{kind}_dim') or 0):
+            raise MapFileError(f'{path}: metadata {kind}_rank {rank} exceeds {kind}_dim '
+                               f'{meta.get(f"{kind}_dim")}; the file is corrupt')
     return meta
 
 
@@ -240,22 +289,25 @@ def _read_checked(z: zipfile.ZipFile, path: Path, cfg: MappingConfig, clip_dim: 
     if n > cfg.max_voxels:
         raise MapFileError(f'{path} holds {n} voxels but mapping.max_voxels is {cfg.max_voxels};'
                            ' raise mapping.max_voxels to load it')
-    expected = dict(_ARRAYS)
-    if clip_dim:
-        expected['clip_bf16'] = (np.uint16, (clip_dim,))
     dino_dim = meta.get('dino_dim') or 0
-    if dino_dim:
-        expected['dino'] = (np.float16, (dino_dim,))
+    sizes = {'n': n, 'clip': clip_dim, 'dino': dino_dim, 'clip_rank': meta.get('clip_rank'),
+             'dino_rank': meta.get('dino_rank')}
+    expected = dict(_ARRAYS)
+    features = _FEATURES[meta['feature_codec']]
+    for kind, dim in (('clip', clip_dim), ('dino', dino_dim)):
+        if dim:
+            expected.update(features[kind])
+    expected = {name: (dtype, tuple(sizes[d] if isinstance(d, str) else d for d in shape))
+                for name, (dtype, shape) in expected.items()}
     extra = set(members) - set(expected) - {'meta'}
     if extra:
         raise MapFileError(f'{path} holds arrays this format does not have: {sorted(extra)!r:.200}'
                            '; the file was not written by ros2_sab3r')
-    for name, (dtype, tail) in expected.items():
+    for name, (dtype, want) in expected.items():
         info = members.get(name)
         if info is None:
             raise MapFileError(f'{path} lacks the array {name!r}; the file is incomplete')
         got_dtype, got_shape, header_bytes = _member_header(z, info, path)
-        want = (n, *tail)
         if got_dtype != dtype or got_shape != want:
             raise MapFileError(f'{path}: array {name!r} is {got_dtype}{got_shape!s:.80}, '
                                f'expected {np.dtype(dtype)}{want}')
@@ -264,7 +316,8 @@ def _read_checked(z: zipfile.ZipFile, path: Path, cfg: MappingConfig, clip_dim: 
             raise MapFileError(f'{path}: array {name!r} is stored in {info.file_size} bytes, its '
                                f'header implies {size}; the file is corrupt')
     if dino_dim and not cfg.fuse_dino:
-        del expected['dino']
+        for name in features['dino']:
+            del expected[name]
         dino_dim = 0
     data = {name: _read_member(z, members[name]) for name in expected}
     for name, a in data.items():
@@ -284,8 +337,10 @@ def map_from_file(mf: MapFile, cfg: MappingConfig, gravity: np.ndarray | None = 
                   frame: str = '') -> SemanticVoxelMap:
     """Build a SemanticVoxelMap from a validated MapFile."""
     g = mf.meta.get('gravity')
+    feature_meta = {key: mf.meta[key] for key in ('feature_codec', 'clip_fit_residual',
+                                                  'dino_fit_residual') if key in mf.meta}
     return SemanticVoxelMap.from_arrays(
         cfg, mf.arrays, clip_dim=int(mf.meta['clip_dim']), dino_dim=int(mf.meta['dino_dim']),
         stamp_ns=int(mf.meta.get('stamp_ns', 0)),
         gravity=gravity if g is None else np.asarray(g, dtype=np.float64),
-        frame=frame or str(mf.meta.get('frame', '')))
+        frame=frame or str(mf.meta.get('frame', '')), feature_meta=feature_meta)

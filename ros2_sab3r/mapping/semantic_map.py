@@ -2,8 +2,9 @@
 
 Each voxel keeps a confidence-weighted running mean of its points' position and colour, a weight,
 an observation count, the stamp it was last seen, and running weighted means of the CLIP features
-(stored as bfloat16, or int8 with a per-voxel scale, with their norm: mapping.feature_codec, see
-mapping.codec) and optionally DINO features (fp16) that fell into it.
+(stored as bfloat16, int8 with a per-voxel scale, or int8 codes of a projection fitted to the map,
+with their norm: mapping.feature_codec, see mapping.codec) and optionally DINO features (fp16, or
+projected int8 codes) that fell into it.
 
 Layout: voxels live in fixed-size blocks of slots (mapping.blocks); a sorted array of packed int64
 voxel keys (mapping.keys) maps keys to slots (numpy searchsorted, no Python dict, no per-point
@@ -35,6 +36,7 @@ from scipy.sparse import coo_matrix
 from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block
 from ros2_sab3r.mapping.codec import (
+    FeatureProjection,
     bf16_decode,
     bf16_encode,
     fold_bf16_mean,
@@ -43,7 +45,7 @@ from ros2_sab3r.mapping.codec import (
     int8_encode,
 )
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
-from ros2_sab3r.mapping.snapshot import MapSnapshot
+from ros2_sab3r.mapping.snapshot import MapSnapshot, ProjectionState
 
 # Integrations a reader arriving during an in-place integration can be behind, at most: past
 # it, the next integration keeps the latest snapshot for readers (and copies what it writes).
@@ -61,7 +63,13 @@ class SemanticVoxelMap:
         self.dino_dim = int(dino_dim) if cfg.fuse_dino else 0
         self.gravity = None if gravity is None else np.asarray(gravity, dtype=np.float64)
         self.frame = frame
-        self.codec = cfg.feature_codec  # of the CLIP features in memory (files: bf16)
+        self.codec = cfg.feature_codec  # of the features in memory and in files
+        # 'pca_int8': the bases the stored codes are expressed in (None: full channels)
+        self._proj: dict[str, FeatureProjection | None] = {'clip': None, 'dino': None}
+        if self.codec == 'pca_int8' and self.clip_dim:
+            self._proj['clip'] = self._new_projection('clip', self.clip_dim)
+        if self.codec == 'pca_int8' and self.dino_dim:
+            self._proj['dino'] = self._new_projection('dino', self.dino_dim)
         self._blocks: list[Block] = []
         self._shared: set[int] = set()  # blocks a handed-out snapshot references
         self._index_keys = np.zeros(0, np.int64)  # sorted
@@ -80,6 +88,23 @@ class SemanticVoxelMap:
     @property
     def n_voxels(self) -> int:
         return int(len(self._index_keys))
+
+    def _new_projection(self, kind: str, dim: int) -> FeatureProjection:
+        rank = (self.cfg.clip_projection_dim if kind == 'clip'
+                else self.cfg.dino_projection_dim)
+        return FeatureProjection(dim, rank, self.cfg.projection_refit_residual)
+
+    def _width(self, kind: str) -> int:
+        """Stored channels of CLIP or DINO features (the projection's rank under pca_int8)."""
+        proj = self._proj[kind]
+        return proj.rank if proj is not None else (self.clip_dim if kind == 'clip'
+                                                   else self.dino_dim)
+
+    @property
+    def projections(self) -> dict[str, FeatureProjection | None]:
+        """'clip' / 'dino' -> the writer's FeatureProjection (pca_int8), else None; read-only
+        use (tests, benchmarks)."""
+        return dict(self._proj)
 
     def snapshot(self) -> MapSnapshot:
         """The latest published snapshot, or while an integration writes the blocks of that one
@@ -149,6 +174,7 @@ class SemanticVoxelMap:
         psum = np.stack([np.bincount(inv, w * X[:, k], U) for k in range(3)], -1)
         csum = np.stack([np.bincount(inv, w * col[:, k], U) for k in range(3)], -1)
         clip_sum = clip_wsum = dino_sum = dino_wsum = None
+        rotations = {}  # kind -> (k, k) rotation of the stored codes after a refit
         if cells is not None and (S_clip is not None or S_dino is not None):
             cell = np.asarray(cells).reshape(-1)[ok]
             has = cell >= 0
@@ -158,13 +184,34 @@ class SemanticVoxelMap:
             A = coo_matrix((w[has].astype(np.float32), (inv[has], cell[has])),
                            shape=(U, M)).tocsr()  # (U, M)
             fw = np.asarray(A.sum(axis=1)).reshape(-1)
-            if S_clip is not None and self.clip_dim:
-                clip_sum, clip_wsum = A @ S_clip.reshape(M, -1).astype(np.float32), fw
-            if S_dino is not None and self.dino_dim:
-                dino_sum, dino_wsum = A @ S_dino.reshape(M, -1).astype(np.float32), fw
+            used = None
+            for kind, S, dim in (('clip', S_clip, self.clip_dim), ('dino', S_dino,
+                                                                   self.dino_dim)):
+                if S is None or not dim:
+                    continue
+                S = S.reshape(M, -1)
+                proj = self._proj[kind]
+                if proj is not None:  # pca_int8: sums of the projected cell features
+                    if used is None:
+                        used = np.flatnonzero(np.bincount(cell[has], minlength=M))
+                    S = np.asarray(S, np.float32)
+                    Y = None if proj.basis is None else S @ proj.basis
+                    R = proj.observe(S[used], None if Y is None else Y[used])
+                    if R is not None:
+                        rotations[kind] = R
+                    if Y is None or R is not None or proj.basis is None:
+                        Y = S @ proj.basis
+                    S = Y  # (M, k): cheaper than projecting the (U, F) sums
+                total = A @ S.astype(np.float32, copy=False)
+                if kind == 'clip':
+                    clip_sum, clip_wsum = total, fw
+                else:
+                    dino_sum, dino_wsum = total, fw
 
         self._begin_write()
         try:
+            for kind, R in rotations.items():
+                self._rotate(kind, R)
             self._fold(ukeys, stamp_ns, (wsum, psum, csum, clip_sum, clip_wsum, dino_sum,
                                          dino_wsum))
         finally:
@@ -172,6 +219,23 @@ class SemanticVoxelMap:
             self._version += 1
             self._end_write(self._publish())
         return n_ok
+
+    def _rotate(self, kind: str, R: np.ndarray) -> None:
+        """Re-express every stored code of `kind` in a refitted basis (codes @ R), block by
+        block (copy-on-write applies: handed-out snapshots keep the old basis and codes)."""
+        w_name = f'{kind}_w'
+        for b, blk in enumerate(self._blocks):
+            rows = np.flatnonzero(blk.valid & (getattr(blk, w_name) > 0))
+            if not len(rows):
+                continue
+            blk = self._writable(b)
+            values = getattr(blk, kind)
+            scale = getattr(blk, f'{kind}_scale')
+            q, s = int8_encode(int8_decode(values[rows], scale[rows]) @ R)
+            values[rows], scale[rows] = q, s
+            if kind == 'clip':
+                qf = q.astype(np.float32)
+                blk.clip_norm[rows] = s * np.sqrt(np.einsum('ij,ij->i', qf, qf))
 
     def _fold(self, ukeys: np.ndarray, stamp_ns: int, batch: tuple) -> None:
         """Fold per-voxel sums (batch) of the voxels `ukeys` into the map."""
@@ -245,7 +309,7 @@ class SemanticVoxelMap:
         fresh = np.arange(self._n_slots, self._n_slots + n - take, dtype=np.int64)
         self._n_slots += n - take
         while len(self._blocks) * BLOCK_SIZE < self._n_slots:
-            self._blocks.append(Block(self.clip_dim, self.dino_dim, self.codec))
+            self._blocks.append(Block(self._width('clip'), self._width('dino'), self.codec))
         return np.concatenate([slots, fresh])
 
     def _group(self, slots: np.ndarray):
@@ -312,6 +376,9 @@ class SemanticVoxelMap:
                                    fw_old, fw_new)
                 elif arr_name == 'clip':
                     fold_bf16_mean(blk.clip, blk.clip_norm, r, fsum_all[s_has], fw_old, fw_new)
+                elif blk.dino_scale is not None:
+                    fold_int8_mean(blk.dino, blk.dino_scale, None, r, fsum_all[s_has], fw_old,
+                                   fw_new)
                 else:
                     # float32 is plenty for a running mean stored as fp16
                     mean = arr[r].astype(np.float32)
@@ -322,16 +389,22 @@ class SemanticVoxelMap:
 
     def _enable_dino(self, dim: int) -> None:
         self.dino_dim = int(dim)
+        if self.codec == 'pca_int8':
+            self._proj['dino'] = self._new_projection('dino', self.dino_dim)
         for b in range(len(self._blocks)):
-            self._blocks[b] = self._blocks[b].copy(dino_dim=self.dino_dim)
+            self._blocks[b] = self._blocks[b].copy(dino_width=self._width('dino'))
             self._shared.discard(b)
 
     def _publish(self) -> MapSnapshot:
         """A snapshot of the current blocks (handed out by :meth:`snapshot` on request)."""
+        proj = {kind: None if p is None or p.basis is None else
+                ProjectionState(p.basis, p.moment.copy(), p.fit_residual)
+                for kind, p in self._proj.items()}
         return MapSnapshot(blocks=tuple(self._blocks), voxel_size=self.voxel_size,
                            n_voxels=self.n_voxels, version=self._version,
                            stamp_ns=self._stamp_ns, clip_dim=self.clip_dim,
-                           dino_dim=self.dino_dim, gravity=self.gravity, frame=self.frame)
+                           dino_dim=self.dino_dim, gravity=self.gravity, frame=self.frame,
+                           clip_projection=proj['clip'], dino_projection=proj['dino'])
 
     # ------------------------------------------------------------------------ whole-map ops
     def clear(self) -> None:
@@ -350,31 +423,88 @@ class SemanticVoxelMap:
     def arrays(self) -> dict[str, np.ndarray]:
         """The map's content as flat arrays (the persistence format), from :meth:`snapshot`
         (any thread)."""
+        return self.contents()[0]
+
+    def contents(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, feature metadata) of one snapshot (any thread): what a map file holds.
+
+        Features as stored in memory (mapping.feature_codec): 'bf16': clip_bf16 and fp16
+        dino; 'int8': clip_int8 + clip_scale and fp16 dino; 'pca_int8': clip_int8 +
+        clip_scale + clip_basis + clip_moment, the same for dino (dino_int8, ...)."""
         snap = self.snapshot()
         out = {'keys': snap.keys, 'positions': snap.positions,
                'colors': snap._gather('color').reshape(-1, 3).astype(np.float32),
                'weights': snap.weights, 'counts': snap.counts, 'last_seen_ns': snap.last_seen_ns,
                'clip_weights': snap.clip_weights,
                'dino_weights': snap._gather('dino_w').astype(np.float32)}
-        if self.clip_dim and snap.clip_codec == 'bf16':
-            out['clip_bf16'] = snap._gather('clip').reshape(-1, self.clip_dim)
-        elif self.clip_dim:  # files hold bf16 whatever the codec in memory
-            out['clip_bf16'] = bf16_encode(snap.features('clip'))
-        if self.dino_dim:
-            out['dino'] = snap._gather('dino').reshape(-1, self.dino_dim)
-        return out
+        meta = {'feature_codec': self.codec}
+        for kind, dim, proj in (('clip', self.clip_dim, snap.clip_projection),
+                                ('dino', self.dino_dim, snap.dino_projection)):
+            if not dim:
+                continue
+            width = self._width(kind)
+            values = snap._gather(kind).reshape(-1, width)
+            if values.dtype == np.int8:
+                out[f'{kind}_int8'] = values
+                out[f'{kind}_scale'] = snap._gather(f'{kind}_scale').astype(np.float32)
+            else:
+                out['clip_bf16' if kind == 'clip' else 'dino'] = values
+            if self._proj[kind] is not None:
+                meta[f'{kind}_rank'] = width
+                # a map without features yet has no basis: zeros (a zero moment: not fitted)
+                out[f'{kind}_basis'] = (np.zeros((dim, width), np.float32) if proj is None
+                                        else proj.basis)
+                out[f'{kind}_moment'] = (np.zeros((width, width)) if proj is None
+                                         else proj.moment)
+                meta[f'{kind}_fit_residual'] = 0.0 if proj is None else proj.fit_residual
+        return out, meta
 
     @classmethod
     def from_arrays(cls, cfg: MappingConfig, arrays: dict[str, np.ndarray], clip_dim: int,
                     dino_dim: int, stamp_ns: int, gravity: np.ndarray | None = None,
-                    frame: str = '') -> SemanticVoxelMap:
-        """Rebuild a map from :meth:`arrays` output (already validated by the caller)."""
+                    frame: str = '', feature_meta: dict | None = None) -> SemanticVoxelMap:
+        """Rebuild a map from :meth:`contents` output (already validated by the caller), in
+        mapping.feature_codec whatever the codec of the arrays (feature_meta's, default bf16):
+        converted where they differ; a 'pca_int8' map from other arrays gets a projection
+        fitted to them."""
+        meta = feature_meta or {'feature_codec': 'bf16'}
         m = cls(cfg, clip_dim=clip_dim, dino_dim=dino_dim, gravity=gravity, frame=frame)
         keys = arrays['keys']
         n = len(keys)
         if n > cfg.max_voxels:
             raise ValueError(f'the map file holds {n} voxels but mapping.max_voxels is '
                              f'{cfg.max_voxels}; raise mapping.max_voxels to load it')
+        file_codec = meta['feature_codec']
+        weights = {'clip': arrays['clip_weights'], 'dino': arrays['dino_weights']}
+
+        def decoded(kind: str, rows: np.ndarray) -> np.ndarray:
+            """(len(rows), F) float32 features of the arrays, whatever their codec."""
+            if f'{kind}_int8' in arrays:
+                f = int8_decode(arrays[f'{kind}_int8'][rows], arrays[f'{kind}_scale'][rows])
+                basis = arrays.get(f'{kind}_basis')
+                return f if basis is None else f @ basis.T
+            if kind == 'clip':
+                return bf16_decode(arrays['clip_bf16'][rows])
+            return arrays['dino'][rows].astype(np.float32)
+
+        as_stored = {}  # kind -> the arrays' codes can be copied as they are
+        for kind, dim in (('clip', m.clip_dim), ('dino', m.dino_dim)):
+            proj = m._proj[kind]
+            as_stored[kind] = file_codec == m.codec
+            if not dim or proj is None:
+                continue
+            basis, moment = arrays.get(f'{kind}_basis'), arrays.get(f'{kind}_moment')
+            if (file_codec == 'pca_int8' and basis is not None and basis.shape[1] == proj.rank
+                    and np.trace(moment) > 0):
+                m._proj[kind] = FeatureProjection(dim, proj.rank, cfg.projection_refit_residual,
+                                                  basis, moment, meta[f'{kind}_fit_residual'])
+                continue
+            as_stored[kind] = False
+            fused = np.flatnonzero(weights[kind] > 0)
+            if len(fused):  # fitted to (at most 8192 of) the map's features
+                step = max(1, len(fused) // 8192)
+                proj.fit(decoded(kind, fused[::step]))
+
         slots = m._allocate(n)
         for b, rows, order in m._group(slots):
             blk = m._blocks[b]
@@ -387,15 +517,31 @@ class SemanticVoxelMap:
             blk.last_seen[rows] = arrays['last_seen_ns'][order]
             blk.clip_w[rows] = arrays['clip_weights'][order]
             blk.dino_w[rows] = arrays['dino_weights'][order]
-            if blk.clip_scale is not None:
-                q, scale = int8_encode(bf16_decode(arrays['clip_bf16'][order]))
-                blk.clip[rows], blk.clip_scale[rows] = q, scale
-                blk.clip_norm[rows] = np.linalg.norm(int8_decode(q, scale), axis=1)
-            elif blk.clip is not None:
-                blk.clip[rows] = arrays['clip_bf16'][order]
-                blk.clip_norm[rows] = np.linalg.norm(bf16_decode(blk.clip[rows]), axis=1)
-            if blk.dino is not None:
-                blk.dino[rows] = arrays['dino'][order]
+            for kind in ('clip', 'dino'):
+                values, scale = getattr(blk, kind), getattr(blk, f'{kind}_scale')
+                if values is None:
+                    continue
+                if as_stored[kind] and scale is not None:
+                    values[rows] = arrays[f'{kind}_int8'][order]
+                    scale[rows] = arrays[f'{kind}_scale'][order]
+                elif as_stored[kind]:
+                    values[rows] = arrays['clip_bf16' if kind == 'clip' else 'dino'][order]
+                else:
+                    f = decoded(kind, order)
+                    proj = m._proj[kind]
+                    if proj is not None and proj.basis is not None:
+                        f = f @ proj.basis
+                    if scale is not None:
+                        values[rows], scale[rows] = int8_encode(f)
+                    elif kind == 'clip':
+                        values[rows] = bf16_encode(f)
+                    else:
+                        values[rows] = f
+                if kind == 'clip' and scale is not None:
+                    qf = values[rows].astype(np.float32)
+                    blk.clip_norm[rows] = scale[rows] * np.sqrt(np.einsum('ij,ij->i', qf, qf))
+                elif kind == 'clip':
+                    blk.clip_norm[rows] = np.linalg.norm(bf16_decode(values[rows]), axis=1)
         order = np.argsort(keys)
         m._index_keys = keys[order].astype(np.int64)
         m._index_slots = slots[order]

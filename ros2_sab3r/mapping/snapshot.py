@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ProjectionState:
+    """The basis a 'pca_int8' map's codes are expressed in, as of one snapshot (see
+    mapping.codec.FeatureProjection): a stored code c stands for the feature basis @ c."""
+
+    basis: np.ndarray  # (F, k) float32, orthonormal columns, read-only
+    moment: np.ndarray  # (k, k) float64: the fitted data's second moment in the basis
+    fit_residual: float  # energy share outside the basis of the data of the last fit
+
+
+@dataclass(frozen=True)
 class MapSnapshot:
     """An immutable view of the map at one moment. Flat arrays are built on first use."""
 
@@ -36,6 +46,9 @@ class MapSnapshot:
     dino_dim: int
     gravity: np.ndarray | None = None  # (3,) in the map frame, None when unknown
     frame: str = ''
+    # mapping.feature_codec 'pca_int8': the bases of the stored CLIP / DINO codes
+    clip_projection: ProjectionState | None = None
+    dino_projection: ProjectionState | None = None
 
     @property
     def empty(self) -> bool:
@@ -113,15 +126,18 @@ class MapSnapshot:
         if not self.blocks:
             return np.zeros((0, dim), np.float32)
         raw = self.take(kind, rows)
-        if kind != 'clip':
+        if raw.dtype == np.int8:
+            values = int8_decode(raw, self.take(f'{kind}_scale', rows))
+        elif kind == 'clip':
+            return bf16_decode(raw)
+        else:
             return raw.astype(np.float32)
-        if self.clip_codec == 'int8':
-            return int8_decode(raw, self.take('clip_scale', rows))
-        return bf16_decode(raw)
+        proj = self.clip_projection if kind == 'clip' else self.dino_projection
+        return values if proj is None else values @ proj.basis.T
 
     @property
     def clip_codec(self) -> str:
-        """mapping.feature_codec the CLIP features are stored with ('bf16' or 'int8')."""
+        """mapping.feature_codec the features are stored with ('bf16', 'int8' or 'pca_int8')."""
         return self.blocks[0].codec if self.blocks else 'bf16'
 
 
@@ -131,7 +147,7 @@ class MapSnapshot:
         the int8 values)."""
         norm = self._gather('clip_norm').astype(np.float32)
         inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-12)
-        if self.clip_codec == 'int8':
+        if self.clip_codec != 'bf16':
             inv *= self._gather('clip_scale').astype(np.float32)
         return inv
 
@@ -156,12 +172,16 @@ class MapSnapshot:
 
         if not self.clip_dim or not self.n_voxels:
             return np.zeros((len(E), self.n_voxels), np.float32)
-        int8 = self.clip_codec == 'int8'
+        int8 = self.clip_codec != 'bf16'
         # int8: products in float32 on the widened values (exact widening; on a CPU without
         # bf16 matrix units 3-4x faster than the bf16 product, see mapping.codec)
         dtype = torch.float32 if int8 else torch.bfloat16
-        Et = torch.from_numpy(np.ascontiguousarray(np.asarray(E, np.float32).T)).to(
-            dtype)  # (F, T)
+        E = np.asarray(E, np.float32)
+        if self.clip_projection is not None:
+            # pca_int8: each embedding projected once; its part outside the basis meets
+            # nothing stored (the features' part there was dropped)
+            E = E @ self.clip_projection.basis  # (T, k)
+        Et = torch.from_numpy(np.ascontiguousarray(E.T)).to(dtype)  # (F or k, T)
         raw = torch.empty((len(self.blocks) * BLOCK_SIZE, len(E)), dtype=dtype)
         claim = itertools.count()  # next() is atomic: each block is taken by one worker
 

@@ -217,3 +217,54 @@ def test_save_honours_the_umask(saved, tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / 'out.npz').st_mode) == mode
+
+
+def test_format_2_files_are_converted_and_other_versions_refused(saved, tmp_path):
+    """Format 2 (bf16 CLIP, fp16 DINO, no 'feature_codec') holds format 3's 'bf16' arrays: it
+    loads, into any codec; versions this build cannot read are refused naming the fix."""
+    meta = _meta(saved)
+    assert meta['version'] == 3 and meta['feature_codec'] == 'bf16'
+    del meta['feature_codec']
+    members = _members(saved)
+    members['meta.npy'] = meta_member({**meta, 'version': 2})
+    _write(tmp_path / 'v2.npz', members)
+    current = map_from_file(read_map(saved, CFG, CLIP_DIM), CFG).snapshot()
+    for codec in ('bf16', 'pca_int8'):
+        cfg = MappingConfig(voxel_size_m=0.05, max_voxels=5000, feature_codec=codec)
+        old = map_from_file(read_map(tmp_path / 'v2.npz', cfg, CLIP_DIM), cfg).snapshot()
+        assert old.clip_codec == codec and old.n_voxels == current.n_voxels
+        # 16 channels fit the default rank: no projection loss, int8 rounding only
+        np.testing.assert_allclose(old.features('clip'), current.features('clip'), atol=2e-2)
+    for version, fix in ((1, 'rebuild the map'), (4, 'update ros2_sab3r')):
+        _with_meta(saved, tmp_path / f'v{version}.npz', version=version)
+        with pytest.raises(MapFileError, match=f'version {version}.*{fix}'):
+            read_map(tmp_path / f'v{version}.npz', CFG, CLIP_DIM)
+
+
+def test_pca_int8_files_are_checked_by_the_tables(tmp_path):
+    cfg = MappingConfig(voxel_size_m=0.05, max_voxels=5000, feature_codec='pca_int8',
+                        clip_projection_dim=8, dino_projection_dim=8)
+    rng = np.random.default_rng(2)
+    m = SemanticVoxelMap(cfg, clip_dim=CLIP_DIM, dino_dim=12)
+    n = 2000
+    m.integrate(rng.uniform(0, 1, (n, 3)).astype(np.float32), np.full(n, 3.0, np.float32),
+                rng.integers(0, 255, (n, 3)).astype(np.uint8), 7, rng.integers(0, 10, n),
+                rng.normal(size=(10, CLIP_DIM)).astype(np.float32),
+                rng.normal(size=(10, 12)).astype(np.float32))
+    path = save_map(m, tmp_path / 'pca.npz')
+    meta = _meta(path)
+    assert (meta['feature_codec'], meta['clip_rank'], meta['dino_rank']) == ('pca_int8', 8, 8)
+    assert read_map(path, cfg, CLIP_DIM).arrays['clip_basis'].shape == (CLIP_DIM, 8)
+    for key, value, match in (('clip_rank', 4, "'clip_int8'"), ('clip_rank', 99, 'exceeds'),
+                              ('feature_codec', 'fp4', 'feature_codec'),
+                              ('feature_codec', 'bf16', 'clip_int8'),
+                              ('dino_fit_residual', 2.0, 'dino_fit_residual')):
+        _with_meta(path, tmp_path / 'bad.npz', **{key: value})
+        with pytest.raises(MapFileError, match=match):
+            read_map(tmp_path / 'bad.npz', cfg, CLIP_DIM)
+    del meta['clip_rank']
+    members = _members(path)
+    members['meta.npy'] = meta_member(meta)
+    _write(tmp_path / 'norank.npz', members)
+    with pytest.raises(MapFileError, match="lacks 'clip_rank'"):
+        read_map(tmp_path / 'norank.npz', cfg, CLIP_DIM)
