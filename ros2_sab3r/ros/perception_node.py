@@ -36,6 +36,7 @@ from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import MarkerArray
 
 from ros2_sab3r.config import PerceptionConfig
+from ros2_sab3r.frames import upright
 from ros2_sab3r.frames.decode import (
     ConversionError,
     camera_info_to_K,
@@ -47,6 +48,7 @@ from ros2_sab3r.geometry.tf_buffer import TransformBuffer, TransformLookupError
 from ros2_sab3r.geometry.transforms import transform_located
 from ros2_sab3r.inference.base import Backend
 from ros2_sab3r.inference.factory import BackendUnavailable, load_model
+from ros2_sab3r.mapping.snapshot import MapSnapshot
 from ros2_sab3r.msg import PerceptionStatus
 from ros2_sab3r.pipeline import Pipeline
 from ros2_sab3r.query.engine import BadLocateRequest, EmptyMapError, LocateError, validate_query
@@ -154,6 +156,9 @@ class PerceptionNode(LifecycleNode):
         self._no_model_reason = 'the node is not active'
         self._backend_name = ''
         self._tf = TransformBuffer()
+        # Unposed mode: gravity in the map frame from the robot's TF (odom is z-up), when it
+        # gives the camera in odom; else the map's floor plane (see frames/upright.py).
+        self._tf_down: np.ndarray | None = None
         self._latencies = StepLatency()
         self._keyframes_in_window = 0
         self._keyframes_total = 0
@@ -418,6 +423,7 @@ class PerceptionNode(LifecycleNode):
         self._backend_name = ''
         self._no_model_reason = 'the node is not configured'
         self._tf.clear()
+        self._tf_down = None
         self._scheduler = None
         self._cfg = None
 
@@ -540,8 +546,18 @@ class PerceptionNode(LifecycleNode):
 
     def _reset_pipeline(self) -> None:
         pipeline = self._pipeline
+        self._tf_down = None  # the next map has another frame
         if pipeline is not None:
             pipeline.reset()
+
+    def _upright(self, snap: MapSnapshot) -> np.ndarray | None:
+        """T_UW of frames/upright.py for what the node publishes in unposed mode (None: posed,
+        the map frame is TF's; or no gravity known nor estimated yet)."""
+        cfg, pipeline = self._cfg, self._pipeline
+        if cfg is None or pipeline is None or cfg.frames.pose_source == 'tf':
+            return None
+        down = self._tf_down
+        return upright.upright_transform(down if down is not None else pipeline.gravity(snap))
 
     def _process_frame(self, frame: CameraFrame) -> bool:
         """One frame in the worker thread (FrameWorker): the pipeline step, then its outputs.
@@ -572,27 +588,40 @@ class PerceptionNode(LifecycleNode):
             return
         header = Header(stamp=messages.stamp_from_ns(frame.stamp_ns),
                         frame_id=cfg.frames.map_frame)
+        localize = T_WC is not None and cfg.frames.pose_source != 'tf' and bool(frame.frame_id)
+        T_OC = self._odom_pose(frame) if localize else None
+        if T_OC is not None:
+            self._tf_down = upright.down_from_odom(T_WC, T_OC)
+        T_UW = self._upright(pipeline.snapshot())
         poses = pipeline.keyframe_poses()
+        if T_UW is not None:
+            poses = [T_UW @ T for T in poses]
         pose_array, path = messages.poses_to_msgs(header, poses)
         self._pubs['poses'].publish(pose_array)
         self._pubs['path'].publish(path)
-        if T_WC is not None and cfg.frames.pose_source != 'tf' and frame.frame_id:
-            self._publish_localization(header, frame, T_WC)
+        if localize:
+            self._publish_localization(header, T_WC if T_UW is None else T_UW @ T_WC, T_OC)
 
-    def _publish_localization(self, header: Header, frame: CameraFrame, T_WC: np.ndarray
+    def _odom_pose(self, frame: CameraFrame) -> np.ndarray | None:
+        """T_OC of the frame's camera in frames.odom_frame at its stamp, None when TF has none."""
+        try:
+            return self._tf.lookup(self._cfg.frames.odom_frame, frame.frame_id, frame.stamp_ns)
+        except TransformLookupError:
+            return None
+
+    def _publish_localization(self, header: Header, T_MC: np.ndarray, T_OC: np.ndarray | None
                               ) -> None:
         """Unposed mode, the REP-105 way: map -> odom when TF gives the camera in odom (at the
         image stamp), else map -> frames.estimate_frame; never map -> the camera's own frame,
-        which would give it a second parent."""
+        which would give it a second parent. `T_MC`: the camera in the published map frame."""
         cfg = self._cfg
-        try:
-            T_OC = self._tf.lookup(cfg.frames.odom_frame, frame.frame_id, frame.stamp_ns)
-        except TransformLookupError:
-            child, T = cfg.frames.estimate_frame, T_WC
+        if T_OC is None:
+            child, T = cfg.frames.estimate_frame, T_MC
         else:
-            child, T = cfg.frames.odom_frame, T_WC @ np.linalg.inv(T_OC)  # T_MO
+            child, T = cfg.frames.odom_frame, T_MC @ np.linalg.inv(T_OC)  # T_MO
         # known at once to this node's own lookups (Locate in any frame of the tree)
-        self._tf.set_transform(cfg.frames.map_frame, child, frame.stamp_ns, T, False)
+        self._tf.set_transform(cfg.frames.map_frame, child, messages.ns_from_stamp(header.stamp),
+                               T, False)
         self._pubs['tf'].publish(TFMessage(transforms=[
             messages.transform_from_matrix(header, child, T)]))
 
@@ -611,7 +640,12 @@ class PerceptionNode(LifecycleNode):
         if labels:
             label, score = pipeline.label_map(labels, snap)
             extra = {'label': label, 'score': score}
-        pub.publish(messages.arrays_to_cloud(header, snap.positions, snap.colors, extra))
+        pub.publish(messages.arrays_to_cloud(header, self._published_positions(snap),
+                                             snap.colors, extra))
+
+    def _published_positions(self, snap: MapSnapshot) -> np.ndarray:
+        T_UW = self._upright(snap)
+        return snap.positions if T_UW is None else upright.apply(T_UW, snap.positions)
 
     # ---- services ---------------------------------------------------------------------------
     def _no_map_reason(self) -> str:
@@ -644,6 +678,9 @@ class PerceptionNode(LifecycleNode):
             response.message = str(err)
             return response
         frame, objects, note = result.frame or cfg.frames.map_frame, list(result.objects), ''
+        T_UW = self._upright(snapshot)
+        if T_UW is not None:  # what the node publishes as the map frame (frames/upright.py)
+            objects = [transform_located(o, T_UW) for o in objects]
         target = request.target_frame
         if target and target != frame:
             try:
@@ -673,7 +710,8 @@ class PerceptionNode(LifecycleNode):
             return
         header = Header(stamp=messages.stamp_from_ns(snapshot.stamp_ns), frame_id=snapshot.frame)
         pub.publish(messages.arrays_to_cloud(
-            header, snapshot.positions, messages.relevancy_colors(result.relevancy),
+            header, self._published_positions(snapshot),
+            messages.relevancy_colors(result.relevancy),
             extra={'relevancy': result.relevancy}))
 
     @_service_guard
@@ -743,6 +781,7 @@ class PerceptionNode(LifecycleNode):
         else:
             try:
                 pipeline.load(path)
+                self._tf_down = None  # gravity of the old map's frame
             except (OSError, ValueError) as err:
                 response.message = f'{path} not loaded, current map kept: {err}'
             else:
@@ -756,8 +795,7 @@ class PerceptionNode(LifecycleNode):
                   ) -> Trigger.Response:
         scheduler = self._scheduler
         dropped = scheduler.clear(reset=True) if scheduler is not None else 0
-        if self._pipeline is not None:
-            self._pipeline.reset()
+        self._reset_pipeline()
         response.success = True
         response.message = (f'frame buffers ({dropped} queued frame(s) dropped and counted), '
                             'keyframe window and map cleared')

@@ -1,14 +1,17 @@
-"""Unposed mode publishes TF the REP-105 way (issue 13, finding 9).
+"""Unposed mode publishes TF the REP-105 way (issue 13, finding 9), in an upright map frame.
 
 With the robot's TF giving the camera in `odom`, the node publishes map -> odom (the camera
 keeps its one parent) and Locate answers in the camera's frame through the tree; without it,
-map -> frames.estimate_frame. Never map -> the camera's own frame.
+map -> frames.estimate_frame. Never map -> the camera's own frame. The published map frame is
+upright (z against gravity): gravity from odom when TF has it (map -> odom then turns about z
+only), else from the map's floor plane (frames/upright.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
@@ -17,6 +20,7 @@ from ros2_sab3r.sim.standin import SceneSpec
 from ros2_sab3r.srv import Locate
 
 from . import test_node_robustness as robust
+from .clouds import cloud_to_arrays
 from .rosgraph import NodeProcess, call, publish_until, spin_until
 from .test_node_parameters import param_set
 
@@ -29,13 +33,18 @@ SCENE = 'seed=0,frames=12,width=160,height=120'
 def test_unposed_tf_never_gives_the_camera_a_second_parent(ros_node, tmp_path, robot_tf):
     node_proc = NodeProcess(tmp_path, robust._overlay(SCENE, queue_size=10))
     seen: list[tuple[str, str, np.ndarray]] = []
+    stamps: list[int] = []
+    clouds: list[PointCloud2] = []
 
     def on_tf(msg: TFMessage) -> None:
         for tf in msg.transforms:
             seen.append((tf.header.frame_id, tf.child_frame_id,
                          messages.matrix_from_transform(tf)))
+            stamps.append(messages.ns_from_stamp(tf.header.stamp))
 
     tf_sub = ros_node.create_subscription(TFMessage, '/tf', on_tf, 100)
+    map_sub = ros_node.create_subscription(PointCloud2, f'{node_proc.name}/semantic_map',
+                                           clouds.append, qos.LATCHED)
     static_pub = ros_node.create_publisher(TFMessage, '/tf_static', qos.LATCHED_TF)
     try:
         _, frames = SceneSpec.parse(SCENE).render()
@@ -57,9 +66,25 @@ def test_unposed_tf_never_gives_the_camera_a_second_parent(ros_node, tmp_path, r
         assert answer.success, answer.message
         if robot_tf:  # the tree map -> odom -> cam_optical answers in the camera's frame
             assert "in frame 'cam_optical'" in answer.message, answer.message
+        # upright: odom's z is the map's z (map -> odom turns about z only); without TF the
+        # world's up (the scene's ground truth) is the map's z, from the floor estimate
+        by_stamp = {f.stamp_ns: f for f in frames}
+        for (_, child, T), stamp in zip(seen, stamps):
+            if child == 'odom':
+                np.testing.assert_allclose(T[:3, 2], [0, 0, 1], atol=1e-6)
+            elif child == 'sab3r_camera':
+                up_C = by_stamp[stamp].T_WC[:3, :3].T @ [0.0, 0.0, 1.0]
+                tilt = np.degrees(np.arccos(np.clip((T[:3, :3] @ up_C)[2], -1, 1)))
+                assert tilt < 2.0, tilt
+        if not robot_tf:  # the floor (world z = 0) is flat in the published cloud
+            assert spin_until(ros_node, lambda: bool(clouds), timeout=20)
+            z = cloud_to_arrays(clouds[-1])['z']
+            floor_z = np.percentile(z, 2)  # the floor is the lowest large surface
+            assert np.mean(np.abs(z - floor_z) < 0.03) > 0.2, np.percentile(z, [1, 5, 50])
         ros_node.destroy_subscription(sub)
     finally:
         ros_node.destroy_subscription(tf_sub)
+        ros_node.destroy_subscription(map_sub)
         ros_node.destroy_publisher(static_pub)
         assert node_proc.stop() == 0, node_proc.log()
 
