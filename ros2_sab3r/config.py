@@ -140,8 +140,9 @@ class ModelConfig:
     # 'none' is the explicit way to run without a network (tests, wiring checks); a built-in
     # backend with no model.checkpoint refuses to configure instead of running without a map.
     backend: str = param(
-        'torch', "inference backend: 'torch', 'onnxruntime', 'tensorrt', a 'module:Class' path, or "
-        "'none' (no network, no map)", choices=('torch', 'onnxruntime', 'tensorrt', 'none'),
+        'torch',
+        "inference backend: 'torch', 'onnxruntime', 'tensorrt', a 'module:Class' path, or 'none' "
+        '(no network, no map)', choices=('torch', 'onnxruntime', 'tensorrt', 'none'),
         read_only=True)
     checkpoint: str = param(
         '', 'network weights: checkpoint file, directory or Hugging Face repo[/file] (torch); '
