@@ -89,6 +89,10 @@ def keyframe_run(width: int, height: int, n: int, posed: bool):
         results = [pipeline.step(f.camera_frame(posed=posed)) for f in frames]
     # the first keyframe decodes a self-pair and, posed, waits for motion: not a typical one
     kf = [r.latency.ran() for r in results[1:] if r.is_keyframe]
+    if not kf or len(calls) < 2:
+        raise SystemExit(f'benchmarks/pipeline.py: {n} frames gave {len(kf)} keyframe(s) after '
+                         f'the first ({"posed" if posed else "unposed"}); the figures need at '
+                         'least one, and two integrations: raise --frames (default 30)')
     net = np.array([x.get('encode', 0) + x.get('decode', 0) for x in kf])
     integ = np.array([x.get('integrate', 0) for x in kf])
     total = np.array([x['total'] for x in kf])
@@ -232,6 +236,9 @@ def main() -> None:
                     help='frames of the memory run (issue target: 10000)')
     ap.add_argument('--locate-voxels', type=int, default=500_000)
     args = ap.parse_args()
+    if args.frames < 2 or args.memory_frames < 4:
+        ap.error('--frames must be at least 2 and --memory-frames at least 4 (the figures need '
+                 'keyframes after the first and a second half of the memory run)')
     rows = []  # (figure, measured, target, pass)
 
     def row(name, value, target='', ok=None):
