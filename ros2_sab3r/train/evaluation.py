@@ -22,8 +22,17 @@ import torch.nn.functional as F
 
 from ros2_sab3r.model.network import Sab3rNet
 from ros2_sab3r.model.outputs import PairOutput
-from ros2_sab3r.train.data import Batch, PairSpec, SceneViews, collate, make_pair, student_input
-from ros2_sab3r.train.recipe import Recipe
+from ros2_sab3r.train.data import (
+    Batch,
+    PairSpec,
+    SceneViews,
+    collate,
+    load_source,
+    make_pair,
+    select_pairs,
+    student_input,
+)
+from ros2_sab3r.train.recipe import DataSource, Recipe
 
 
 def held_out_batches(scenes: Sequence[SceneViews], specs: Sequence[PairSpec], recipe: Recipe,
@@ -38,6 +47,21 @@ def held_out_batches(scenes: Sequence[SceneViews], specs: Sequence[PairSpec], re
                          scene.is_metric)
         batches.append(collate([pair]).to(device))
     return batches
+
+
+def source_batches(sources: Sequence[DataSource], recipe: Recipe, max_pairs: int = 8,
+                   device: torch.device | str = 'cpu') -> list[Batch]:
+    """Evaluation batches from sources the student never trained on (unseen views of a scene,
+    another scene, a bag): at most ``max_pairs`` pairs per source, evenly spread over its
+    co-visible pairs (``data.min_overlap`` .. ``data.max_overlap``), cropped as held-out pairs."""
+    scenes = [load_source(s) for s in sources]
+    specs = []
+    for s, scene in enumerate(scenes):
+        pairs = select_pairs([scene], recipe.data.min_overlap, recipe.data.max_overlap)
+        pick = np.unique(np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)) \
+            if pairs else []
+        specs += [replace(pairs[i], scene=s) for i in pick]
+    return held_out_batches(scenes, specs, recipe, device)
 
 
 @torch.no_grad()

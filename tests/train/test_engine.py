@@ -99,20 +99,6 @@ def test_teachers_see_exactly_the_student_pixels(tmp_path):
     assert torch.equal(student_input(seen[0][:1]), u8_to_tensor(pair.rgb1))
 
 
-@pytest.mark.slow
-def test_a_student_distils_a_random_teacher(tmp_path):
-    """Held-out pairs of the scene: cosine about 0.01 untrained, 0.67 after 60 steps and
-    0.73 after 100 (measured); the issue's 0.85 needs a longer run than a unit test."""
-    recipe = distil('run.steps=60', 'run.checkpoint_every=60', 'optim.warmup_steps=5',
-                    'optim.lr=2e-3', 'batch.accumulation=1', 'batch.micro_batch=2',
-                    'loss.matching=0', 'data.held_out=0.25')
-    trainer = Trainer(recipe, tmp_path, teachers=teachers(), progress=False)
-    before = trainer.evaluate()['cos_clip']
-    trainer.fit()
-    after = trainer.evaluate()['cos_clip']
-    assert before < 0.2 and after > 0.55, (before, after)
-
-
 def test_heads_only_keeps_the_geometry_bit_identical(tmp_path):
     recipe = distil('model.trainable=heads', 'run.steps=2', 'optim.warmup_steps=0')
     trainer = Trainer(recipe, tmp_path, teachers=teachers(), progress=False)
