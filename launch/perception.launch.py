@@ -37,15 +37,44 @@ _OVERRIDES = {
     'camera_reliability': 'camera.qos_reliability',
 }
 _BOOL_OVERRIDES = {'compressed': 'camera.compressed'}
+# Every argument: (name, default, description), in --show-args order. A default of '' means
+# "the parameter's value in params_file"; None: computed (the package's perception.yaml).
+_ARGUMENTS = (
+    ('params_file', None, 'YAML with all node parameters (see config/perception.yaml)'),
+    ('namespace', '', 'namespace of the node, its topics and services'),
+    ('image_topics', '', 'comma-separated sensor_msgs/Image topics, one per camera; empty: '
+                         'camera.image_topics from params_file'),
+    ('camera_info_topics', '', 'comma-separated CameraInfo topics in the order of image_topics; '
+                               'empty: camera.camera_info_topics from params_file'),
+    ('backend', '', "inference backend: 'torch', 'onnxruntime', 'tensorrt' or 'none' (no "
+                    'network); empty: model.backend from params_file'),
+    ('checkpoint', '', 'SAB3R checkpoint file, Hugging Face repo id, or ONNX/engine directory '
+                       '(required by the built-in backends); empty: model.checkpoint'),
+    ('device', '', "'cpu' or 'cuda'; empty: model.device"),
+    ('text_encoder', '', "CLIP ViT-B/16 text tower: open_clip file, 'openai' or 'module:Class'; "
+                         'empty: model.text_encoder'),
+    ('map_frame', '', 'map frame; empty: frames.map_frame'),
+    ('pose_source', '', "'tf' (camera poses from TF) or 'none' (from SAB3R); empty: "
+                        'frames.pose_source'),
+    ('compressed', '', 'true: subscribe to <image_topic>/compressed; empty: camera.compressed'),
+    ('camera_reliability', '', "camera QoS 'best_effort' or 'reliable' (see "
+                               'camera.qos_reliability); empty: params_file'),
+    ('respawn', 'false', 'restart the node process if it exits (then autostart configures it)'),
+    ('respawn_delay', '2.0', 'seconds to wait before a respawn'),
+    ('use_sim_time', 'false', 'use /clock (true when replaying bags with --clock)'),
+    ('autostart', 'true', 'configure and activate the lifecycle node at once; false when a '
+                          'lifecycle manager drives it'),
+    ('rviz', 'false', 'also start rviz2 with config/perception.rviz (map, located objects, '
+                      'relevancy, keyframes, trajectory)'),
+    ('log_level', 'info', 'debug, info, warn, error or fatal'),
+)
+_DEFAULTS = {name: default for name, default, _ in _ARGUMENTS}
+assert set(_OVERRIDES) | set(_BOOL_OVERRIDES) <= set(_DEFAULTS)
 _LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
 
 
 def _split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(',') if item.strip()]
-
-
-def _true(text: str) -> bool:
-    return text.lower() in ('true', '1', 'yes')
 
 
 def _bool_argument(name: str, text: str) -> bool:
@@ -84,27 +113,30 @@ def _require_rviz2() -> None:
                            'ros-<distro>-rviz2 or launch with rviz:=false') from None
 
 
+def _default(name: str) -> str:
+    default = _DEFAULTS[name]
+    return _default_params_file() if default is None else default
+
+
 def _node(context):
-    value = {name: LaunchConfiguration(name).perform(context) for name in (
-        'params_file', 'namespace', 'image_topics', 'camera_info_topics', 'use_sim_time',
-        'log_level', 'autostart', 'rviz', 'respawn', 'respawn_delay', *_OVERRIDES,
-        *_BOOL_OVERRIDES)}
-    log_level = value['log_level'] or 'info'
+    value = {name: LaunchConfiguration(name).perform(context) or _default(name)
+             for name, _, _ in _ARGUMENTS}
+    log_level = value['log_level']
     if log_level.lower() not in _LOG_LEVELS:
         raise RuntimeError(f'log_level:={log_level} is not one of {", ".join(_LOG_LEVELS)}')
-    respawn_delay = value['respawn_delay'] or '2.0'
+    respawn_delay = value['respawn_delay']
     try:
         delay_s = float(respawn_delay)
     except ValueError:
         delay_s = -1.0
     if not delay_s >= 0.0:
         raise RuntimeError(f'respawn_delay:={respawn_delay} must be a number of seconds >= 0')
-    rviz = _bool_argument('rviz', value['rviz'] or 'false')
+    rviz = _bool_argument('rviz', value['rviz'])
     if rviz:
         _require_rviz2()
     overrides = {
-        'use_sim_time': _bool_argument('use_sim_time', value['use_sim_time'] or 'false'),
-        'node.autostart': _bool_argument('autostart', value['autostart'] or 'true'),
+        'use_sim_time': _bool_argument('use_sim_time', value['use_sim_time']),
+        'node.autostart': _bool_argument('autostart', value['autostart']),
     }
     for arg, param in _OVERRIDES.items():
         if value[arg]:
@@ -116,7 +148,7 @@ def _node(context):
         overrides['camera.image_topics'] = _split_list(value['image_topics'])
     if value['camera_info_topics']:
         overrides['camera.camera_info_topics'] = _split_list(value['camera_info_topics'])
-    params_file = value['params_file'] or _default_params_file()
+    params_file = value['params_file']
     if not os.path.isfile(params_file):
         raise RuntimeError(f'params_file:={params_file} is not a file; give a parameter YAML '
                            'such as config/perception.yaml')
@@ -127,7 +159,7 @@ def _node(context):
         namespace=value['namespace'],
         output='screen',
         emulate_tty=True,
-        respawn=_bool_argument('respawn', value['respawn'] or 'false'),
+        respawn=_bool_argument('respawn', value['respawn']),
         respawn_delay=delay_s,
         parameters=[params_file, overrides],
         arguments=['--ros-args', '--log-level', log_level.lower()],
@@ -141,67 +173,7 @@ def _node(context):
 
 
 def generate_launch_description():
-    args = [
-        DeclareLaunchArgument(
-            'params_file', default_value=_default_params_file(),
-            description='YAML with all node parameters (see config/perception.yaml)'),
-        DeclareLaunchArgument(
-            'namespace', default_value='',
-            description='namespace of the node, its topics and services'),
-        DeclareLaunchArgument(
-            'image_topics', default_value='',
-            description='comma-separated sensor_msgs/Image topics, one per camera; empty: '
-                        'camera.image_topics from params_file'),
-        DeclareLaunchArgument(
-            'camera_info_topics', default_value='',
-            description='comma-separated CameraInfo topics in the order of image_topics; '
-                        'empty: camera.camera_info_topics from params_file'),
-        DeclareLaunchArgument(
-            'backend', default_value='',
-            description="inference backend: 'torch', 'onnxruntime' or 'tensorrt'; empty: "
-                        'model.backend from params_file'),
-        DeclareLaunchArgument(
-            'checkpoint', default_value='',
-            description='SAB3R checkpoint file, Hugging Face repo id, or ONNX/engine directory; '
-                        'empty: model.checkpoint from params_file'),
-        DeclareLaunchArgument(
-            'device', default_value='', description="'cpu' or 'cuda'; empty: model.device"),
-        DeclareLaunchArgument(
-            'text_encoder', default_value='',
-            description="CLIP ViT-B/16 text tower: open_clip file, 'openai' or 'module:Class'; "
-                        'empty: model.text_encoder'),
-        DeclareLaunchArgument(
-            'map_frame', default_value='', description='map frame; empty: frames.map_frame'),
-        DeclareLaunchArgument(
-            'pose_source', default_value='',
-            description="'tf' (camera poses from TF) or 'none' (from SAB3R); empty: "
-                        'frames.pose_source'),
-        DeclareLaunchArgument(
-            'compressed', default_value='',
-            description='true: subscribe to <image_topic>/compressed; empty: camera.compressed'),
-        DeclareLaunchArgument(
-            'camera_reliability', default_value='',
-            description="camera QoS 'best_effort' or 'reliable' (see camera.qos_reliability); "
-                        'empty: params_file'),
-        DeclareLaunchArgument(
-            'respawn', default_value='false',
-            description='restart the node process if it exits (then autostart configures it)'),
-        DeclareLaunchArgument(
-            'respawn_delay', default_value='2.0',
-            description='seconds to wait before a respawn'),
-        DeclareLaunchArgument(
-            'use_sim_time', default_value='false',
-            description='use /clock (true when replaying bags with --clock)'),
-        DeclareLaunchArgument(
-            'autostart', default_value='true',
-            description='configure and activate the lifecycle node at once; false when a '
-                        'lifecycle manager drives it'),
-        DeclareLaunchArgument(
-            'rviz', default_value='false',
-            description='also start rviz2 with config/perception.rviz (map, located objects, '
-                        'relevancy, keyframes, trajectory)'),
-        DeclareLaunchArgument(
-            'log_level', default_value='info',
-            description='debug, info, warn, error or fatal'),
-    ]
-    return LaunchDescription([*args, OpaqueFunction(function=_node)])
+    return LaunchDescription([
+        *(DeclareLaunchArgument(name, default_value=_default(name), description=description)
+          for name, _, description in _ARGUMENTS),
+        OpaqueFunction(function=_node)])

@@ -24,7 +24,13 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from ros2_sab3r.config import ParamInfo, PerceptionConfig, config_from_flat, param_infos
+from ros2_sab3r.config import (
+    ParamInfo,
+    PerceptionConfig,
+    config_from_flat,
+    iter_params,
+    param_infos,
+)
 
 
 def _parameter_type(default: Any) -> int:
@@ -120,10 +126,7 @@ def _current(node: Node, name: str) -> Any:
 
 
 def live_changes(old: PerceptionConfig, new: PerceptionConfig) -> list[str]:
-    """Names of the live parameters whose values differ between two configurations."""
-    out = []
-    for info in param_infos():
-        section, key = info.name.split('.', 1)
-        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
-            out.append(info.name)
-    return out
+    """Names of the parameters whose values differ between two configurations (while the node
+    is configured, only live ones can)."""
+    before = {name: value for name, value, _ in iter_params(old)}
+    return [name for name, value, _ in iter_params(new) if value != before[name]]

@@ -62,8 +62,9 @@ def _start_node(args, cfg, image_topic: str, info_topic: str, log_path: Path):
            '-p', f'model.device:={cfg.model.device}',
            '-p', f'frames.pose_source:={cfg.frames.pose_source}']
     # rcl cannot parse an empty '-p name:=' override; empty strings are the defaults anyway
-    for name in ('checkpoint', 'standin_scene'):
-        if value := getattr(cfg.model, name):
+    for name, value in (('checkpoint', cfg.model.checkpoint),
+                        ('standin_scene', cfg.model.standin_scene)):
+        if value:
             cmd += ['-p', f'model.{name}:={value}']
     log = open(log_path, 'w', encoding='utf-8')  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
@@ -206,9 +207,11 @@ def _play(node, executor, args, plan, topics) -> dict:
         'end_to_end_ms': ({'mean': float(lat.mean()), 'median': float(np.median(lat)),
                            'p95': float(np.percentile(lat, 95)), 'max': float(lat.max()),
                            'values': lat.tolist()} if len(lat) else {}),
-        'node_latency_ms': ({k: float(getattr(last, f'latency_{k}_ms')) for k in
-                             ('convert', 'encode', 'decode', 'pose', 'integrate', 'total')}
-                            if last else {}),
+        'node_latency_ms': ({
+            'convert': float(last.latency_convert_ms), 'encode': float(last.latency_encode_ms),
+            'decode': float(last.latency_decode_ms), 'pose': float(last.latency_pose_ms),
+            'integrate': float(last.latency_integrate_ms),
+            'total': float(last.latency_total_ms)} if last else {}),
         'node_backend': last.backend if last else '',
         'protocol': 'end-to-end latency = time from publishing an image to receiving '
                     '~/keyframe_poses with its stamp (keyframes only); received, processed, '
