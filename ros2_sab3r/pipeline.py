@@ -13,6 +13,14 @@ Order of work per frame (the one place where it is written down):
    they saw would be missing from the map), the frame becomes a keyframe: it is also decoded
    against the next most recent window keyframes, its pose and per-pair scales are refined
    jointly, and its pointmap is fused into the map.
+   Several cameras (told apart by ``CameraFrame.frame_id``): each is tracked against its own
+   latest keyframe. A camera without a keyframe in the window is placed through its static
+   extrinsics T_BC (:meth:`Pipeline.set_extrinsics`) and the body pose T_WB of the latest frame
+   of another camera with extrinsics (rigidly mounted cameras whose views need not overlap, e.g.
+   front and back; T_BC in metres, so the map must be metric, as MASt3R's pointmaps are),
+   otherwise it is registered to the latest keyframe of any camera (overlapping views). A frame
+   that can be neither is skipped, counted in :attr:`Pipeline.frames_unplaced` and its reason
+   says why.
 2. Posed mode (``'tf'``): the pose comes with the frame; a frame becomes a keyframe after enough
    motion, is decoded against recent keyframes only then, and each pair's scale is solved against
    the metric poses (the first keyframe's scale is fixed once the camera has moved).
@@ -197,8 +205,12 @@ class Pipeline:
         self._coverage = CoverageGrid(2.0 * self._cfg.mapping.voxel_size_m)
         self._query = QueryEngine(self._cfg.query, text_encoder)
         self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
+        self._extrinsics: dict[str, np.ndarray] = {}  # frame_id -> (4, 4) T_BC
+        self._T_WB: np.ndarray | None = None  # body pose of the latest placed rig frame
         self.frames_processed = 0
         self.frames_skipped = 0
+        # unposed mode: frames of a camera neither extrinsics nor registration could place
+        self.frames_unplaced: dict[str, int] = {}
 
     def _new_map(self) -> SemanticVoxelMap:
         gravity = np.asarray(self._cfg.mapping.gravity_in_map, float) if self._posed else None
@@ -259,6 +271,22 @@ class Pipeline:
                                         'backend': getattr(self._backend, 'name', '')})
 
     # --------------------------------------------------------------------------- writers
+    def set_extrinsics(self, frame_id: str, T_BC: np.ndarray | None) -> None:
+        """Unposed mode: camera `frame_id` is rigidly mounted at T_BC (4, 4; body from camera,
+        metres) on the body the other cameras with extrinsics share; None forgets it. Used to
+        place a camera that has no keyframe in the window (module docstring)."""
+        if not isinstance(frame_id, str) or not frame_id:
+            raise ValueError('set_extrinsics needs the camera frame_id the frames carry')
+        if T_BC is None:
+            self._extrinsics.pop(frame_id, None)
+            return
+        T = np.asarray(T_BC, dtype=np.float64)
+        if T.shape != (4, 4) or not is_rigid(T):
+            raise ValueError(f'extrinsics of camera {frame_id!r} must be a finite rigid (4, 4) '
+                             f'transform T_BC, got shape {T.shape}')
+        with self._write_lock:
+            self._extrinsics[frame_id] = T.copy()
+
     def close(self) -> None:
         """Release the backend's resources now (TensorRT: GPU buffers and engines) rather than
         when it is garbage-collected; the pipeline is not used afterwards."""
@@ -279,6 +307,7 @@ class Pipeline:
             self._map = new_map
             self._window.clear()
             self._coverage.clear()
+            self._T_WB = None
         if not self._posed:
             log.warning('loaded map %s in unposed mode: new frames start a new trajectory and are '
                         'not relocalised against it', path)
@@ -289,8 +318,10 @@ class Pipeline:
             self._window.clear()
             self._map.clear()
             self._coverage.clear()
+            self._T_WB = None
             self.frames_processed = 0
             self.frames_skipped = 0
+            self.frames_unplaced = {}
 
     def step(self, frame: CameraFrame) -> StepResult:
         """Process one frame; never raises for bad data (the result says what was skipped)."""
@@ -358,16 +389,75 @@ class Pipeline:
             rgb=resample_to_network(frame.image, X.shape[:2]), S_clip=view.S_clip,
             S_dino=view.S_dino, focal_estimated=estimated)
 
-    def _step_unposed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
-        g = self._cfg.geometry
-        tokens = self._encode(clock, frame)
+    def _camera_keyframes(self, frame_id: str) -> list[WindowKeyframe]:
+        """The window's keyframes of camera `frame_id`, newest first."""
+        return [w for w in self._window.recent(len(self._window))
+                if w.keyframe.frame_id == frame_id]
+
+    def _placed(self, frame: CameraFrame, T_WC: np.ndarray) -> None:
+        """Remember the body pose when the frame's camera has extrinsics."""
+        T_BC = self._extrinsics.get(frame.frame_id)
+        if T_BC is not None:
+            self._T_WB = T_WC @ np.linalg.inv(T_BC)
+
+    def _keyframe_result(self, frame: CameraFrame, kf: PosedKeyframe, reason: str,
+                         overlap: float | None = None) -> StepResult:
+        self._placed(frame, kf.T_WC)
+        return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME, reason=reason,
+                          T_WC=kf.T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
+
+    def _place_camera(self, frame: CameraFrame, tokens, clock: StageClock) -> StepResult:
+        """Unposed mode, a camera without a keyframe in the window: the first keyframe of
+        the map, placed by extrinsics, registered to another camera's keyframe, or unplaced."""
+        cam = frame.frame_id
         latest = self._window.latest()
         if latest is None:
             pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
             self._insert(kf, tokens, clock)
-            return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
-                              reason='first keyframe', T_WC=kf.T_WC, keyframe_id=kf.keyframe_id)
+            return self._keyframe_result(frame, kf, 'first keyframe')
+        T_BC = self._extrinsics.get(cam)
+        if T_BC is not None and self._T_WB is not None:
+            pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
+            kf = self._make_keyframe(frame, self._T_WB @ T_BC, pred.view1.X, pred.view1)
+            self._insert(kf, tokens, clock)
+            return self._keyframe_result(frame, kf, f'camera {cam!r} placed by its extrinsics')
+        g = self._cfg.geometry
+        kf_latest = latest.keyframe
+        try:
+            pred = self._decode(clock, tokens, latest.tokens, GEOMETRY_ONLY)
+            sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
+                            kf_latest.X, kf_latest.C, g)
+            depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
+            if sim.rmse > g.max_registration_rmse * depth:
+                raise RegistrationError(f'RMS {sim.rmse:.3f} m at depth {depth:.2f} m, above '
+                                        'geometry.max_registration_rmse')
+        except RegistrationError as exc:
+            self.frames_unplaced[cam] = self.frames_unplaced.get(cam, 0) + 1
+            why = ('it has extrinsics but no camera with extrinsics was placed yet'
+                   if T_BC is not None else 'it has no extrinsics (Pipeline.set_extrinsics)')
+            reason = (f'camera {cam!r} cannot be placed: {why}, and its view does not register '
+                      f'to keyframe {kf_latest.keyframe_id} of camera {kf_latest.frame_id!r} '
+                      f'({exc})')
+            n = self.frames_unplaced[cam]
+            if n == 1 or n % 100 == 0:
+                log.warning('%s; %d frames of it unplaced so far', reason, n)
+            return self._skipped(frame, reason)
+        T_WC = kf_latest.T_WC @ similarity_to_T(sim)
+        pred = self._with_features(clock, tokens, latest.tokens, pred)
+        kf = self._make_keyframe(frame, T_WC, sim.s * pred.view1.X, pred.view1)
+        self._insert(kf, tokens, clock)
+        return self._keyframe_result(
+            frame, kf, f'camera {cam!r} registered to keyframe {kf_latest.keyframe_id} of '
+            f'camera {kf_latest.frame_id!r}')
+
+    def _step_unposed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
+        g = self._cfg.geometry
+        tokens = self._encode(clock, frame)
+        own = self._camera_keyframes(frame.frame_id)
+        if not own:
+            return self._place_camera(frame, tokens, clock)
+        latest = own[0]
         pred = self._decode(clock, tokens, latest.tokens, GEOMETRY_ONLY)
         overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
                               self._cfg.keyframes.match_stride, pred.view1.D_conf,
@@ -391,12 +481,14 @@ class Pipeline:
                                      pred.view1.X, pred.view1.C,
                                      self._cfg.mapping.min_confidence, sim.s)
             if unmapped <= kc.max_unmapped:
+                self._placed(frame, T_WC)
                 return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.TRACKED,
                                   T_WC=T_WC, overlap=overlap)
             why = f'unmapped {unmapped:.2f} > {kc.max_unmapped}'
         pred = self._with_features(clock, tokens, latest.tokens, pred)
         edges = [(kf_latest, pred.view2, sim.s)]
-        for other in self._window.recent(self._cfg.keyframes.pairs_per_keyframe)[1:]:
+        # the camera's own keyframes: another camera's view need not overlap this one
+        for other in own[1:self._cfg.keyframes.pairs_per_keyframe]:
             p = self._decode(clock, tokens, other.tokens, GEOMETRY_ONLY)
             try:
                 s = clock.run('pose', register_to_keyframe, p.view2.X, p.view2.C,
@@ -411,8 +503,7 @@ class Pipeline:
             T_WC, scale = refined.T_WC, float(refined.scales[0])
         kf = self._make_keyframe(frame, T_WC, scale * pred.view1.X, pred.view1)
         self._insert(kf, tokens, clock)
-        return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME,
-                          reason=why, T_WC=T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
+        return self._keyframe_result(frame, kf, why, overlap)
 
     def _step_posed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
         g = self._cfg.geometry
