@@ -414,8 +414,10 @@ class Trainer:
             views.append(replace(view, pts3d=torch.where(keep[..., None], view.pts3d,
                                                          ref_view.pts3d),
                                  valid=torch.where(keep, view.valid, True)))
+        # The initial model's pointmaps are targets in its own scale: regressed unnormalised
+        # (as metric), so the scale is kept too (normalised, it drifted by 50 % in 100 steps).
         return replace(targets, view1=views[0], view2=views[1],
-                       is_metric=targets.is_metric & batch.has_geometry)
+                       is_metric=targets.is_metric | ~batch.has_geometry)
 
     def loss(self, batch: Batch) -> LossTerms:
         out = self.model(batch.img1, batch.img2)
