@@ -301,7 +301,15 @@ def mapping(args) -> None:
         maps[codec] = build_map(args.voxels, codec=codec)
         print(f'  built a {codec} map of {maps[codec].n_voxels} voxels in '
               f'{time.perf_counter() - t:.1f} s (load {load()})', flush=True)
-    pos = maps['bf16'].snapshot().positions
+    # the same points and features went into both maps: how far apart their similarities are
+    built = {codec: m.snapshot() for codec, m in maps.items()}
+    assert np.array_equal(built['bf16'].keys, built[after].keys)
+    E_labels = HashText().encode(LABELS)
+    diff = np.abs(built['bf16'].cosine(E_labels) - built[after].cosine(E_labels))
+    row(f'|cosine difference| over the {len(diff[0])} voxels x {len(LABELS)} labels, max '
+        f'(99.9%) (bf16 -> {after})', '0', f'{diff.max():.4f} ({np.quantile(diff, 0.999):.4f})')
+    pos = built['bf16'].positions
+    del built, diff  # (the first integration below copies the blocks handed out for this)
     re_obs = []
     k = min(40_000, len(pos))
     for _ in range(args.keyframes):
@@ -349,14 +357,6 @@ def mapping(args) -> None:
     mem = {c: _bytes_per_voxel(snap) for c, snap in snaps.items()}
     torch.set_num_threads(os.cpu_count() or 1)
     E = HashText().encode([f'query {i}' for i in range(5)])  # a query and 4 negatives
-    E_labels = HashText().encode(LABELS)
-    # the same voxels (the bf16 map has a few more, from the re-observations)
-    common, i16, i8 = np.intersect1d(snaps['bf16'].keys, snaps[after].keys,
-                                     return_indices=True)
-    diff = np.abs(snaps['bf16'].cosine(E_labels)[:, i16] -
-                  snaps[after].cosine(E_labels)[:, i8])
-    row(f'|cosine difference| over {len(common)} voxels x {len(LABELS)} labels, max (99.9%) '
-        f'(bf16 -> {after})', '0', f'{diff.max():.4f} ({np.quantile(diff, 0.999):.4f})')
     for threads in (1, 2):
         med = {}
         for codec, snap in snaps.items():

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 
 from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block
@@ -160,30 +160,49 @@ class SemanticVoxelMap:
             raise ValueError(f'DINO features have {S_dino.shape[-1]} channels, the map holds '
                              f'{self.dino_dim}')
         ijk = np.floor(X_W / self.voxel_size)
-        ok = np.isfinite(C) & (C >= self.cfg.min_confidence) & np.isfinite(ijk).all(-1)
-        ok &= (np.abs(ijk) < KEY_OFFSET - 2).all(-1)
-        n_ok = int(ok.sum())
+        inside = np.abs(ijk) < KEY_OFFSET - 2  # (N, 3), False for NaN and inf
+        ok = inside[:, 0] & inside[:, 1] & inside[:, 2]  # (faster than .all(-1))
+        ok &= np.isfinite(C) & (C >= self.cfg.min_confidence)
+        sel = np.flatnonzero(ok)
+        n_ok = len(sel)
         if n_ok == 0:
             return 0
-        X, w, col = X_W[ok], C[ok].astype(np.float64), rgb[ok].astype(np.float64)
-        keys = pack_keys(ijk[ok])
-        ukeys, inv = np.unique(keys, return_inverse=True)
-        inv = inv.reshape(-1)
+        # points grouped by voxel with one sort (what np.unique does), whose order also lays out
+        # the feature matrix row by row (no COO -> CSR conversion)
+        keys = pack_keys(ijk[sel])
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        first = np.empty(n_ok, bool)  # (n,) the first point of each voxel in sorted order
+        first[0] = True
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+        ukeys = sorted_keys[first]
         U = len(ukeys)
+        inv = np.cumsum(first) - 1  # (n,) voxel of each sorted point
+        pts = sel[order]  # (n,) the sorted points' indices
+        X, w, col = X_W[pts], C[pts].astype(np.float64), rgb[pts]
         wsum = np.bincount(inv, w, U)
         psum = np.stack([np.bincount(inv, w * X[:, k], U) for k in range(3)], -1)
         csum = np.stack([np.bincount(inv, w * col[:, k], U) for k in range(3)], -1)
         clip_sum = clip_wsum = dino_sum = dino_wsum = None
         rotations = {}  # kind -> (k, k) rotation of the stored codes after a refit
         if cells is not None and (S_clip is not None or S_dino is not None):
-            cell = np.asarray(cells).reshape(-1)[ok]
+            cell = np.asarray(cells).reshape(-1)[pts]
             has = cell >= 0
             S_any = S_clip if S_clip is not None else S_dino
             M = int(np.prod(S_any.shape[:-1]))  # feature cells
-            # float32: the products below stay float32 (U x 512 float64 would double the work)
-            A = coo_matrix((w[has].astype(np.float32), (inv[has], cell[has])),
-                           shape=(U, M)).tocsr()  # (U, M)
-            fw = np.asarray(A.sum(axis=1)).reshape(-1)
+            # (U, M) weights of each voxel's points per cell, rows in order; duplicate entries
+            # (points of one voxel in one cell) are summed by the product. float32: the
+            # products below stay float32 (U x 512 float64 would double the work)
+            rows_of = inv[has]
+            cols = cell[has]
+            if len(cols) and cols.max() >= M:  # csr_matrix does not check its indices
+                raise ValueError(f'integrate: feature cell index {int(cols.max())} out of range '
+                                 f'for {M} feature cells')
+            w_has = w[has].astype(np.float32)
+            indptr = np.zeros(U + 1, np.int64)
+            np.cumsum(np.bincount(rows_of, minlength=U), out=indptr[1:])
+            A = csr_matrix((w_has, cols, indptr), shape=(U, M))
+            fw = np.bincount(rows_of, w_has, U).astype(np.float32)
             used = None
             for kind, S, dim in (('clip', S_clip, self.clip_dim), ('dino', S_dino,
                                                                    self.dino_dim)):

@@ -88,7 +88,8 @@ def test_int8_map_files_store_int8_and_load_with_any_codec(tmp_path):
         assert loaded.clip_codec == codec
         np.testing.assert_array_equal(loaded.keys, maps['int8'].snapshot().keys)
         a, b = loaded.features('clip'), maps['int8'].snapshot().features('clip')
-        assert np.abs(a - b).max() <= 0.01 * np.abs(b).max()
+        # pca_int8 (full rank here, 64 channels): rotated and rounded to int8 a second time
+        assert np.abs(a - b).max() <= (0.02 if codec == 'pca_int8' else 0.01) * np.abs(b).max()
 
 
 # ------------------------------------------------------------------------------------ pca_int8
