@@ -5,7 +5,8 @@
 configuration and prints one markdown table: Locate success, mean box IoU, NOT_FOUND for absent
 classes and one FOUND instance per object, averaged over the bags. Configurations:
 
-- ``before``: the Locate of before issue 15 ('lerf', PCA boxes in unposed maps, no merging);
+- ``before``: the map and Locate of before issue 15 (keyframes by overlap alone, 'lerf', PCA
+  boxes in unposed maps, no merging);
 - ``lerf``, ``official``: those modes with gravity estimation and merging;
 - ``calibrated``: the default.
 
@@ -26,7 +27,7 @@ from ros2_sab3r.eval.convert import convert_scannet, convert_synthetic, write_sc
 
 CONFIGS = {
     'before': ['query.relevancy_mode=lerf', 'query.estimate_gravity=false',
-               'query.merge_gap_m=0'],
+               'query.merge_gap_m=0', 'keyframes.max_unmapped=1'],
     'lerf': ['query.relevancy_mode=lerf'],
     'official': ['query.relevancy_mode=official'],
     'calibrated': ['query.relevancy_mode=calibrated'],
@@ -43,9 +44,10 @@ def make_bags(out: Path, seeds: list[int], scannet: bool) -> list[Path]:
             convert_synthetic(bag, seed=seed, progress=False)
         bags.append(bag)
     if scannet:
-        scene, bag = out / 'scene_synthetic_scannet', out / 'scannet_layout_seed1'
+        seed = seeds[0] + 1 if seeds else 1
+        scene, bag = out / f'scene_synthetic_scannet{seed}', out / f'scannet_layout_seed{seed}'
         if not scene.exists():
-            write_scannet_layout(scene, seed=seeds[0] + 1 if seeds else 1)
+            write_scannet_layout(scene, seed=seed)
         if not bag.exists():
             convert_scannet(scene, bag, stride=1, labels='nyu40', progress=False)
         bags.append(bag)
