@@ -55,7 +55,12 @@ from ros2_sab3r.train.data import (
     split_held_out,
     student_input,
 )
-from ros2_sab3r.train.evaluation import evaluate_batches, held_out_batches, initial_depths
+from ros2_sab3r.train.evaluation import (
+    evaluate_batches,
+    held_out_batches,
+    initial_depths,
+    initial_poses,
+)
 from ros2_sab3r.train.losses import (
     LossTerms,
     NonFiniteLossError,
@@ -334,9 +339,12 @@ class Trainer:
             self.optimizer, functools.partial(lr_factor, recipe=recipe))
         self.teachers = self._teachers(teachers)
         self.step = 0
-        # The initial model's held-out depths (forgetting), before any step.
-        self._initial_depths = (initial_depths(self.net, self.held_out_batches())
-                                if self.held_out_pairs and self.info.main else None)
+        # The initial model's held-out depths and poses (forgetting), before any step.
+        self._initial_depths = self._initial_poses = None
+        if self.held_out_pairs and self.info.main:
+            held_out = self.held_out_batches()
+            self._initial_depths = initial_depths(self.net, held_out)
+            self._initial_poses = initial_poses(self.net, held_out)
         self.match_generator = torch.Generator().manual_seed(recipe.run.seed + self.info.rank)
         self._tb = None
 
@@ -485,7 +493,7 @@ class Trainer:
                 'scheduler': self.scheduler.state_dict(), 'rng': ranks,
                 'match_generator': self.match_generator.get_state(),
                 'recipe': dump_recipe(self.recipe), 'world': self.info.world,
-                'initial_depths': self._initial_depths}
+                'initial_depths': self._initial_depths, 'initial_poses': self._initial_poses}
 
     def save(self) -> Path | None:
         state = self.state()
@@ -522,6 +530,7 @@ class Trainer:
         self.match_generator.set_state(state['match_generator'])
         if self.info.main:
             self._initial_depths = state.get('initial_depths')
+            self._initial_poses = state.get('initial_poses')
         logger.info('resumed from %s at step %d', path, self.step)
 
     # -- the loop
@@ -597,7 +606,7 @@ class Trainer:
         if not self.held_out_pairs:
             return {}
         return evaluate_batches(self.net, self.teachers, self.held_out_batches(max_pairs),
-                                self._initial_depths)
+                                self._initial_depths, self._initial_poses)
 
     # -- the end
     def export(self) -> tuple[Path, Path]:

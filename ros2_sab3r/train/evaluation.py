@@ -7,7 +7,11 @@ the same pixels. Figures (all means over the held-out pairs, view 1 and view 2 t
 - ``depth_rel``: median relative depth error against the ground truth after a median scale
   alignment (pairs with geometry only);
 - ``depth_vs_initial``: median relative difference between the student's depth and the initial
-  model's (how far the geometry moved; 0 when it is untouched).
+  model's (how far the geometry moved; 0 when it is untouched);
+- ``rot_vs_initial_deg``, ``tdir_vs_initial_deg``: mean angle between the relative pose the
+  student's pointmaps give each pair and the initial model's (rotation, translation direction;
+  the pose of view 2 in view 1 by a weighted Umeyama fit of view 2's own pointmap, from the pair
+  decoded in the other order, onto its pointmap in view 1's frame).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ros2_sab3r.geometry.registration import RegistrationError, umeyama
+from ros2_sab3r.geometry.transforms import rotation_angle_deg
 from ros2_sab3r.model.network import Sab3rNet
 from ros2_sab3r.model.outputs import PairOutput
 from ros2_sab3r.train.data import (
@@ -97,17 +103,65 @@ def initial_depths(net: Sab3rNet, batches: Sequence[Batch]) -> list[tuple[torch.
     return [(o.view1.pts3d[..., 2].cpu(), o.view2.pts3d[..., 2].cpu()) for o in out]
 
 
+def relative_poses(net: Sab3rNet, batch: Batch, stride: int = 2) -> np.ndarray:
+    """(B, 4, 4) pose T_C1C2 of view 2 in view 1 per pair (translation at the pair's scale;
+    NaN where the fit fails), from the student's pointmaps alone (see the module docstring)."""
+    with torch.no_grad():
+        ab = forward(net, batch)
+        ba = net(student_input(batch.img2), student_input(batch.img1))
+    Q = ab.view2.pts3d[:, ::stride, ::stride].flatten(1, 2).double().cpu().numpy()  # (B, N, 3)
+    P = ba.view1.pts3d[:, ::stride, ::stride].flatten(1, 2).double().cpu().numpy()
+    w = (ab.view2.conf * ba.view1.conf)[:, ::stride, ::stride].flatten(1).sqrt()
+    w = w.double().cpu().numpy()
+    out = np.full((len(Q), 4, 4), np.nan)
+    for b in range(len(Q)):
+        try:
+            sim = umeyama(P[b], Q[b], w[b])
+        except RegistrationError:
+            continue
+        out[b] = np.eye(4)
+        out[b, :3, :3], out[b, :3, 3] = sim.R, sim.t
+    return out
+
+
+def initial_poses(net: Sab3rNet, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """Relative poses of the initial model per batch, (B, 4, 4) float64 tensors (checkpoints
+    hold tensors): what pose forgetting is measured against."""
+    was = net.training
+    net.eval()
+    try:
+        return [torch.from_numpy(relative_poses(net, b)) for b in batches]
+    finally:
+        net.train(was)
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two 3-vectors (NaN when either is ~0)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na < 1e-12 or nb < 1e-12:
+        return float('nan')
+    return float(np.degrees(np.arccos(np.clip(a @ b / (na * nb), -1.0, 1.0))))
+
+
 @torch.no_grad()
 def evaluate_batches(net: Sab3rNet, teachers: Mapping[str, nn.Module], batches: Sequence[Batch],
-                     initial: Sequence[tuple[torch.Tensor, ...]] | None = None
-                     ) -> dict[str, float]:
-    """Figures of the module docstring (keys present when they can be computed)."""
+                     initial: Sequence[tuple[torch.Tensor, ...]] | None = None,
+                     poses: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+    """Figures of the module docstring (keys present when they can be computed); ``initial``
+    and ``poses`` are the initial model's :func:`initial_depths` and :func:`initial_poses`."""
     was = net.training
     net.eval()
     sums: dict[str, list[float]] = {}
     try:
         for i, batch in enumerate(batches):
             out = forward(net, batch)
+            if poses is not None:
+                for T, T0 in zip(relative_poses(net, batch), poses[i].numpy()):
+                    if np.isfinite(T).all() and np.isfinite(T0).all():
+                        sums.setdefault('rot_vs_initial_deg', []).append(
+                            rotation_angle_deg(T0[:3, :3].T @ T[:3, :3]))
+                        sums.setdefault('tdir_vs_initial_deg', []).append(
+                            _angle_deg(T[:3, 3], T0[:3, 3]))
             views = ((out.view1, batch.img1, batch.targets.view1),
                      (out.view2, batch.img2, batch.targets.view2))
             for v, (view, img, target) in enumerate(views):

@@ -109,6 +109,19 @@ def test_heads_only_keeps_the_geometry_bit_identical(tmp_path):
     assert any('.clip_head.' in k for k in changed)
     metrics = trainer.evaluate()
     assert metrics['depth_vs_initial'] == 0.0
+    assert metrics['rot_vs_initial_deg'] < 1e-4 and metrics['tdir_vs_initial_deg'] < 1e-4
+
+
+def test_forgetting_figures_see_the_geometry_move(tmp_path):
+    """Training everything moves depth and pose away from the initial model's."""
+    trainer = Trainer(distil('run.steps=3', 'optim.warmup_steps=0', 'optim.lr=1e-2',
+                             'batch.accumulation=1'), tmp_path, teachers=teachers(),
+                      progress=False)
+    assert trainer.evaluate()['rot_vs_initial_deg'] < 1e-4
+    trainer.fit()
+    metrics = trainer.evaluate()
+    assert metrics['depth_vs_initial'] > 0.01
+    assert metrics['rot_vs_initial_deg'] > 0.01 and metrics['tdir_vs_initial_deg'] > 0.01
 
 
 def _parallel_worker(rank: int, world: int, port: int, out: str, parallelism: str) -> None:

@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from ros2_sab3r.train.engine import Trainer, run_training
-from ros2_sab3r.train.evaluation import evaluate_batches, initial_depths, source_batches
+from ros2_sab3r.train.evaluation import (
+    evaluate_batches,
+    initial_depths,
+    initial_poses,
+    source_batches,
+)
 from ros2_sab3r.train.recipe import DataSource
 from tests.train.test_engine import RandomTeacherDouble, distil, toy
 
@@ -76,10 +81,10 @@ def guarded_run(tmp_path, init, bag, *overrides, guard=True):
                       progress=False)
     if not guard:  # the run without its guard: no geometry target at all
         trainer.reference = None
-    initial = initial_depths(trainer.net, views)
-    before = evaluate_batches(trainer.net, trainer.teachers, views, initial)
+    initial = (initial_depths(trainer.net, views), initial_poses(trainer.net, views))
+    before = evaluate_batches(trainer.net, trainer.teachers, views, *initial)
     trainer.fit()
-    return trainer, before, evaluate_batches(trainer.net, trainer.teachers, views, initial)
+    return trainer, before, evaluate_batches(trainer.net, trainer.teachers, views, *initial)
 
 
 @pytest.mark.parametrize('guard', ['self_distill', 'heads_only'])
