@@ -60,6 +60,7 @@ from ros2_sab3r.train.evaluation import (
     held_out_batches,
     initial_depths,
     initial_poses,
+    map_and_locate,
 )
 from ros2_sab3r.train.losses import (
     LossTerms,
@@ -316,6 +317,10 @@ class Trainer:
         self.dataset = PairDataset(self.scenes, train_pairs, recipe.data, recipe.run.seed,
                                    recipe.batch.symmetrise)
         self.guard = self._geometry_guard(self.scenes)
+        for bag in recipe.run.eval_bags:
+            if not Path(bag).expanduser().exists():
+                raise DataError(f'run.eval_bags: {bag} does not exist; give a bag folder that '
+                                'sab3r-eval reads (as sab3r-convert writes)')
 
         # Every rank builds the same initial weights (FSDP2 shards each rank's own copy; DDP
         # would broadcast rank 0's), then draws its own random stream (seed + rank, official).
@@ -560,7 +565,9 @@ class Trainer:
                 if self.info.main and (self.step % r.log_every == 0 or self.step == end):
                     self.log(metrics)
                 if (r.eval_every and self.step % r.eval_every == 0) or self.step == r.steps:
-                    self.log(self.evaluate(), prefix='eval/')
+                    figures = self.evaluate()
+                    self.log(figures, prefix='eval/')
+                    self.track_best(figures)
                 if self.step % r.checkpoint_every == 0 or self.step == end:
                     self.save()
         finally:
@@ -601,12 +608,46 @@ class Trainer:
                                 self.device)
 
     def evaluate(self, max_pairs: int = 8) -> dict[str, float]:
-        """Held-out pairs: teacher cosine per head, depth error, and depth against the
-        initial model (forgetting), figures of :func:`.evaluation.evaluate_batches`."""
-        if not self.held_out_pairs:
-            return {}
-        return evaluate_batches(self.net, self.teachers, self.held_out_batches(max_pairs),
-                                self._initial_depths, self._initial_poses)
+        """Held-out pairs: teacher cosine per head, depth error, depth and pose against the
+        initial model (forgetting), figures of :func:`.evaluation.evaluate_batches`; then
+        Map-and-Locate by sab3r-eval on each of ``run.eval_bags`` (rank 0)."""
+        figures = {}
+        if self.held_out_pairs:
+            figures = evaluate_batches(self.net, self.teachers, self.held_out_batches(max_pairs),
+                                       self._initial_depths, self._initial_poses)
+        if self.info.main:
+            for i, bag in enumerate(self.recipe.run.eval_bags):
+                out = self.run_dir / 'eval' / f'step_{self.step:08d}' / f'bag{i}'
+                for k, v in map_and_locate(self.net, Path(bag).expanduser(),
+                                           self.recipe.run.eval_args, out).items():
+                    figures[f'bag{i}/{k}'] = v
+        return figures
+
+    def track_best(self, figures: dict[str, float]) -> Path | None:
+        """Export the model to ``run_dir/best`` when ``run.best_metric`` improved (the figure
+        and its step in ``best/best.json``); returns the export when it did."""
+        r = self.recipe.run
+        if not r.best_metric or not self.info.main:
+            return None
+        name = r.best_metric[len('eval/'):]
+        if name not in figures:
+            raise TrainingError(f'run.best_metric {r.best_metric} was not computed at step '
+                                f'{self.step}; evaluation figures: '
+                                f'{sorted("eval/" + k for k in figures)}')
+        value = figures[name]
+        best = self.run_dir / 'best' / 'best.json'
+        if best.is_file():
+            previous = json.loads(best.read_text(encoding='utf-8'))['value']
+            if not (value > previous if r.best_mode == 'max' else value < previous):
+                return None
+        if not math.isfinite(value):
+            return None
+        ours, _ = export_model(self.net, self.run_dir / 'best', self.recipe.name)
+        best.write_text(json.dumps({'metric': r.best_metric, 'mode': r.best_mode,
+                                    'value': value, 'step': self.step}) + '\n',
+                        encoding='utf-8')
+        logger.info('best %s = %.4g at step %d: %s', r.best_metric, value, self.step, ours)
+        return ours
 
     # -- the end
     def export(self) -> tuple[Path, Path]:

@@ -11,13 +11,18 @@ the same pixels. Figures (all means over the held-out pairs, view 1 and view 2 t
 - ``rot_vs_initial_deg``, ``tdir_vs_initial_deg``: mean angle between the relative pose the
   student's pointmaps give each pair and the initial model's (rotation, translation direction;
   the pose of view 2 in view 1 by a weighted Umeyama fit of view 2's own pointmap, from the pair
-  decoded in the other order, onto its pointmap in view 1's frame).
+  decoded in the other order, onto its pointmap in view 1's frame);
+- per bag of ``run.eval_bags``, Map-and-Locate and depth by sab3r-eval itself
+  (:func:`map_and_locate`): ``bag<i>/<section>.<figure>``, e.g. ``bag0/locate.success_rate``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 from ros2_sab3r.geometry.registration import RegistrationError, umeyama
 from ros2_sab3r.geometry.transforms import rotation_angle_deg
+from ros2_sab3r.model.checkpoint import save_network
 from ros2_sab3r.model.network import Sab3rNet
 from ros2_sab3r.model.outputs import PairOutput
 from ros2_sab3r.train.data import (
@@ -39,6 +45,10 @@ from ros2_sab3r.train.data import (
     student_input,
 )
 from ros2_sab3r.train.recipe import DataSource, Recipe
+
+logger = logging.getLogger(__name__)
+
+BAG_SECTIONS = ('pose', 'depth', 'sequence_map', 'locate')  # sab3r-eval figures logged
 
 
 def held_out_batches(scenes: Sequence[SceneViews], specs: Sequence[PairSpec], recipe: Recipe,
@@ -186,3 +196,34 @@ def evaluate_batches(net: Sab3rNet, teachers: Mapping[str, nn.Module], batches: 
         if finite:
             out[k] = float(np.mean(finite))
     return out
+
+
+def map_and_locate(net: Sab3rNet, bag: str | Path, args: Sequence[str], out_dir: Path
+                   ) -> dict[str, float]:
+    """sab3r-eval on ``bag`` (options ``args``) with the student's current weights (written to
+    ``out_dir/student.safetensors``, the node's format): its report lands in ``out_dir`` and its
+    figures (sections :data:`BAG_SECTIONS`) come back flat, e.g. ``locate.success_rate``.
+    A run sab3r-eval cannot finish (e.g. a student whose depth is still unusable) is logged
+    with its reason and gives no figures: training goes on."""
+    from ros2_sab3r.eval.cli import main as sab3r_eval
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = save_network(net, out_dir / 'student.safetensors')
+    argv = [str(bag), '--checkpoint', str(weights), '--out', str(out_dir), '--no-progress',
+            *args]
+    try:
+        code = sab3r_eval(argv)
+    except Exception as exc:  # noqa: BLE001 - evaluation must not end the training run
+        logger.warning('sab3r-eval %s failed (%s: %s); no Map-and-Locate figures this time',
+                       bag, type(exc).__name__, exc)
+        return {}
+    results = out_dir / 'results.json'
+    if code != 0 or not results.is_file():
+        logger.warning('sab3r-eval %s exited with %d (see its error above); no figures', bag,
+                       code)
+        return {}
+    report = json.loads(results.read_text(encoding='utf-8'))
+    return {f'{section}.{k}': float(v) for section in BAG_SECTIONS
+            for k, v in (report.get(section) or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'radius_m'}

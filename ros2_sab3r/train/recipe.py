@@ -200,6 +200,25 @@ class BatchSection:
         _check(self.accumulation >= 1, f'{key}.accumulation', 'must be >= 1')
 
 
+def _check_eval_args(args: tuple[str, ...], key: str) -> None:
+    """sab3r-eval's own parser reads ``args`` (after a bag), so a typo fails at load."""
+    import contextlib
+    import io
+
+    from ros2_sab3r.eval.cli import build_parser
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parsed = build_parser().parse_args(['BAG', *args])
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()
+        raise RecipeError(f'recipe key {key}: sab3r-eval refuses {list(args)}: '
+                          f'{message[-1] if message else "bad arguments"}') from None
+    _check(not (parsed.out or parsed.checkpoint or parsed.mode == 'live'), key,
+           'the training run sets --out and --checkpoint and evaluates offline; drop them')
+
+
 @dataclass(frozen=True)
 class RunSection:
     steps: int = 1000  # optimiser steps
@@ -207,6 +226,10 @@ class RunSection:
     keep_last: int = 3  # checkpoints kept
     log_every: int = 10
     eval_every: int = 0  # held-out evaluation every N steps; 0 = only at the end
+    eval_bags: tuple[str, ...] = ()  # bags mapped and queried by sab3r-eval at each evaluation
+    eval_args: tuple[str, ...] = ()  # their sab3r-eval options (--param model.text_encoder=...)
+    best_metric: str = ''  # keep the best model by this logged figure (eval/...); '' = none
+    best_mode: str = 'max'  # max | min: which way best_metric is better
     seed: int = 8  # rank r uses seed + r (official)
     parallelism: str = 'ddp'  # ddp | fsdp2 (under torchrun)
     device: str = 'auto'  # auto | cpu | cuda
@@ -215,6 +238,14 @@ class RunSection:
         for name in ('steps', 'checkpoint_every', 'keep_last', 'log_every'):
             _check(getattr(self, name) >= 1, f'{key}.{name}', 'must be >= 1')
         _check(self.eval_every >= 0, f'{key}.eval_every', 'must be >= 0')
+        _check(all(bool(b) for b in self.eval_bags), f'{key}.eval_bags', 'a bag path is empty')
+        if self.eval_args:
+            _check_eval_args(self.eval_args, f'{key}.eval_args')
+        _check(not self.best_metric or self.best_metric.startswith('eval/'),
+               f'{key}.best_metric', f'{self.best_metric!r} is not an evaluation figure: '
+               "name one logged with the 'eval/' prefix, e.g. eval/cos_clip")
+        _check(self.best_mode in ('max', 'min'), f'{key}.best_mode',
+               f'{self.best_mode!r} is not one of max, min')
         _check(self.seed >= 0, f'{key}.seed', 'must be >= 0')
         _check(self.parallelism in PARALLELISMS, f'{key}.parallelism',
                f'{self.parallelism!r} is not one of {PARALLELISMS}')

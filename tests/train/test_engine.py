@@ -271,3 +271,24 @@ def test_sources_without_depth_or_poses_are_guarded(tmp_path):
         Trainer(toy(*source, 'data.geometry_guard=none'), tmp_path / 'x', progress=False)
     with pytest.raises(DataError, match='set model.trainable=heads'):
         Trainer(toy(*source, 'data.geometry_guard=heads_only'), tmp_path / 'y', progress=False)
+
+
+def test_the_best_model_is_kept_by_the_configured_metric(tmp_path):
+    recipe = distil('run.steps=4', 'run.eval_every=1', 'run.checkpoint_every=4',
+                    'optim.warmup_steps=0', 'optim.lr=5e-3', 'batch.accumulation=1',
+                    'run.best_metric=eval/depth_vs_initial', 'run.best_mode=max')
+    trainer = run_training(recipe, tmp_path, teachers=teachers(), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    logged = [(r['eval/depth_vs_initial'], r['step']) for r in rows
+              if 'eval/depth_vs_initial' in r]
+    assert len(logged) == 4
+    best = json.loads((tmp_path / 'best' / 'best.json').read_text())
+    assert (best['value'], best['step']) == max(logged)
+    net = load_network(tmp_path / 'best' / 'toy_cpu.safetensors')
+    if best['step'] == trainer.step:  # the best is the last model: the export equals it
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, trainer.net.state_dict()[k]), k
+    missing = Trainer(distil('run.best_metric=eval/nothing'), tmp_path / 'x',
+                      teachers=teachers(), progress=False)
+    with pytest.raises(TrainingError, match=r"eval/nothing was not computed.*'eval/cos_clip'"):
+        missing.track_best(missing.evaluate())

@@ -113,3 +113,18 @@ def test_yaml_tags_are_not_evaluated(tmp_path):
     bad.write_text("name: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(RecipeError, match='not valid YAML'):
         load_recipe(bad)
+
+
+def test_evaluation_settings_are_checked_at_load():
+    r = load_recipe('toy_cpu', ['run.eval_args=[--group-sizes, "2", --param, model.device=cpu]',
+                                'run.best_metric=eval/cos_clip', 'run.best_mode=min'])
+    assert r.run.eval_args == ('--group-sizes', '2', '--param', 'model.device=cpu')
+    assert (r.run.best_metric, r.run.best_mode) == ('eval/cos_clip', 'min')
+    with pytest.raises(RecipeError, match='run.eval_args: sab3r-eval refuses.*--bogus'):
+        load_recipe('toy_cpu', ['run.eval_args=[--bogus, "2"]'])
+    with pytest.raises(RecipeError, match='run.eval_args.*drop them'):
+        load_recipe('toy_cpu', ['run.eval_args=[--out, /tmp/x]'])
+    with pytest.raises(RecipeError, match="run.best_metric.*'eval/' prefix"):
+        load_recipe('toy_cpu', ['run.best_metric=cos_clip'])
+    with pytest.raises(RecipeError, match='run.best_mode'):
+        load_recipe('toy_cpu', ['run.best_mode=largest'])
