@@ -2,7 +2,7 @@
 
 The node runs as its own process (as `ros2 run ros2_sab3r perception_node` would start it) with
 config/perception.yaml; this script plays the camera and the manipulator asking Locate, then saves
-the map and draws it from above.
+the map and draws the published one (~/semantic_map, upright) from above with the answers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import rclpy
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from ros2_sab3r.frames.decode import rgb_to_image_fields
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
@@ -110,6 +110,9 @@ def _drive(node, ns: str, spec, queries, out: Path, proc, node_log: Path) -> int
     status: list[PerceptionStatus] = []
     node.create_subscription(PerceptionStatus, f'{ns}/perception_node/status', status.append,
                              qos.STATUS)
+    clouds: list[PointCloud2] = []
+    node.create_subscription(PointCloud2, f'{ns}/perception_node/semantic_map', clouds.append,
+                             qos.LATCHED)
     locate = node.create_client(Locate, f'{ns}/perception_node/locate')
     save = node.create_client(SaveMap, f'{ns}/perception_node/save_map')
     print('starting the perception node ...', flush=True)
@@ -161,36 +164,53 @@ def _drive(node, ns: str, spec, queries, out: Path, proc, node_log: Path) -> int
     if saved is not None:
         print(f'save_map: success={saved.success} "{saved.message}" ({saved.bytes} bytes)')
     picture = out / 'semantic_map_top.png'
+    deadline = time.monotonic() + 10.0  # the map topic's next publication
+    while not clouds and time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.1)
     try:
-        _render_top_down(map_path, res.objects, picture)
+        if not clouds:
+            raise ValueError('no map received on ~/semantic_map')
+        _render_top_down(clouds[-1], res.objects, picture)
         print(f'top-down picture of the map: {picture}')
     except (OSError, ValueError, KeyError) as err:
         print(f'no picture: {err}')
     return 0 if proc.poll() is None and res.success else 1
 
 
-def _render_top_down(map_path: Path, objects, picture: Path) -> None:
+def _cloud_xy_rgb(cloud: PointCloud2) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) x, y and (N, 3) colours in [0, 1] of a ~/semantic_map cloud (x y z rgb ...)."""
+    offsets = {f.name: f.offset for f in cloud.fields}
+    n = cloud.width * cloud.height
+    row = np.frombuffer(bytes(cloud.data), np.uint8).reshape(n, cloud.point_step)
+
+    def field(name: str, dtype) -> np.ndarray:
+        o = offsets[name]
+        return np.ascontiguousarray(row[:, o:o + 4]).view(dtype).reshape(n)
+
+    xy = np.stack([field('x', np.float32), field('y', np.float32)], 1)
+    packed = field('rgb', np.uint32)
+    rgb = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], 1) / 255.0
+    return xy, rgb
+
+
+def _render_top_down(cloud: PointCloud2, objects, picture: Path) -> None:
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    with np.load(map_path, allow_pickle=False) as data:
-        names = set(data.files)
-        pos_key = next(k for k in ('positions', 'position', 'xyz') if k in names)
-        X = data[pos_key]
-        rgb = data['colors'] if 'colors' in names else None
+    xy, rgb = _cloud_xy_rgb(cloud)
     fig, ax = plt.subplots(figsize=(7, 7))
-    # the map frame is the first camera's optical frame: x right, z forward (top-down = x-z)
-    ax.scatter(X[:, 0], X[:, 2], s=1, c=None if rgb is None else np.clip(rgb / 255.0, 0, 1))
+    # the published map frame is upright (z against gravity): top-down = x-y
+    ax.scatter(xy[:, 0], xy[:, 1], s=1, c=rgb)
     for obj in objects:
         if obj.status == LocatedObject.STATUS_NOT_FOUND:
             continue
-        ax.plot(obj.centroid.x, obj.centroid.z, 'r+', ms=14, mew=2)
-        ax.annotate(f'{obj.query} {obj.score:.2f}', (obj.centroid.x, obj.centroid.z),
+        ax.plot(obj.centroid.x, obj.centroid.y, 'r+', ms=14, mew=2)
+        ax.annotate(f'{obj.query} {obj.score:.2f}', (obj.centroid.x, obj.centroid.y),
                     color='red')
     ax.set_xlabel('x (m)')
-    ax.set_ylabel('z (m)')
+    ax.set_ylabel('y (m)')
     ax.set_aspect('equal')
     ax.set_title('semantic map, top-down, with Locate answers')
     fig.savefig(picture, dpi=100)
