@@ -327,7 +327,8 @@ def _read_checked(z: zipfile.ZipFile, path: Path, cfg: MappingConfig, clip_dim: 
     if 'clip_bf16' in data and ((data['clip_bf16'] & 0x7F80) == 0x7F80).any():
         raise MapFileError(f"{path}: array 'clip_bf16' has non-finite features; the file is "
                            'corrupt')
-    if len(np.unique(data['keys'])) != n:
+    sorted_keys = np.sort(data['keys'])  # (np.unique hashes: 1.5 s at 1M keys, sorting 0.05)
+    if n > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
         raise MapFileError(f'{path} has duplicate voxel keys; the file is corrupt')
     meta['dino_dim'] = dino_dim
     return MapFile(arrays=data, meta=meta)

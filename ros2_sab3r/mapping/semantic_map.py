@@ -462,7 +462,8 @@ class SemanticVoxelMap:
 
     # ------------------------------------------------------------------------ whole-map ops
     def clear(self) -> None:
-        """Forget every voxel (the published snapshot stays valid for its readers)."""
+        """Forget every voxel (the published snapshot stays valid for its readers). A pca_int8
+        map keeps its projection (refitted when new features drift from it)."""
         self._begin_write()
         self._blocks = []
         self._shared = set()
