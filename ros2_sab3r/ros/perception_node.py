@@ -15,6 +15,7 @@ from dataclasses import replace
 import functools
 import logging
 import os
+import pathlib
 import threading
 import time
 import traceback
@@ -83,6 +84,15 @@ def model_refusal(cfg: PerceptionConfig) -> str | None:
                 'give a SAB3R/MASt3R checkpoint file or Hugging Face repo (torch) or an '
                 "sab3r-export directory (onnxruntime, tensorrt), or set model.backend: 'none' to "
                 'run the node without a network (no map; tests and wiring checks)')
+    local = pathlib.Path(model.checkpoint.strip()).expanduser()
+    if model.checkpoint.strip() and local.exists():
+        # A FIFO or device would block the loader for ever (activation never returns).
+        if not (local.is_file() or local.is_dir()):
+            return (f'model.checkpoint={model.checkpoint!r} is not a regular file or directory; '
+                    'give the weights file or the export directory')
+        if not os.access(local, os.R_OK | (os.X_OK if local.is_dir() else 0)):
+            return (f'model.checkpoint={model.checkpoint!r} is not readable by this process '
+                    f'(uid {os.getuid()}); fix its permissions')
     return None
 
 

@@ -77,6 +77,16 @@ def test_model_refusal(backend, checkpoint, refused):
         assert 'model.checkpoint is empty' in reason and "model.backend: 'none'" in reason
 
 
+def test_model_refusal_of_special_files(tmp_path):
+    """A FIFO as checkpoint would block the loader, and activation, for ever."""
+    fifo = tmp_path / 'model.pt'
+    os.mkfifo(fifo)
+    reason = model_refusal(PerceptionConfig(model=ModelConfig(checkpoint=str(fifo))))
+    assert reason is not None and 'not a regular file or directory' in reason, reason
+    for ok in (tmp_path, tmp_path / 'missing.pt'):  # a directory; missing: the loader says so
+        assert model_refusal(PerceptionConfig(model=ModelConfig(checkpoint=str(ok)))) is None
+
+
 def test_no_weights_refuse_to_configure_unless_backend_none(ros_node, tmp_path):
     """The default (torch, no checkpoint) used to activate and build nothing; now configure
     fails saying what to set, and 'none' is the explicit choice of a node without a network."""
