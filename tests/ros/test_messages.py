@@ -1,5 +1,7 @@
 """Pipeline values <-> ROS messages, without a ROS graph."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -112,3 +114,22 @@ def test_locate_request_becomes_a_locate_query():
     assert q == types.LocateQuery(queries=('red mug', 'dresser'), negatives=('floor',), top_k=3,
                                   min_score=0.5, relevancy_mode='official')
     assert messages.locate_query_from_request(Locate.Request()).relevancy_mode == ''
+
+
+@pytest.mark.parametrize(('path', 'interface'), [('srv/Locate.srv', 'Locate'),
+                                                 ('msg/PerceptionStatus.msg', 'PerceptionStatus')])
+def test_interface_version_constant_matches_its_file_and_the_readme(path, interface):
+    """One version per interface: the generated constant, the file's header and the README."""
+    import re
+
+    from ros2_sab3r.msg import PerceptionStatus
+    from ros2_sab3r.srv import Locate
+
+    root = Path(__file__).resolve().parents[2]
+    version = {'Locate': Locate.Request, 'PerceptionStatus': PerceptionStatus}[
+        interface].INTERFACE_VERSION
+    header = (root / path).read_text(encoding='utf-8').splitlines()[:2]
+    assert re.search(rf'Interface version {version}\b', ' '.join(header)), header
+    readme = (root / 'README.md').read_text(encoding='utf-8')
+    assert f'`{path}` (version {version})' in readme or (
+        f'`{path}` on `~/status` (version {version})' in readme), (path, version)
