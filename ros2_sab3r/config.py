@@ -306,8 +306,9 @@ class MappingConfig:
         64, 'pca_int8: DINO channels kept (DINO only splits and merges instances)',
         unit='channels', min=8, max=4096, read_only=True)
     projection_refit_residual: float = param(
-        0.1, "pca_int8: refit the projection when a keyframe's feature energy outside it exceeds "
-        "the fitted data's by this share", unit='ratio', min=0.0, max=1.0, read_only=True)
+        0.1, "pca_int8: refit the projection when a keyframe's cells have this much more of their "
+        "energy outside it than the fit's typical cell", unit='ratio', min=0.0, max=1.0,
+        read_only=True)
     # Unposed maps have no known gravity and use PCA boxes.
     gravity_in_map: tuple[float, ...] = param(
         [0.0, 0.0, -1.0], 'gravity direction in the map frame when poses come from outside '
