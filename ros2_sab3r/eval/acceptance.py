@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+import re
 import sys
 import tempfile
 
@@ -54,8 +55,11 @@ def make_bags(out: Path, seeds: list[int], scannet: bool) -> list[Path]:
     return bags
 
 
-def evaluate(bag: Path, regime: str, config: str, absent: int, out: Path) -> dict:
+def evaluate(bag: Path, regime: str, config: str, absent: int, out: Path,
+             reuse: bool = False) -> dict:
     dest = out / f'{bag.name}-{regime}-{config}'
+    if reuse and (dest / 'results.json').exists():
+        return json.loads((dest / 'results.json').read_text())['locate']
     args = [str(bag), '--oracle', '--oracle-noise', f'regime={regime}', '--out', str(dest),
             '--absent-queries', str(absent), *FAST]
     for p in CONFIGS[config]:
@@ -63,6 +67,38 @@ def evaluate(bag: Path, regime: str, config: str, absent: int, out: Path) -> dic
     if eval_main(args) != 0:
         raise RuntimeError(f'sab3r-eval failed on {bag} ({regime}, {config})')
     return json.loads((dest / 'results.json').read_text())['locate']
+
+
+_FOUND = re.compile(r'by (-?[\d.]+) std; (-?[\d.]+) std above')
+_LOW_Z = re.compile(r'only (-?[\d.]+) std above')
+
+
+def margins(per_bag: list[dict]) -> dict:
+    """The closest calls of 'calibrated' answers (parsed from their reasons): the smallest lead
+    (std over the strongest competitor) and z (std above the vocabulary) of a present class's
+    FOUND answer, and how near absent classes came (answers with a candidate instance: the
+    largest z; 'more like' a vocabulary word counts as a negative lead)."""
+    present, absent_z, absent_candidates, absent_n = [], [], 0, 0
+    for r in per_bag:
+        for q in r['queries']:
+            m = _FOUND.search(q['reason'])
+            if q['present']:
+                if m:
+                    present.append((float(m.group(1)), float(m.group(2))))
+                continue
+            absent_n += 1
+            if q['status'] == 'FOUND' and m:
+                absent_z.append(float(m.group(2)))
+                absent_candidates += 1
+            elif (low := _LOW_Z.search(q['reason'])) is not None:
+                absent_z.append(float(low.group(1)))
+                absent_candidates += 1
+            elif 'more like' in q['reason']:
+                absent_candidates += 1
+    return {'present_min_lead': min((p[0] for p in present), default=float('nan')),
+            'present_min_z': min((p[1] for p in present), default=float('nan')),
+            'absent_max_z': max(absent_z, default=float('nan')),
+            'absent_with_candidate': f'{absent_candidates}/{absent_n}'}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,14 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument('--absent-queries', type=int, default=20)
     p.add_argument('--out', default='', help='folder for bags and reports (default: a temp dir)')
+    p.add_argument('--reuse', action='store_true',
+                   help='read the results.json of evaluations already in --out, do not rerun')
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix='sab3r-acceptance-'))
     out.mkdir(parents=True, exist_ok=True)
     bags = make_bags(out, args.seeds, args.scannet)
-    rows = []
+    rows, closest = [], []
     for regime in args.regimes:
         for config in args.configs:
-            per_bag = [evaluate(b, regime, config, args.absent_queries, out) for b in bags]
+            per_bag = [evaluate(b, regime, config, args.absent_queries, out, args.reuse)
+                       for b in bags]
+            if config == 'calibrated':
+                closest.append((regime, margins(per_bag)))
             means = {}
             for key in FIGURES:
                 vals = [r[key] for r in per_bag if r.get(key) is not None]
@@ -100,6 +141,18 @@ def main(argv: list[str] | None = None) -> int:
               f'{m["mean_box_iou"]:.3f} ({w["mean_box_iou"]:.3f}) | '
               f'{m["not_found_accuracy"]:.1f} ({w["not_found_accuracy"]:.1f}) | '
               f'{m["one_found_per_object"]:.1f} ({w["one_found_per_object"]:.1f}) |')
+    if closest:
+        print('\nClosest calls of calibrated (FOUND needs lead >= 0.49 std, i.e. score 0.62, and '
+              'z >= 2.0 at the defaults)\n')
+        print('| oracle regime | present: min lead (std) | present: min z | absent: max z of a '
+              'candidate | absent queries with a candidate |')
+        print('|---|---|---|---|---|')
+        def num(v: float) -> str:
+            return '–' if v != v else f'{v:.1f}'  # NaN: no such answer
+
+        for regime, c in closest:
+            print(f'| {regime} | {num(c["present_min_lead"])} | {num(c["present_min_z"])} | '
+                  f'{num(c["absent_max_z"])} | {c["absent_with_candidate"]} |')
     sys.stdout.flush()
     return 0
 
