@@ -133,6 +133,11 @@ class FramesConfig:
     tf_timeout_s: float = param(
         0.05, "pose_source 'tf': how long the worker waits for the camera's TF at the image "
         'stamp before skipping the frame', unit='s', min=0.0, max=5.0)
+    # Several rigidly mounted cameras whose views need not overlap (front/back): the static TF
+    # base_frame -> camera is each camera's T_BC (Pipeline.set_extrinsics), read once per camera.
+    base_frame: str = param(
+        '', "pose_source 'none': body frame of the cameras; TF base_frame -> camera places "
+        "cameras whose views do not overlap ('' = off)", read_only=True)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,8 @@ class PerceptionNode(LifecycleNode):
         # Unposed mode: gravity in the map frame from the robot's TF (odom is z-up), when it
         # gives the camera in odom; else the map's floor plane (see frames/upright.py).
         self._tf_down: np.ndarray | None = None
+        # Unposed mode, frames.base_frame: cameras whose T_BC the pipeline has from TF
+        self._extrinsics_known: set[str] = set()
         self._latencies = StepLatency()
         self._keyframes_in_window = 0
         self._keyframes_total = 0
@@ -322,6 +324,7 @@ class PerceptionNode(LifecycleNode):
                 return TransitionCallbackReturn.ERROR
             else:
                 self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
+                self._extrinsics_known = set()
                 self._backend_name = loaded.description
                 self.get_logger().info(f'backend: {loaded.description}')
                 self._warm_up(loaded.backend)
@@ -576,6 +579,7 @@ class PerceptionNode(LifecycleNode):
         if pipeline is None:
             return False
         t0 = time.perf_counter()
+        self._learn_extrinsics(pipeline, frame)
         try:
             result = pipeline.step(self._attach_pose(frame))
         except Exception as err:  # noqa: BLE001  a bad frame must not stop the worker
@@ -591,6 +595,26 @@ class PerceptionNode(LifecycleNode):
         elif result.is_keyframe and self.context.ok():
             self._publish_poses(frame, result.T_WC)
         return True
+
+    def _learn_extrinsics(self, pipeline: Pipeline, frame: CameraFrame) -> None:
+        """Unposed mode with frames.base_frame: the camera's mount T_BC from TF (the latest
+        transform: a static one) into the pipeline, once per camera; retried on later frames
+        while TF does not have it."""
+        cfg = self._cfg
+        if (cfg is None or cfg.frames.pose_source == 'tf' or not cfg.frames.base_frame
+                or not frame.frame_id or frame.frame_id in self._extrinsics_known):
+            return
+        try:
+            T_BC = self._tf.lookup(cfg.frames.base_frame, frame.frame_id, None)
+            pipeline.set_extrinsics(frame.frame_id, T_BC)
+        except (TransformLookupError, ValueError) as err:
+            self.get_logger().warning(
+                f'camera {frame.frame_id!r} has no extrinsics yet (frames.base_frame '
+                f'{cfg.frames.base_frame!r}): {err}', throttle_duration_sec=_THROTTLE_S)
+            return
+        self._extrinsics_known.add(frame.frame_id)
+        self.get_logger().info(f'camera {frame.frame_id!r}: extrinsics from TF '
+                               f'{cfg.frames.base_frame} -> {frame.frame_id}')
 
     def _publish_poses(self, frame: CameraFrame, T_WC: np.ndarray | None) -> None:
         cfg, pipeline = self._cfg, self._pipeline
