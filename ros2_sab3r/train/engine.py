@@ -33,7 +33,7 @@ import torch
 from torch import nn
 import torch.distributed as dist
 
-from ros2_sab3r.model.checkpoint import load_network
+from ros2_sab3r.model.checkpoint import alias_groups, load_network
 from ros2_sab3r.model.network import Sab3rNet, create_network
 from ros2_sab3r.model.outputs import PairOutput
 from ros2_sab3r.train.checkpoint import (
@@ -345,11 +345,14 @@ class Trainer:
         self.teachers = self._teachers(teachers)
         self.step = 0
         # The initial model's held-out depths and poses (forgetting), before any step.
+        self._full: Sab3rNet | None = None  # the gathered FSDP2 copy of the last full_network
         self._initial_depths = self._initial_poses = None
-        if self.held_out_pairs and self.info.main:
-            held_out = self.held_out_batches()
-            self._initial_depths = initial_depths(self.net, held_out)
-            self._initial_poses = initial_poses(self.net, held_out)
+        if self.held_out_pairs:
+            net = self.full_network()  # a collective under FSDP2: every rank calls it
+            if net is not None:
+                held_out = self.held_out_batches()
+                self._initial_depths = initial_depths(net, held_out)
+                self._initial_poses = initial_poses(net, held_out)
         self.match_generator = torch.Generator().manual_seed(recipe.run.seed + self.info.rank)
         self._tb = None
 
@@ -521,9 +524,19 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
+            # Aliased names ('layer_rn.0' = 'layer1_rn') are one tensor: FSDP2 fills the first
+            # name and would refuse the plain tensor of the second, so only the first is given.
+            aliases = {n for names in alias_groups(self.net) for n in names[1:]}
+            result = set_model_state_dict(
+                self.model, {'net.' + k: v for k, v in state['model'].items()
+                             if k not in aliases},
+                options=StateDictOptions(full_state_dict=True, strict=False))
+            missing = {k[len('net.'):] for k in result.missing_keys} - aliases
+            if missing or result.unexpected_keys:
+                raise TrainingError(f'{path}: the model state does not fit this network '
+                                    f'(missing {sorted(missing)[:5]}, unexpected '
+                                    f'{sorted(result.unexpected_keys)[:5]})')
             opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, {'net.' + k: v for k, v in state['model'].items()},
-                                 options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state['optimizer'],
                                      options=opts)
         else:
@@ -612,16 +625,43 @@ class Trainer:
         initial model (forgetting), figures of :func:`.evaluation.evaluate_batches`; then
         Map-and-Locate by sab3r-eval on each of ``run.eval_bags`` (rank 0)."""
         figures = {}
+        if not (self.held_out_pairs or self.recipe.run.eval_bags):
+            return figures
+        net = self.full_network()  # every rank calls it; under FSDP2 rank 0 gets the model
+        if net is None:
+            return figures
         if self.held_out_pairs:
-            figures = evaluate_batches(self.net, self.teachers, self.held_out_batches(max_pairs),
+            figures = evaluate_batches(net, self.teachers, self.held_out_batches(max_pairs),
                                        self._initial_depths, self._initial_poses)
         if self.info.main:
             for i, bag in enumerate(self.recipe.run.eval_bags):
                 out = self.run_dir / 'eval' / f'step_{self.step:08d}' / f'bag{i}'
-                for k, v in map_and_locate(self.net, Path(bag).expanduser(),
+                for k, v in map_and_locate(net, Path(bag).expanduser(),
                                            self.recipe.run.eval_args, out).items():
                     figures[f'bag{i}/{k}'] = v
         return figures
+
+    def full_network(self) -> Sab3rNet | None:
+        """The whole student for evaluation and export: the network itself, except under
+        FSDP2 where its shards are gathered into a plain copy on rank 0 (a collective every
+        rank must call; the other ranks get None)."""
+        self._full = None
+        if not (self.recipe.run.parallelism == 'fsdp2' and self.info.world > 1):
+            return self.net
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not self.info.main:
+            return None
+        net = create_network(self.recipe.model.architecture)
+        net.load_state_dict({k[len('net.'):] if k.startswith('net.') else k: v
+                             for k, v in state.items()})
+        self._full = net.to(self.device).eval()
+        return self._full
 
     def track_best(self, figures: dict[str, float]) -> Path | None:
         """Export the model to ``run_dir/best`` when ``run.best_metric`` improved (the figure
@@ -642,7 +682,8 @@ class Trainer:
                 return None
         if not math.isfinite(value):
             return None
-        ours, _ = export_model(self.net, self.run_dir / 'best', self.recipe.name)
+        ours, _ = export_model(self.net if self._full is None else self._full,
+                               self.run_dir / 'best', self.recipe.name)
         best.write_text(json.dumps({'metric': r.best_metric, 'mode': r.best_mode,
                                     'value': value, 'step': self.step}) + '\n',
                         encoding='utf-8')
@@ -650,8 +691,12 @@ class Trainer:
         return ours
 
     # -- the end
-    def export(self) -> tuple[Path, Path]:
-        ours, official = export_model(self.net, self.run_dir / 'export', self.recipe.name)
+    def export(self) -> tuple[Path, Path] | None:
+        """Exports and MODEL_CARD.md on rank 0 (every rank calls it: FSDP2 gathers)."""
+        net = self.full_network()
+        if net is None or not self.info.main:
+            return None
+        ours, official = export_model(net, self.run_dir / 'export', self.recipe.name)
         self.write_model_card(ours)
         return ours, official
 
@@ -701,7 +746,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: str | None = None,
             trainer.resume(path)
     try:
         trainer.fit(stop_at)
-        if trainer.step >= recipe.run.steps and trainer.info.main:
+        if trainer.step >= recipe.run.steps:
             trainer.export()
     finally:
         trainer.close()

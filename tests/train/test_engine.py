@@ -292,3 +292,51 @@ def test_the_best_model_is_kept_by_the_configured_metric(tmp_path):
                       teachers=teachers(), progress=False)
     with pytest.raises(TrainingError, match=r"eval/nothing was not computed.*'eval/cos_clip'"):
         missing.track_best(missing.evaluate())
+
+
+def _fsdp2_resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    recipe = distil('run.steps=2', 'run.checkpoint_every=1', 'data.held_out=0',
+                    'batch.accumulation=1', 'optim.warmup_steps=0', 'run.parallelism=fsdp2')
+    run_training(recipe, os.path.join(out, 'a'), teachers=teachers(), progress=False)
+    run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), stop_at=1, progress=False)
+    run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), resume='auto',
+                 progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def _assert_equal_nested(a, b, where=''):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_equal_nested(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_nested(x, y, f'{where}.{i}')
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_is_bit_identical(tmp_path):
+    """2 processes (gloo), FSDP2: stopped after step 1 and resumed, step 2 equals a straight
+    run's in the gathered model, the optimiser state, the schedule and every rank's RNG."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_fsdp2_resume_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    a = load_checkpoint(complete_checkpoints(tmp_path / 'a')[-1])
+    b = load_checkpoint(complete_checkpoints(tmp_path / 'b')[-1])
+    assert a['step'] == b['step'] == 2 and a['world'] == 2
+    assert len(a['model']) > 10 and len(a['optimizer']['state']) > 10
+    for key in ('model', 'optimizer', 'scheduler', 'rng', 'match_generator'):
+        _assert_equal_nested(a[key], b[key], key)
+    straight = load_network(tmp_path / 'a' / 'export' / 'toy_cpu.safetensors')
+    resumed = load_network(tmp_path / 'b' / 'export' / 'toy_cpu.safetensors')
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
