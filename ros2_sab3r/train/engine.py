@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from pathlib import Path
+import shutil
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ from ros2_sab3r.train.evaluation import (
     initial_depths,
     initial_poses,
     map_and_locate,
+    pca_pictures,
 )
 from ros2_sab3r.train.losses import (
     LossTerms,
@@ -581,6 +583,9 @@ class Trainer:
                     figures = self.evaluate()
                     self.log(figures, prefix='eval/')
                     self.track_best(figures)
+                if (r.pictures_every and self.step % r.pictures_every == 0) \
+                        or self.step == r.steps:
+                    self.pictures()
                 if self.step % r.checkpoint_every == 0 or self.step == end:
                     self.save()
         finally:
@@ -663,6 +668,28 @@ class Trainer:
         self._full = net.to(self.device).eval()
         return self._full
 
+    def pictures(self, max_pairs: int = 2) -> Path | None:
+        """PCA pictures of teacher vs student on held-out pairs: ``run_dir/pictures/
+        step_N.png`` and TensorBoard's ``pca`` image (rank 0; None without teachers or held-out
+        pairs)."""
+        if not (self.teachers and self.held_out_pairs):
+            return None
+        net = self.full_network()
+        if net is None:
+            return None
+        picture = pca_pictures(net, self.teachers, self.held_out_batches(max_pairs))
+        if picture is None:
+            return None
+        from PIL import Image
+
+        path = self.run_dir / 'pictures' / f'step_{self.step:08d}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(path)
+        writer = self._tensorboard()
+        if writer is not None:
+            writer.add_image('pca', picture, self.step, dataformats='HWC')
+        return path
+
     def track_best(self, figures: dict[str, float]) -> Path | None:
         """Export the model to ``run_dir/best`` when ``run.best_metric`` improved (the figure
         and its step in ``best/best.json``); returns the export when it did."""
@@ -718,10 +745,7 @@ class Trainer:
                      f'held out; geometry guard {self.guard}')
         lines.append(f'- Loss weights: {r.loss}')
         lines.append(f'- Optimiser: {r.optim}')
-        metrics_file = self.run_dir / 'metrics.jsonl'
-        if metrics_file.is_file():
-            last = metrics_file.read_text(encoding='utf-8').strip().splitlines()[-1]
-            lines += ['', '## Last logged figures', '', '```', last, '```']
+        lines += self._card_figures(weights.parent)
         lines += ['', '## Files', '', f'- `{weights.name}`: ros2_sab3r safetensors '
                   '(model.checkpoint of the node, sab3r-export)',
                   f'- `{weights.with_suffix(".pth").name}`: the official training layout',
@@ -729,6 +753,42 @@ class Trainer:
         path = weights.parent / 'MODEL_CARD.md'
         path.write_text('\n'.join(lines), encoding='utf-8')
         return path
+
+    def _card_figures(self, export_dir: Path) -> list[str]:
+        """The card's figures: the last training and evaluation figures (metrics.jsonl),
+        the best model (run.best_metric) and the last PCA picture (copied beside the card)."""
+        train: dict[str, Any] = {}
+        evaluation: dict[str, Any] = {}
+        metrics_file = self.run_dir / 'metrics.jsonl'
+        if metrics_file.is_file():
+            for line in metrics_file.read_text(encoding='utf-8').splitlines():
+                row = json.loads(line)
+                target = evaluation if any(k.startswith('eval/') for k in row) else train
+                target.clear()
+                target.update(row)
+        lines = ['', '## Figures', '']
+        for title, row in (('Training', train), ('Evaluation (held-out pairs, eval bags)',
+                                                 evaluation)):
+            figures = {k: v for k, v in row.items() if isinstance(v, (int, float))
+                       and k != 'step'}
+            if not figures:
+                continue
+            lines += [f'{title}, step {row["step"]}:', '', '| figure | value |', '|---|---|']
+            lines += [f'| {k} | {v:.4g} |' for k, v in sorted(figures.items())] + ['']
+        best = self.run_dir / 'best' / 'best.json'
+        if best.is_file():
+            b = json.loads(best.read_text(encoding='utf-8'))
+            lines += [f'Best model (`../best/`): {b["metric"]} = {b["value"]:.4g} ({b["mode"]}) '
+                      f'at step {b["step"]}.', '']
+        pictures = sorted((self.run_dir / 'pictures').glob('step_*.png'))
+        if pictures:
+            shutil.copyfile(pictures[-1], export_dir / 'pca.png')
+            lines += ['Teacher vs student features (per row: held-out crop, teacher, student; '
+                      "the teacher's first three principal components as RGB), "
+                      f'{pictures[-1].stem.replace("_", " ")}:', '', '![PCA](pca.png)', '']
+        if len(lines) == 3:
+            lines.append('No figures were logged.')
+        return lines
 
     def close(self) -> None:
         if self._tb:

@@ -12,6 +12,8 @@ the same pixels. Figures (all means over the held-out pairs, view 1 and view 2 t
   student's pointmaps give each pair and the initial model's (rotation, translation direction;
   the pose of view 2 in view 1 by a weighted Umeyama fit of view 2's own pointmap, from the pair
   decoded in the other order, onto its pointmap in view 1's frame);
+- pictures (:func:`pca_picture`): the held-out crops beside their teacher's and the student's
+  features in the teacher's first three principal components, one row per view and head;
 - per bag of ``run.eval_bags``, Map-and-Locate and depth by sab3r-eval itself
   (:func:`map_and_locate`): ``bag<i>/<section>.<figure>``, e.g. ``bag0/locate.success_rate``.
 """
@@ -227,3 +229,64 @@ def map_and_locate(net: Sab3rNet, bag: str | Path, args: Sequence[str], out_dir:
     return {f'{section}.{k}': float(v) for section in BAG_SECTIONS
             for k, v in (report.get(section) or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'radius_m'}
+
+
+def _pca_rgb(features: np.ndarray, basis: np.ndarray, mean: np.ndarray, lo: np.ndarray,
+             hi: np.ndarray) -> np.ndarray:
+    """(H, W, C) features -> (H, W, 3) uint8: projection on ``basis`` (3, C) scaled to lo..hi."""
+    x = (features.reshape(-1, features.shape[-1]) - mean) @ basis.T
+    x = np.clip((x - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
+    return np.round(x * 255).astype(np.uint8).reshape(*features.shape[:2], 3)
+
+
+def pca_picture(image: np.ndarray, teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    """One row (H, 3 W, 3) uint8: the crop, its teacher map and the student's map in the
+    teacher's first three principal components (one basis and one colour scale for both, the
+    teacher's 1st-99th percentiles, so equal maps give equal pictures).
+
+    ``image`` (H, W, 3) uint8; ``teacher`` and ``student`` (h, w, C) at any common grid,
+    shown at the image's size (nearest).
+    """
+    flat = teacher.reshape(-1, teacher.shape[-1]).astype(np.float64)
+    mean = flat.mean(0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    basis = vt[:3]
+    if len(basis) < 3:  # fewer than 3 channels: pad with zero components
+        basis = np.concatenate([basis, np.zeros((3 - len(basis), flat.shape[1]))])
+    proj = (flat - mean) @ basis.T
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    h, w = image.shape[:2]
+    panels = [image]
+    for features in (teacher, student):
+        rgb = _pca_rgb(features.astype(np.float64), basis, mean, lo, hi)
+        rows = np.arange(h) * rgb.shape[0] // h
+        cols = np.arange(w) * rgb.shape[1] // w
+        panels.append(rgb[rows[:, None], cols[None, :]])
+    return np.concatenate(panels, axis=1)
+
+
+@torch.no_grad()
+def pca_pictures(net: Sab3rNet, teachers: Mapping[str, nn.Module], batches: Sequence[Batch]
+                 ) -> np.ndarray | None:
+    """Rows of :func:`pca_picture` for both views of ``batches``' first pairs and every head
+    with a teacher, stacked into one (rows * H, 3 W, 3) uint8 picture (None without teachers)."""
+    if not teachers or not batches:
+        return None
+    was = net.training
+    net.eval()
+    rows = []
+    try:
+        for batch in batches:
+            out = forward(net, batch)
+            for view, img in ((out.view1, batch.img1), (out.view2, batch.img2)):
+                for head, teacher in teachers.items():
+                    student = getattr(view, head)
+                    if student is None:
+                        continue
+                    rgb = np.round(img[0].permute(1, 2, 0).float().cpu().numpy() * 255)
+                    rows.append(pca_picture(rgb.astype(np.uint8),
+                                            teacher(img[:1]).float()[0].cpu().numpy(),
+                                            student[0].float().cpu().numpy()))
+    finally:
+        net.train(was)
+    return np.concatenate(rows, axis=0) if rows else None

@@ -230,6 +230,7 @@ class RunSection:
     eval_args: tuple[str, ...] = ()  # their sab3r-eval options (--param model.text_encoder=...)
     best_metric: str = ''  # keep the best model by this logged figure (eval/...); '' = none
     best_mode: str = 'max'  # max | min: which way best_metric is better
+    pictures_every: int = 0  # PCA pictures of teacher vs student every N steps; 0 = at the end
     seed: int = 8  # rank r uses seed + r (official)
     parallelism: str = 'ddp'  # ddp | fsdp2 (under torchrun)
     device: str = 'auto'  # auto | cpu | cuda
@@ -238,6 +239,7 @@ class RunSection:
         for name in ('steps', 'checkpoint_every', 'keep_last', 'log_every'):
             _check(getattr(self, name) >= 1, f'{key}.{name}', 'must be >= 1')
         _check(self.eval_every >= 0, f'{key}.eval_every', 'must be >= 0')
+        _check(self.pictures_every >= 0, f'{key}.pictures_every', 'must be >= 0')
         _check(all(bool(b) for b in self.eval_bags), f'{key}.eval_bags', 'a bag path is empty')
         if self.eval_args:
             _check_eval_args(self.eval_args, f'{key}.eval_args')

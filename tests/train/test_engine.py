@@ -340,3 +340,39 @@ def test_fsdp2_resume_is_bit_identical(tmp_path):
     resumed = load_network(tmp_path / 'b' / 'export' / 'toy_cpu.safetensors')
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_pca_picture_shows_teacher_and_student_in_one_basis():
+    from ros2_sab3r.train.evaluation import pca_picture
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    teacher = rng.normal(size=(8, 12, 16))
+    same = pca_picture(image, teacher, teacher.copy())
+    assert same.shape == (32, 144, 3) and same.dtype == np.uint8
+    assert np.array_equal(same[:, :48], image)
+    assert np.array_equal(same[:, 48:96], same[:, 96:])  # equal maps, equal pictures
+    assert same[:, 48:96].std() > 30  # the components spread over the colour range
+    other = pca_picture(image, teacher, rng.normal(size=(8, 12, 16)))
+    assert np.array_equal(other[:, 48:96], same[:, 48:96])
+    assert np.abs(other[:, 96:].astype(int) - same[:, 96:]).mean() > 20
+
+
+def test_pictures_every_k_steps_into_the_run_tensorboard_and_model_card(tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = distil('run.steps=3', 'run.pictures_every=2', 'run.checkpoint_every=3',
+                    'optim.warmup_steps=0', 'batch.accumulation=1')
+    run_training(recipe, tmp_path, teachers=teachers(), progress=False)
+    pictures = sorted(p.name for p in (tmp_path / 'pictures').glob('*.png'))
+    assert pictures == ['step_00000002.png', 'step_00000003.png']  # every 2 and the end
+    h, w = recipe.data.resolution
+    with Image.open(tmp_path / 'pictures' / 'step_00000003.png') as im:
+        assert im.size == (3 * w, 2 * 2 * h)  # 2 held-out pairs x 2 views, 1 head
+    events = EventAccumulator(str(tmp_path / 'tensorboard'))
+    events.Reload()
+    assert [e.step for e in events.Images('pca')] == [2, 3]
+    card = (tmp_path / 'export' / 'MODEL_CARD.md').read_text()
+    assert '## Figures' in card and '| eval/cos_clip |' in card and '| total |' in card
+    assert '![PCA](pca.png)' in card and (tmp_path / 'export' / 'pca.png').is_file()
