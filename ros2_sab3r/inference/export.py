@@ -20,13 +20,15 @@ and the figures are printed and written to the manifest. An export that runs but
 
 ``--int8`` adds a dynamically quantised pair per size for ONNX Runtime on the CPU
 (``model.dtype: int8``), made from the checked fp32 graphs by :mod:`ros2_sab3r.inference.int8`
-and checked the same way against its own tolerances.
+and checked the same way against its own tolerances; with a split decoder its three graphs are
+quantised and checked too (heads on demand in int8).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -193,6 +195,39 @@ def _export_split(net: Sab3rNet, out_dir: Path, size: tuple[int, int], tokens: t
         parity=parity)
 
 
+def _quantize_split(split: SplitGraphs, out_dir: Path, reduce_range: bool, weights: str
+                    ) -> tuple[SplitGraphs, list[Path]]:
+    """The int8 copies of a split decoder's graphs (:func:`quantize_int8`) and their files."""
+    names = {split.geometry: None, **{f: None for f in split.features.values()}}
+    for name in names:
+        src = out_dir / name
+        names[name] = src.with_name(f'{src.stem}_int8.onnx')
+        quantize_int8(src, names[name], reduce_range, weights)
+    geo = names[split.geometry]
+    feats = {v: names[f] for v, f in split.features.items()}
+    return SplitGraphs(
+        geometry=geo.name, geometry_sha256=file_sha256(geo),
+        features={v: p.name for v, p in feats.items()},
+        features_sha256={v: file_sha256(p) for v, p in feats.items()},
+        geometry_outputs=split.geometry_outputs, layers=split.layers), list(names.values())
+
+
+def _check_int8_split(enc: Path, split: SplitGraphs, out_dir: Path, net: Sab3rNet,
+                      size: tuple[int, int], threads: int) -> dict:
+    """Parity figures of the int8 split decoder against torch (relative RMS, as the int8
+    pair); raises ExportError when one is out of tolerance."""
+    figures = split_parity_check(enc, out_dir / split.geometry,
+                                 {int(v): out_dir / f for v, f in split.features.items()},
+                                 net, size, threads=threads, tolerances=INT8_PARITY_TOLERANCES,
+                                 measure='rms')
+    failed = [f for f in figures if not f.ok]
+    if failed:
+        raise ExportError(f'the {size[0]}x{size[1]} int8 split decoder differs from torch: '
+                          + '; '.join(f.line() for f in failed))
+    return {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol, 'measure': f.measure}
+            for f in figures}
+
+
 def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
                    opset: int = DEFAULT_OPSET, source: str = '', check: bool = True,
                    threads: int = 0, progress: bool = True, int8: bool = False,
@@ -264,21 +299,32 @@ def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int
             q_enc, q_dec = (f.with_name(f'{f.stem}_int8.onnx') for f in (enc_path, dec_path))
             quantize_int8(enc_path, q_enc, int8_reduce_range, int8_weights)
             quantize_int8(dec_path, q_dec, int8_reduce_range, int8_weights)
+            q_files = [q_enc, q_dec]
             steps.update()
             try:
                 parity = (_checked_parity(q_enc, q_dec, net, size, names, threads, 'int8',
                                           steps) if check else {})
+                q_split = None
+                if split is not None:  # heads on demand for int8 too (the same quantiser)
+                    q_split, q_paths = _quantize_split(split, out_dir, int8_reduce_range,
+                                                       int8_weights)
+                    q_files += q_paths
+                    if check:
+                        q_split = dataclasses.replace(q_split, parity=_check_int8_split(
+                            q_enc, q_split, out_dir, net, size, threads))
             except ExportError as exc:
                 # The fp32 pair is good: keep it (an export takes minutes) and drop only the
                 # quantised files, then report after the manifest is written.
-                for f in graph_files(q_enc) + graph_files(q_dec):
-                    f.unlink(missing_ok=True)
+                for q in q_files:
+                    for f in graph_files(q):
+                        f.unlink(missing_ok=True)
                 int8_failures.append(str(exc))
                 continue
             graphs.append(GraphPair(
                 image_size=(h, w), encoder=q_enc.name, decoder=q_dec.name,
                 encoder_sha256=file_sha256(q_enc), decoder_sha256=file_sha256(q_dec),
                 token_shape=token_shape, output_names=names, parity=parity, precision='int8',
+                split=q_split,
                 quantization=INT8_RECIPE + (' (7-bit weights)' if int8_reduce_range else '')
                 + (' (uint8 weights)' if int8_weights == 'u8' else '')))
     steps.close()

@@ -118,12 +118,12 @@ def parity_check(encoder: Path, decoder: Path, net: Sab3rNet, size: tuple[int, i
 
 def split_parity_check(encoder: Path, geometry: Path, features: dict[int, Path], net: Sab3rNet,
                        size: tuple[int, int], level: str = 'all', threads: int = 0,
-                       seed: int = 0, tolerances: dict[str, float] = PARITY_TOLERANCES
-                       ) -> list[ParityFigure]:
+                       seed: int = 0, tolerances: dict[str, float] = PARITY_TOLERANCES,
+                       measure: str = 'max') -> list[ParityFigure]:
     """The split decoder (format 2) in ONNX Runtime against the torch full decode: the geometry
     graph on the encoder graph's tokens, each view's feature graph on the geometry graph's
     token layers (so the feature figures include the geometry graph's error), every output
-    compared as :func:`parity_check` does."""
+    compared as :func:`parity_check` does ('rms' for int8 graphs)."""
     from ros2_sab3r.model.network import FeatureGraph, GeometryGraph
 
     img1, img2 = example_image(size, seed), example_image(size, seed + 1)
@@ -145,6 +145,6 @@ def split_parity_check(encoder: Path, geometry: Path, features: dict[int, Path],
         sess = ort_session(path, ort_session_options(level, threads), providers)
         outs = sess.run(list(graph.output_names), {n: got[n] for n in graph.input_names})
         got.update(zip(graph.output_names, outs))
-    return [compare(name, got[name], want.float().numpy(), tolerances)
+    return [compare(name, got[name], want.float().numpy(), tolerances, measure)
             for name, want in ref.items()]
 

@@ -230,3 +230,19 @@ def test_cli_int8_flags(tmp_path, capsys):
     for bad in (['--int8-weights', 'u8'], ['--int8', '--int8-weights', 'u4']):
         with pytest.raises(SystemExit):
             export_mod.main(['--random-weights', 'tiny', '--out', str(tmp_path / 'x'), *bad])
+
+
+def test_int8_exports_have_split_graphs_used_by_the_backend(int8_dir, tiny_net):
+    """Heads on demand in int8: the quantised geometry and feature graphs, checked against torch
+    (relative RMS), serve the int8 backend; a geometry-only decode runs no feature graph."""
+    out, manifest = int8_dir
+    fp32, int8 = manifest.graph_for(SIZE), manifest.graph_for(SIZE, 'int8')
+    assert fp32.split is not None and int8.split is not None
+    assert int8.split.geometry == fp32.split.geometry.replace('.onnx', '_int8.onnx')
+    assert set(int8.split.features) == {'1', '2'}
+    ops = {n.op_type for n in onnx.load(str(out / int8.split.geometry)).graph.node}
+    assert ops & {'DynamicQuantizeMatMul', 'MatMulInteger'}
+    assert int8.split.parity and all(f['measure'] == 'rms' and f['rel'] <= f['tol']
+                                     for f in int8.split.parity.values())
+    backend = OnnxRuntimeBackend(out, SIZE, OrtOptions(dtype='int8', threads=2))
+    assert backend.split == int8.split and backend._split_decoder is not None
