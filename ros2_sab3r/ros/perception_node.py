@@ -171,6 +171,10 @@ class PerceptionNode(LifecycleNode):
         self._tf_down: np.ndarray | None = None
         # Unposed mode, frames.base_frame: cameras whose T_BC the pipeline has from TF
         self._extrinsics_known: set[str] = set()
+        # Unposed mode: cameras whose first keyframe was logged (how it was placed), and the
+        # per-camera counts of unplaced frames last logged (Pipeline.frames_unplaced)
+        self._cameras_mapped: set[str] = set()
+        self._unplaced_logged: dict[str, int] = {}
         self._latencies = StepLatency()
         self._keyframes_in_window = 0
         self._keyframes_total = 0
@@ -274,6 +278,10 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(f'configure failed: {refusal}')
             self._cfg = None
             return TransitionCallbackReturn.FAILURE
+        if cfg.frames.base_frame and cfg.frames.pose_source == 'tf':
+            self.get_logger().warning(
+                f'frames.base_frame={cfg.frames.base_frame!r} is not used: in posed mode '
+                "(frames.pose_source 'tf') each camera's pose comes from TF itself")
         self._scheduler = FrameScheduler(list(cfg.camera.image_topics), cfg.camera.queue_size,
                                          notify=self._notify)
         self._status_pub = self.create_publisher(PerceptionStatus, '~/status', qos.STATUS)
@@ -325,6 +333,8 @@ class PerceptionNode(LifecycleNode):
             else:
                 self._pipeline = Pipeline(cfg, loaded.backend, loaded.text_encoder)
                 self._extrinsics_known = set()
+                self._cameras_mapped = set()
+                self._unplaced_logged = {}
                 self._backend_name = loaded.description
                 self.get_logger().info(f'backend: {loaded.description}')
                 self._warm_up(loaded.backend)
@@ -560,6 +570,7 @@ class PerceptionNode(LifecycleNode):
     def _reset_pipeline(self) -> None:
         pipeline = self._pipeline
         self._tf_down = None  # the next map has another frame
+        self._cameras_mapped, self._unplaced_logged = set(), {}
         if pipeline is not None:
             pipeline.reset()
 
@@ -592,8 +603,13 @@ class PerceptionNode(LifecycleNode):
         if result.status == StepStatus.SKIPPED:
             self.get_logger().warning(f'frame {frame.stamp_ns / 1e9:.3f} s skipped: '
                                       f'{result.reason}', throttle_duration_sec=_THROTTLE_S)
-        elif result.is_keyframe and self.context.ok():
-            self._publish_poses(frame, result.T_WC)
+        elif result.is_keyframe:
+            if frame.frame_id not in self._cameras_mapped:
+                self._cameras_mapped.add(frame.frame_id)
+                self.get_logger().info(f'camera {frame.frame_id!r}, first keyframe: '
+                                       f'{result.reason}')
+            if self.context.ok():
+                self._publish_poses(frame, result.T_WC)
         return True
 
     def _learn_extrinsics(self, pipeline: Pipeline, frame: CameraFrame) -> None:
@@ -608,13 +624,32 @@ class PerceptionNode(LifecycleNode):
             T_BC = self._tf.lookup(cfg.frames.base_frame, frame.frame_id, None)
             pipeline.set_extrinsics(frame.frame_id, T_BC)
         except (TransformLookupError, ValueError) as err:
-            self.get_logger().warning(
-                f'camera {frame.frame_id!r} has no extrinsics yet (frames.base_frame '
-                f'{cfg.frames.base_frame!r}): {err}', throttle_duration_sec=_THROTTLE_S)
+            if self._throttle.allow(f'extrinsics:{frame.frame_id}'):  # per camera
+                self.get_logger().warning(
+                    f'camera {frame.frame_id!r} has no extrinsics yet (frames.base_frame '
+                    f'{cfg.frames.base_frame!r}): {err}')
             return
         self._extrinsics_known.add(frame.frame_id)
         self.get_logger().info(f'camera {frame.frame_id!r}: extrinsics from TF '
                                f'{cfg.frames.base_frame} -> {frame.frame_id}')
+
+    def _report_unplaced(self) -> None:
+        """Unposed mode: how many frames of each camera could be placed neither by extrinsics
+        nor by registration (Pipeline.frames_unplaced), logged when the counts changed, at most
+        once per _THROTTLE_S, with what would place them."""
+        cfg, pipeline = self._cfg, self._pipeline
+        if cfg is None or pipeline is None:
+            return
+        counts = dict(pipeline.frames_unplaced)  # written by the worker thread: a copy
+        if not counts or counts == self._unplaced_logged or not self._throttle.allow('unplaced'):
+            return
+        self._unplaced_logged = counts
+        per_camera = ', '.join(f'{cam!r} {n}' for cam, n in sorted(counts.items()))
+        fix = (f'publish the static TF {cfg.frames.base_frame} -> camera' if cfg.frames.base_frame
+               else 'set frames.base_frame and publish the static TF base_frame -> camera')
+        self.get_logger().warning(
+            f'unposed mode: frames unplaced so far: {per_camera} (no extrinsics and no overlap '
+            f'with the map; {fix})')
 
     def _publish_poses(self, frame: CameraFrame, T_WC: np.ndarray | None) -> None:
         cfg, pipeline = self._cfg, self._pipeline
@@ -870,6 +905,7 @@ class PerceptionNode(LifecycleNode):
         msg.frames_dropped_by_reset = counts.dropped_by_reset
         msg.frames_missing = counts.missing
         self._status_pub.publish(msg)
+        self._report_unplaced()
 
 
 class RosLogHandler(logging.Handler):
