@@ -138,6 +138,7 @@ def test_pca_int8_fits_the_map_and_keeps_cosines():
     np.testing.assert_allclose(pca.clip_projection.basis.T @ pca.clip_projection.basis,
                                np.eye(32), atol=1e-5)
     assert pca.blocks[0].clip.shape == (BLOCK_SIZE, 32) and pca.blocks[0].dino.dtype == np.int8
+    assert pca.blocks[0].dino.shape == (BLOCK_SIZE, 32)  # mapping.dino_projection_dim
     # the third batch brought 12 new directions: the basis was refitted, the old codes rotated
     assert maps['pca_int8'].projections['clip'].refits >= 1
     E = np.concatenate([dirs, rng.normal(size=(8, 128))]).astype(np.float32)
