@@ -181,8 +181,11 @@ class MapSnapshot:
             # pca_int8: each embedding projected once; its part outside the basis meets
             # nothing stored (the features' part there was dropped)
             E = E @ self.clip_projection.basis  # (T, k)
-        Et = torch.from_numpy(np.ascontiguousarray(E.T)).to(dtype)  # (F or k, T)
-        raw = torch.empty((len(self.blocks) * BLOCK_SIZE, len(E)), dtype=dtype)
+        Et = torch.from_numpy(np.ascontiguousarray(E)).to(dtype)  # (T, F or k)
+        # (T, n_slots): each block's product written in its columns. E @ F^T, not F @ E^T:
+        # torch's CPU kernels run the skinny product ~4x faster this way round (measured per
+        # 4096-row block, T = 5: 0.19 against 0.84 ms in float32, 2.2 against 7.5 ms in bf16)
+        raw = torch.empty((len(E), len(self.blocks) * BLOCK_SIZE), dtype=dtype)
         claim = itertools.count()  # next() is atomic: each block is taken by one worker
 
         def work(_=None) -> None:
@@ -192,14 +195,13 @@ class MapSnapshot:
                     # (BLOCK_SIZE, F): a bf16 view of the stored bits (no copy), or the int8
                     # values widened to float32, their scale applied afterwards
                     F = stored.to(dtype) if int8 else stored.view(torch.bfloat16)
-                    torch.mm(F, Et, out=raw[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
+                    torch.mm(Et, F.T, out=raw[:, b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
 
         if threads:
             list(_product_pool(threads).map(work, range(threads)))
         else:
             work()
-        sims = torch.empty((len(E), len(raw)), dtype=torch.float32)
-        sims.copy_(raw.T)  # (T, n_slots): one transposing, widening pass
+        sims = raw if raw.dtype == torch.float32 else raw.to(torch.float32)  # (T, n_slots)
         out = np.take(sims.numpy(), self.slots, axis=1)  # (T, N), valid slots only
         out *= self._inv_clip_norm
         return out
