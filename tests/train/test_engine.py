@@ -298,8 +298,9 @@ def _fsdp2_resume_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    recipe = distil('run.steps=2', 'run.checkpoint_every=1', 'data.held_out=0',
-                    'batch.accumulation=1', 'optim.warmup_steps=0', 'run.parallelism=fsdp2')
+    recipe = distil('run.steps=2', 'run.checkpoint_every=1', 'data.held_out=0.25',
+                    'batch.accumulation=1', 'optim.warmup_steps=0', 'run.parallelism=fsdp2',
+                    'run.best_metric=eval/cos_clip')
     run_training(recipe, os.path.join(out, 'a'), teachers=teachers(), progress=False)
     run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), stop_at=1, progress=False)
     run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), resume='auto',
@@ -325,7 +326,8 @@ def _assert_equal_nested(a, b, where=''):
 @pytest.mark.slow
 def test_fsdp2_resume_is_bit_identical(tmp_path):
     """2 processes (gloo), FSDP2: stopped after step 1 and resumed, step 2 equals a straight
-    run's in the gathered model, the optimiser state, the schedule and every rank's RNG."""
+    run's in the gathered model, the optimiser state, the schedule and every rank's RNG; the
+    evaluation, pictures and exports see the whole model."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -336,6 +338,12 @@ def test_fsdp2_resume_is_bit_identical(tmp_path):
     assert len(a['model']) > 10 and len(a['optimizer']['state']) > 10
     for key in ('model', 'optimizer', 'scheduler', 'rng', 'match_generator'):
         _assert_equal_nested(a[key], b[key], key)
+    # rank 0 evaluated the gathered model (held-out figures, pictures, the best model)
+    rows = [json.loads(line) for line in (tmp_path / 'b' / 'metrics.jsonl').read_text()
+            .splitlines()]
+    assert any('eval/cos_clip' in r and 'eval/rot_vs_initial_deg' in r for r in rows)
+    assert (tmp_path / 'b' / 'pictures' / 'step_00000002.png').is_file()
+    assert json.loads((tmp_path / 'b' / 'best' / 'best.json').read_text())['step'] == 2
     straight = load_network(tmp_path / 'a' / 'export' / 'toy_cpu.safetensors')
     resumed = load_network(tmp_path / 'b' / 'export' / 'toy_cpu.safetensors')
     for k, v in straight.state_dict().items():
