@@ -384,3 +384,29 @@ def test_pictures_every_k_steps_into_the_run_tensorboard_and_model_card(tmp_path
     card = (tmp_path / 'export' / 'MODEL_CARD.md').read_text()
     assert '## Figures' in card and '| eval/cos_clip |' in card and '| total |' in card
     assert '![PCA](pca.png)' in card and (tmp_path / 'export' / 'pca.png').is_file()
+
+
+def test_eval_bags_are_checked_and_a_failed_sab3r_eval_does_not_stop_training(tmp_path,
+                                                                              monkeypatch,
+                                                                              caplog):
+    from ros2_sab3r.eval import cli as eval_cli
+    from ros2_sab3r.train.data import DataError
+
+    with pytest.raises(DataError, match='run.eval_bags: .*nowhere does not exist'):
+        Trainer(toy(f'run.eval_bags=[{tmp_path / "nowhere"}]'), tmp_path / 'x', progress=False)
+    bag = tmp_path / 'bag'
+    bag.mkdir()
+    calls = []
+
+    def failing_eval(argv):  # fault injection: sab3r-eval cannot align a young student
+        calls.append(argv)
+        raise ValueError('the alignment view has fewer than 10 pixels')
+
+    monkeypatch.setattr(eval_cli, 'main', failing_eval)
+    recipe = toy('run.steps=2', 'run.eval_every=1', f'run.eval_bags=[{bag}]',
+                 'run.eval_args=[--group-sizes, "2"]', 'batch.accumulation=1')
+    trainer = run_training(recipe, tmp_path / 'run', progress=False)
+    assert trainer.step == 2 and len(calls) == 2
+    assert calls[0][:2] == [str(bag), '--checkpoint'] and calls[0][-2:] == ['--group-sizes', '2']
+    assert 'sab3r-eval' in caplog.text and 'fewer than 10 pixels' in caplog.text
+    assert (tmp_path / 'run' / 'eval' / 'step_00000001' / 'bag0' / 'student.safetensors').is_file()
