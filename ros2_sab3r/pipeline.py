@@ -13,14 +13,15 @@ Order of work per frame (the one place where it is written down):
    they saw would be missing from the map), the frame becomes a keyframe: it is also decoded
    against the next most recent window keyframes, its pose and per-pair scales are refined
    jointly, and its pointmap is fused into the map.
-   Several cameras (told apart by ``CameraFrame.frame_id``): each is tracked against its own
-   latest keyframe. A camera without a keyframe in the window is placed through its static
-   extrinsics T_BC (:meth:`Pipeline.set_extrinsics`) and the body pose T_WB of the latest frame
-   of another camera with extrinsics (rigidly mounted cameras whose views need not overlap, e.g.
-   front and back; T_BC in metres, so the map must be metric, as MASt3R's pointmaps are),
-   otherwise it is registered to the latest keyframe of any camera (overlapping views). A frame
-   that can be neither is skipped, counted in :attr:`Pipeline.frames_unplaced` and its reason
-   says why.
+   Several cameras (told apart by ``CameraFrame.frame_id``): cameras with static extrinsics
+   T_BC (:meth:`Pipeline.set_extrinsics`; rigidly mounted, views need not overlap, e.g. front
+   and back) each follow their own keyframes, and one without a keyframe in the window is
+   placed at T_WB T_BC, T_WB the body pose of the latest frame of another such camera (T_BC in
+   metres: the map must be metric, as MASt3R's pointmaps are). Cameras without extrinsics share
+   one chain: each frame is registered to the latest keyframe of any camera (their views
+   overlap). A frame of a camera without a keyframe in the window that can be neither placed
+   nor registered is skipped, counted in :attr:`Pipeline.frames_unplaced` and its reason says
+   why.
 2. Posed mode (``'tf'``): the pose comes with the frame; a frame becomes a keyframe after enough
    motion, is decoded against recent keyframes only then, and each pair's scale is solved against
    the metric poses (the first keyframe's scale is fixed once the camera has moved).
@@ -406,70 +407,70 @@ class Pipeline:
         return StepResult(stamp_ns=frame.stamp_ns, status=StepStatus.KEYFRAME, reason=reason,
                           T_WC=kf.T_WC, keyframe_id=kf.keyframe_id, overlap=overlap)
 
-    def _place_camera(self, frame: CameraFrame, tokens, clock: StageClock) -> StepResult:
-        """Unposed mode, a camera without a keyframe in the window: the first keyframe of
-        the map, placed by extrinsics, registered to another camera's keyframe, or unplaced."""
-        cam = frame.frame_id
-        latest = self._window.latest()
-        if latest is None:
+    def _place_camera(self, frame: CameraFrame, tokens, clock: StageClock
+                      ) -> StepResult | None:
+        """Unposed mode, a camera without a keyframe in the window: the map's first keyframe,
+        or a keyframe placed by its extrinsics; None when neither applies (it is then
+        registered to the latest keyframe of any camera)."""
+        if self._window.latest() is None:
             pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
             kf = self._make_keyframe(frame, np.eye(4), pred.view1.X, pred.view1)
             self._insert(kf, tokens, clock)
             return self._keyframe_result(frame, kf, 'first keyframe')
-        T_BC = self._extrinsics.get(cam)
-        if T_BC is not None and self._T_WB is not None:
-            pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
-            kf = self._make_keyframe(frame, self._T_WB @ T_BC, pred.view1.X, pred.view1)
-            self._insert(kf, tokens, clock)
-            return self._keyframe_result(frame, kf, f'camera {cam!r} placed by its extrinsics')
-        g = self._cfg.geometry
-        kf_latest = latest.keyframe
-        try:
-            pred = self._decode(clock, tokens, latest.tokens, GEOMETRY_ONLY)
-            sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
-                            kf_latest.X, kf_latest.C, g)
-            depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
-            if sim.rmse > g.max_registration_rmse * depth:
-                raise RegistrationError(f'RMS {sim.rmse:.3f} m at depth {depth:.2f} m, above '
-                                        'geometry.max_registration_rmse')
-        except RegistrationError as exc:
-            self.frames_unplaced[cam] = self.frames_unplaced.get(cam, 0) + 1
-            why = ('it has extrinsics but no camera with extrinsics was placed yet'
-                   if T_BC is not None else 'it has no extrinsics (Pipeline.set_extrinsics)')
-            reason = (f'camera {cam!r} cannot be placed: {why}, and its view does not register '
-                      f'to keyframe {kf_latest.keyframe_id} of camera {kf_latest.frame_id!r} '
-                      f'({exc})')
-            n = self.frames_unplaced[cam]
-            if n == 1 or n % 100 == 0:
-                log.warning('%s; %d frames of it unplaced so far', reason, n)
-            return self._skipped(frame, reason)
-        T_WC = kf_latest.T_WC @ similarity_to_T(sim)
-        pred = self._with_features(clock, tokens, latest.tokens, pred)
-        kf = self._make_keyframe(frame, T_WC, sim.s * pred.view1.X, pred.view1)
+        T_BC = self._extrinsics.get(frame.frame_id)
+        if T_BC is None or self._T_WB is None:
+            return None
+        pred = self._decode(clock, tokens, tokens, VIEW1_FEATURES)
+        kf = self._make_keyframe(frame, self._T_WB @ T_BC, pred.view1.X, pred.view1)
         self._insert(kf, tokens, clock)
-        return self._keyframe_result(
-            frame, kf, f'camera {cam!r} registered to keyframe {kf_latest.keyframe_id} of '
-            f'camera {kf_latest.frame_id!r}')
+        return self._keyframe_result(frame, kf,
+                                     f'camera {frame.frame_id!r} placed by its extrinsics')
+
+    def _unplaced(self, frame: CameraFrame, kf: PosedKeyframe, exc: Exception) -> StepResult:
+        """A camera without keyframes whose frame does not register to the map: counted."""
+        cam = frame.frame_id
+        n = self.frames_unplaced[cam] = self.frames_unplaced.get(cam, 0) + 1
+        why = ('it has extrinsics but no camera with extrinsics was placed yet'
+               if cam in self._extrinsics else 'it has no extrinsics (Pipeline.set_extrinsics)')
+        reason = (f'camera {cam!r} cannot be placed: {why}, and its view does not register to '
+                  f'keyframe {kf.keyframe_id} of camera {kf.frame_id!r} ({exc})')
+        if n == 1 or n % 100 == 0:
+            log.warning('%s; %d frames of it unplaced so far', reason, n)
+        return self._skipped(frame, reason)
 
     def _step_unposed(self, frame: CameraFrame, clock: StageClock) -> StepResult:
         g = self._cfg.geometry
         tokens = self._encode(clock, frame)
         own = self._camera_keyframes(frame.frame_id)
-        if not own:
-            return self._place_camera(frame, tokens, clock)
-        latest = own[0]
+        if own and frame.frame_id in self._extrinsics:
+            # a rig camera follows its own keyframes: the others' views need not overlap
+            latest, partners = own[0], own
+        else:
+            placed = None if own else self._place_camera(frame, tokens, clock)
+            if placed is not None:
+                return placed
+            # the latest keyframes of any camera: one camera, or cameras whose views overlap
+            # (they share one chain of keyframes)
+            partners = self._window.recent(self._cfg.keyframes.pairs_per_keyframe)
+            latest = partners[0]
         pred = self._decode(clock, tokens, latest.tokens, GEOMETRY_ONLY)
         overlap = clock.run('match', overlap_ratio, pred.view1.D, pred.view2.D,
                               self._cfg.keyframes.match_stride, pred.view1.D_conf,
                               pred.view2.D_conf, g.min_confidence)
         kf_latest = latest.keyframe
-        sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
-                          kf_latest.X, kf_latest.C, g)
-        depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
-        if sim.rmse > g.max_registration_rmse * depth:
-            raise RegistrationError(
-                f'registration to keyframe {kf_latest.keyframe_id} is inconsistent (RMS '
-                f'{sim.rmse:.3f} m at depth {depth:.2f} m, above geometry.max_registration_rmse)')
+        try:
+            sim = clock.run('pose', register_to_keyframe, pred.view2.X, pred.view2.C,
+                            kf_latest.X, kf_latest.C, g)
+            depth = _median_depth(kf_latest.X, kf_latest.C, g.min_confidence)
+            if sim.rmse > g.max_registration_rmse * depth:
+                raise RegistrationError(
+                    f'registration to keyframe {kf_latest.keyframe_id} is inconsistent (RMS '
+                    f'{sim.rmse:.3f} m at depth {depth:.2f} m, above '
+                    'geometry.max_registration_rmse)')
+        except RegistrationError as exc:
+            if own:
+                raise
+            return self._unplaced(frame, kf_latest, exc)
         T_WC = kf_latest.T_WC @ similarity_to_T(sim)
         kc = self._cfg.keyframes
         if needs_keyframe_by_overlap(overlap, kc):
@@ -487,8 +488,7 @@ class Pipeline:
             why = f'unmapped {unmapped:.2f} > {kc.max_unmapped}'
         pred = self._with_features(clock, tokens, latest.tokens, pred)
         edges = [(kf_latest, pred.view2, sim.s)]
-        # the camera's own keyframes: another camera's view need not overlap this one
-        for other in own[1:self._cfg.keyframes.pairs_per_keyframe]:
+        for other in partners[1:self._cfg.keyframes.pairs_per_keyframe]:
             p = self._decode(clock, tokens, other.tokens, GEOMETRY_ONLY)
             try:
                 s = clock.run('pose', register_to_keyframe, p.view2.X, p.view2.C,

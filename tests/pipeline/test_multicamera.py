@@ -116,7 +116,7 @@ def test_overlapping_second_camera_is_registered(rig, scene, text_encoder):
     pipeline = make_pipeline(backend, text_encoder, posed=False)
     pipeline.step(front[0].camera_frame(frame_id='front'))
     r = pipeline.step(front[1].camera_frame(frame_id='side'))
-    assert r.is_keyframe and 'registered to keyframe 0' in r.reason, r.reason
+    assert r.status == 'tracked', r.reason  # against the front camera's keyframe
     T_gt = np.linalg.inv(front[0].T_WC) @ front[1].T_WC
     assert np.linalg.norm(r.T_WC[:3, 3] - T_gt[:3, 3]) < 0.05
     assert pipeline.frames_unplaced == {}
