@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import pathlib
+import sys
 import threading
 import time
 import traceback
@@ -250,6 +251,9 @@ class PerceptionNode(LifecycleNode):
         try:
             return body(state)
         except Exception as err:  # noqa: BLE001  the reason must reach the log
+            if not self.context.ok():  # SIGINT/SIGTERM mid-transition: not the node's fault
+                self.get_logger().info(f'{name} interrupted: the process is shutting down')
+                return TransitionCallbackReturn.ERROR
             self.get_logger().error(
                 f'{name} failed: {type(err).__name__}: {err}\n'
                 + ''.join(traceback.format_exception(err)).rstrip())
@@ -932,37 +936,61 @@ class RosLogHandler(logging.Handler):
 
 
 def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM or its shutdown transition; 0 on a clean end.
+
+    rclpy's signal handler shuts the context down from another thread, so a signal can land
+    while the node is being built or a transition runs: whatever then fails on the shut-down
+    context (RCLError 'context is invalid') is the signal's doing and ends the process cleanly,
+    like a signal during spin (seen: exit 1 with a traceback from a SIGINT during start-up).
+    """
     rclpy.init(args=args)
-    node = PerceptionNode()
-    library_log = logging.getLogger('ros2_sab3r')
-    library_log.addHandler(RosLogHandler(node))
-    library_log.setLevel(logging.DEBUG if node.get_logger().is_enabled_for(
-        LoggingSeverity.DEBUG) else logging.INFO)
-    library_log.propagate = False  # printed once, by the ROS logger
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
+    node: PerceptionNode | None = None
+    executor: MultiThreadedExecutor | None = None
     try:
+        node = PerceptionNode()
+        library_log = logging.getLogger('ros2_sab3r')
+        library_log.addHandler(RosLogHandler(node))
+        library_log.setLevel(logging.DEBUG if node.get_logger().is_enabled_for(
+            LoggingSeverity.DEBUG) else logging.INFO)
+        library_log.propagate = False  # printed once, by the ROS logger
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
         if node.get_parameter('node.autostart').value:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().error(
-                    'autostart: configure failed (reason above); the node is '
-                    f'{node._state_machine.current_state[1]}, fix the parameters and configure')
-            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().error(
-                    'autostart: activate failed (reason above); the node is '
-                    f'{node._state_machine.current_state[1]}')
+            _autostart(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception as err:
+        if rclpy.ok():
+            raise  # a real failure: its traceback and exit status 1
+        print(f'[{NODE_NAME}] interrupted while starting or stopping ({type(err).__name__}: '
+              f'{err}); the process ends', file=sys.stderr, flush=True)
     finally:
         # The pipeline worker must finish its frame before the interpreter tears down: a daemon
         # thread still inside numpy/torch at exit can crash the process (seen: SIGSEGV on SIGINT
         # during a slow decode).
-        node._stop_worker()
-        executor.shutdown()
-        node.destroy_node()
+        if node is not None:
+            node._stop_worker()
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def _autostart(node: PerceptionNode) -> None:
+    """node.autostart: configure and activate; a failure says where it left the node (nothing
+    to say when a signal stopped the start)."""
+    for name, trigger in (('configure', node.trigger_configure),
+                          ('activate', node.trigger_activate)):
+        if trigger() != TransitionCallbackReturn.SUCCESS:
+            if node.context.ok():
+                hint = ', fix the parameters and configure' if name == 'configure' else ''
+                node.get_logger().error(
+                    f'autostart: {name} failed (reason above); the node is '
+                    f'{node._state_machine.current_state[1]}{hint}')
+            return
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ Python log lines (pipeline, mapping) reach /rosout.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -27,6 +28,9 @@ from .rosgraph import NodeProcess, call, spin_until
 from .test_node_parameters import param_set, state_of, transition
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+# PYTHONPATH entry whose sitecustomize.py sends the node's process SIGINT mid-start-up.
+SIGNAL_FAULT_HOOK = Path(__file__).parent / 'signal_fault'
 
 SCENE = 'seed=0,frames=6,width=160,height=120'
 
@@ -46,6 +50,26 @@ def test_shutdown_ends_the_process(ros_node, tmp_path):
     finally:
         node_proc.stop()
     assert 'the process ends' in node_proc.log()
+
+
+@pytest.mark.parametrize('at', ['node', 'activate'])
+def test_sigint_during_start_up_ends_the_process_cleanly(tmp_path, at):
+    """rclpy's signal handler shuts the context down from another thread: a SIGINT while the
+    node is built or activated made the next rclpy call fail (exit 1 with an RCLError
+    traceback while building; 'activate failed' with a traceback while activating). The hook
+    in tests/ros/signal_fault/ sends the signal at that point every time (test double)."""
+    env = {'SAB3R_TEST_SIGINT_AT': at,
+           'PYTHONPATH': os.pathsep.join(filter(None, [str(SIGNAL_FAULT_HOOK),
+                                                       os.environ.get('PYTHONPATH')]))}
+    node_proc = NodeProcess(tmp_path, robust._overlay(SCENE), env=env)
+    try:
+        node_proc.proc.wait(60)  # it ends by itself
+    finally:
+        rc = node_proc.stop()
+    log = node_proc.log()
+    assert rc == 0 and 'Traceback' not in log and 'failed' not in log, log
+    assert ('interrupted while starting' in log if at == 'node'
+            else 'activate interrupted: the process is shutting down' in log), log
 
 
 def test_an_empty_camera_list_fails_configure_with_the_reason(ros_node, tmp_path):

@@ -1,0 +1,49 @@
+"""Signal injection for the node under test, loaded through PYTHONPATH by its process only.
+
+With ``SAB3R_TEST_SIGINT_AT=node`` the process sends itself SIGINT as the lifecycle node is
+being built, with ``activate`` as activation loads the model, and waits until rclpy's signal
+handler has shut the context down before going on: a signal landing mid-start-up, every time,
+whatever the machine's speed (test double). The KeyboardInterrupt Python raises for it is held
+back: when it comes in time main() handles it already; the case tested is the one seen, where
+the shut-down context makes the next rclpy call fail first (RCLError 'context is invalid').
+"""
+
+import os
+
+_AT = os.environ.get('SAB3R_TEST_SIGINT_AT')
+
+if _AT:
+    import functools
+    import signal
+    import time
+
+    def _interrupt_then(fn):
+        @functools.wraps(fn)
+        def interrupted(*args, **kwargs):
+            import rclpy
+
+            deadline = time.monotonic() + 10.0
+            interrupted = False
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # Python raises it right here, or soon
+            except KeyboardInterrupt:
+                interrupted = True
+            while (rclpy.ok() or not interrupted) and time.monotonic() < deadline:
+                try:
+                    time.sleep(0.01)
+                except KeyboardInterrupt:
+                    interrupted = True
+            return fn(*args, **kwargs)
+        return interrupted
+
+    if _AT == 'node':
+        from rclpy.lifecycle import node as _lifecycle
+
+        _lifecycle.LifecycleNodeMixin.__init__ = _interrupt_then(
+            _lifecycle.LifecycleNodeMixin.__init__)
+    elif _AT == 'activate':
+        from ros2_sab3r.inference import factory as _factory
+
+        _factory.load_model = _interrupt_then(_factory.load_model)
+    else:
+        raise ValueError(f'SAB3R_TEST_SIGINT_AT={_AT!r}: expected node or activate')
