@@ -172,7 +172,12 @@ class CoverageGrid:
 
     def add(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float) -> None:
         """Cover the cells of the confident points X (H, W, 3) (camera frame, map scale)."""
-        self._keys = np.union1d(self._keys, self._cell_keys(T_WC, X, C, min_conf))
+        new = np.unique(self._cell_keys(T_WC, X, C, min_conf))
+        pos = np.searchsorted(self._keys, new)
+        known = self._keys[np.minimum(pos, len(self._keys) - 1)] == new if len(self._keys) else \
+            np.zeros(len(new), bool)
+        # one copy of the array (np.union1d sorted all of it again: ~100 ms at 250k cells)
+        self._keys = np.insert(self._keys, pos[~known], new[~known])
 
     def unmapped_share(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float,
                        scale: float = 1.0) -> float:
