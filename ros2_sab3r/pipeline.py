@@ -151,16 +151,24 @@ def _median_depth(X: np.ndarray, C: np.ndarray, min_conf: float) -> float:
 
 class CoverageGrid:
     """Where keyframes have seen: the set of cells (`cell` wide, map units) holding a keyframe
-    point. A sorted int64 key array: lookups by searchsorted, one merge per keyframe.
+    point. A sorted int64 key array: lookups by searchsorted, one merge per keyframe. At most
+    `max_cells` cells (the map's voxel bound): past it, the cells covered longest ago are
+    forgotten, as the map evicts its least recently seen voxels.
 
     Cells twice the map's voxel, points every `stride`-th pixel: a surface seen again with
     pointmap noise of a fraction of a voxel still falls into cells already covered.
     """
 
-    def __init__(self, cell: float, stride: int = 4) -> None:
+    def __init__(self, cell: float, max_cells: int, stride: int = 4) -> None:
         self.cell = float(cell)
+        self.max_cells = int(max_cells)
         self.stride = int(stride)
         self._keys = np.zeros(0, np.int64)
+        self._added = np.zeros(0, np.int64)  # per cell: the add() that last covered it
+        self._adds = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def _cell_keys(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float,
                    scale: float = 1.0) -> np.ndarray:
@@ -170,14 +178,26 @@ class CoverageGrid:
         ijk = np.floor(apply(T_WC, scale * Xs[ok].astype(np.float64)) / self.cell)
         return pack_keys(ijk[(np.abs(ijk) < KEY_OFFSET - 2).all(-1)])
 
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(insert positions, covered mask) of sorted `keys`."""
+        pos = np.searchsorted(self._keys, keys)
+        if not len(self._keys):
+            return pos, np.zeros(len(keys), bool)
+        return pos, self._keys[np.minimum(pos, len(self._keys) - 1)] == keys
+
     def add(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float) -> None:
         """Cover the cells of the confident points X (H, W, 3) (camera frame, map scale)."""
+        self._adds += 1
         new = np.unique(self._cell_keys(T_WC, X, C, min_conf))
-        pos = np.searchsorted(self._keys, new)
-        known = self._keys[np.minimum(pos, len(self._keys) - 1)] == new if len(self._keys) else \
-            np.zeros(len(new), bool)
-        # one copy of the array (np.union1d sorted all of it again: ~100 ms at 250k cells)
+        pos, known = self._find(new)
+        self._added[pos[known]] = self._adds
+        # one copy of the arrays (np.union1d sorted all of it again: ~100 ms at 250k cells)
         self._keys = np.insert(self._keys, pos[~known], new[~known])
+        self._added = np.insert(self._added, pos[~known], self._adds)
+        excess = len(self._keys) - self.max_cells
+        if excess > 0:
+            keep = np.sort(np.argpartition(self._added, excess)[excess:])
+            self._keys, self._added = self._keys[keep], self._added[keep]
 
     def unmapped_share(self, T_WC: np.ndarray, X: np.ndarray, C: np.ndarray, min_conf: float,
                        scale: float = 1.0) -> float:
@@ -186,12 +206,12 @@ class CoverageGrid:
         keys = self._cell_keys(T_WC, X, C, min_conf, scale)
         if not len(keys):
             return 0.0
-        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        covered = self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), bool)
-        return float(1.0 - covered.mean())
+        return float(1.0 - self._find(keys)[1].mean())
 
     def clear(self) -> None:
         self._keys = np.zeros(0, np.int64)
+        self._added = np.zeros(0, np.int64)
+        self._adds = 0
 
 
 class Pipeline:
@@ -208,7 +228,8 @@ class Pipeline:
         self._posed = self._cfg.frames.pose_source == 'tf'
         self._window = KeyframeWindow(self._cfg.keyframes.window_size)
         self._map = self._new_map()
-        self._coverage = CoverageGrid(2.0 * self._cfg.mapping.voxel_size_m)
+        self._coverage = CoverageGrid(2.0 * self._cfg.mapping.voxel_size_m,
+                                      self._cfg.mapping.max_voxels)
         self._query = QueryEngine(self._cfg.query, text_encoder)
         self._write_lock = threading.RLock()  # one writer at a time: step, reset, load
         self._extrinsics: dict[str, np.ndarray] = {}  # frame_id -> (4, 4) T_BC

@@ -16,7 +16,7 @@ from tests.pipeline.conftest import make_backend, make_pipeline, run
 
 @pytest.mark.unit
 def test_coverage_grid_counts_points_outside_covered_cells():
-    grid = CoverageGrid(0.1, stride=1)
+    grid = CoverageGrid(0.1, max_cells=100, stride=1)
     X = np.zeros((4, 4, 3), np.float32)
     X[..., 0] = np.arange(4)[None, :] * 0.1 + 0.05  # four cells along x
     X[..., 2] = 1.0
@@ -38,6 +38,25 @@ def test_coverage_grid_counts_points_outside_covered_cells():
     assert grid.unmapped_share(T, X, low, 1.5) == pytest.approx(1.0)
     grid.clear()
     assert grid.unmapped_share(T, X, C, 1.5) == 1.0
+
+
+@pytest.mark.unit
+def test_coverage_grid_is_bounded_and_forgets_the_oldest_cells():
+    grid = CoverageGrid(1.0, max_cells=5, stride=1)
+    C = np.full((1, 3), 3.0, np.float32)
+    T = np.eye(4)
+
+    def row(*xs):
+        return np.array([[[x + 0.5, 0.5, 0.5] for x in xs]], np.float32)
+
+    grid.add(T, row(0, 1, 2), C, 1.5)
+    grid.add(T, row(3, 4, 5), C, 1.5)  # 6 cells > 5: the oldest (an x of 0..2) goes
+    assert len(grid) == 5
+    assert grid.unmapped_share(T, row(3, 4, 5), C, 1.5) == 0.0
+    grid.add(T, row(0, 1, 2), C, 1.5)  # seen again: the newest; one of 3..5 (older) goes
+    assert len(grid) == 5
+    assert grid.unmapped_share(T, row(0, 1, 2), C, 1.5) == 0.0
+    assert grid.unmapped_share(T, row(3, 4, 5), C, 1.5) == pytest.approx(1 / 3)
 
 
 def _worst_unmapped_share(pipeline, results, frames) -> float:
