@@ -11,6 +11,9 @@ gone; cleanup = everything released.
 
 from __future__ import annotations
 
+# First: a SIGINT during the imports below must not be lost (ros2_sab3r/ros/signals.py).
+from ros2_sab3r.ros import signals  # isort: split
+
 from dataclasses import replace
 import functools
 import logging
@@ -943,6 +946,10 @@ def main(args: list[str] | None = None) -> int:
     context (RCLError 'context is invalid') is the signal's doing and ends the process cleanly,
     like a signal during spin (seen: exit 1 with a traceback from a SIGINT during start-up).
     """
+    if signals.received():  # during the imports, where Python may have lost the interrupt
+        print(f'[{NODE_NAME}] interrupted while starting; the process ends', file=sys.stderr,
+              flush=True)
+        return 0
     rclpy.init(args=args)
     node: PerceptionNode | None = None
     executor: MultiThreadedExecutor | None = None

@@ -1,7 +1,8 @@
 """Signal injection for the node under test, loaded through PYTHONPATH by its process only.
 
 With ``SAB3R_TEST_SIGINT_AT=node`` the process sends itself SIGINT as the lifecycle node is
-being built, with ``activate`` as activation loads the model, and waits until rclpy's signal
+being built, with ``activate`` as activation loads the model (with ``import``: see
+_InterruptedImport), and waits until rclpy's signal
 handler has shut the context down before going on: a signal landing mid-start-up, every time,
 whatever the machine's speed (test double). The KeyboardInterrupt Python raises for it is held
 back: when it comes in time main() handles it already; the case tested is the one seen, where
@@ -45,5 +46,24 @@ if _AT:
         from ros2_sab3r.inference import factory as _factory
 
         _factory.load_model = _interrupt_then(_factory.load_model)
+    elif _AT == 'import':
+        import importlib.abc
+        import sys
+
+        class _InterruptedImport(importlib.abc.MetaPathFinder):
+            """SIGINT as the node's imports reach scipy.spatial, its KeyboardInterrupt lost
+            there, as C code that probes and clears errors lost it (seen)."""
+
+            def find_spec(self, name, path, target=None):
+                if name == 'scipy.spatial':
+                    sys.meta_path.remove(self)
+                    try:
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.05)
+                    except KeyboardInterrupt:
+                        pass
+                return None
+
+        sys.meta_path.insert(0, _InterruptedImport())
     else:
-        raise ValueError(f'SAB3R_TEST_SIGINT_AT={_AT!r}: expected node or activate')
+        raise ValueError(f'SAB3R_TEST_SIGINT_AT={_AT!r}: expected node, activate or import')
