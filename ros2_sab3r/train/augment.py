@@ -12,11 +12,15 @@ intrinsics by the same affine map::
 
 The crop is ONE array: the student and the teachers are given the same pixels (the student in
 [-1, 1], the teachers in [0, 1]); colour jitter is applied to that array before either sees it.
+
+Reproduction only (``teachers.<head>.uncropped_input``): :func:`plan_principal_crop` is our
+analogue of the official reader's view (cover rescale, crop centred on the principal point), which
+the official teachers saw instead of the student's random crop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -90,6 +94,22 @@ def plan_crop(source: tuple[int, int], size: tuple[int, int], scale_factor: floa
     else:
         offset = (int(rng.integers(0, room[0] + 1)), int(rng.integers(0, room[1] + 1)))
     return CropTransform(source=tuple(source), resized=resized, offset=offset, size=tuple(size))
+
+
+def plan_principal_crop(source: tuple[int, int], size: tuple[int, int],
+                        K: np.ndarray | None = None) -> CropTransform:
+    """The official reader's view of a ``source`` (H, W) image: cover scale, no random factor,
+    a ``size`` crop centred on the principal point of ``K`` (clamped into the image; the image
+    centre without ``K``). Its pixels are what the official teachers saw (see data.py)."""
+    crop = plan_crop(source, size)
+    if K is None:
+        return crop
+    sy, sx = crop.scale
+    (h, w), (rh, rw) = size, crop.resized
+    cx, cy = (K[0, 2] + 0.5) * sx - 0.5, (K[1, 2] + 0.5) * sy - 0.5  # in the resized image
+    x0 = int(np.clip(round(cx - (w - 1) / 2), 0, rw - w))
+    y0 = int(np.clip(round(cy - (h - 1) / 2), 0, rh - h))
+    return replace(crop, offset=(y0, x0))
 
 
 def color_jitter(rgb: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:

@@ -24,7 +24,7 @@ only needs ``s`` (no loader state), and every rank draws disjoint samples.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import logging
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ros2_sab3r.sim.synthetic import backproject, make_scene
-from ros2_sab3r.train.augment import color_jitter, plan_crop
+from ros2_sab3r.train.augment import color_jitter, plan_crop, plan_principal_crop
 from ros2_sab3r.train.losses import PairTargets, ViewTargets
 from ros2_sab3r.train.recipe import DataSection, DataSource
 
@@ -198,7 +198,7 @@ def select_pairs(scenes: Sequence[SceneViews], min_overlap: float, max_overlap: 
 class TrainingPair:
     """One augmented pair in the crops' pixels (numpy; :func:`collate` makes tensors)."""
 
-    rgb1: np.ndarray  # (h, w, 3) uint8: the crop the student AND the teachers see
+    rgb1: np.ndarray  # (h, w, 3) uint8: the crop the student AND the teachers see (by default)
     rgb2: np.ndarray
     K1: np.ndarray | None  # (3, 3) of the crops
     K2: np.ndarray | None
@@ -211,6 +211,22 @@ class TrainingPair:
     corres_valid: np.ndarray  # (N,) bool
     is_metric: bool
     has_geometry: bool
+    # Reproduction only (teachers.<head>.uncropped_input): the official teachers' view, else None
+    teacher1: np.ndarray | None = None  # (h, w, 3) uint8, see :func:`teacher_view`
+    teacher2: np.ndarray | None = None
+
+
+def teacher_view(view: View, data: DataSection) -> np.ndarray:
+    """The image the official teachers saw (reproduction only, ``uncropped_input``).
+
+    The official reader made the view at the training resolution (Lanczos cover rescale, crop
+    centred on the principal point) and the teacher inputs from it at once, with their own
+    ToTensor + ImageNet normalisation; MASt3R's random crop (our ``scale_range`` factor and
+    random offset) and the colour jitter of the dataset transform came after, on the student's
+    image only. So this is :func:`.augment.plan_principal_crop` of the source, without jitter:
+    its pixels do not correspond to the student's (as in the official trainer).
+    """
+    return plan_principal_crop(view.rgb.shape[:2], data.resolution, view.K).image(view.rgb)
 
 
 def _crop_view(view: View, data: DataSection, rng: np.random.Generator):
@@ -248,8 +264,17 @@ def sample_correspondences(X1: np.ndarray, valid1: np.ndarray, depth2: np.ndarra
 
 
 def make_pair(view1: View, view2: View, data: DataSection, rng: np.random.Generator,
-              is_metric: bool = True) -> TrainingPair:
-    """Crop both views (one draw each) and compute the pair's ground truth in the crops."""
+              is_metric: bool = True, teacher_views: bool = False) -> TrainingPair:
+    """Crop both views (one draw each) and compute the pair's ground truth in the crops;
+    ``teacher_views`` adds :func:`teacher_view` of each (draws nothing from ``rng``)."""
+    pair = _make_pair(view1, view2, data, rng, is_metric)
+    if not teacher_views:
+        return pair
+    return replace(pair, teacher1=teacher_view(view1, data), teacher2=teacher_view(view2, data))
+
+
+def _make_pair(view1: View, view2: View, data: DataSection, rng: np.random.Generator,
+               is_metric: bool) -> TrainingPair:
     rgb1, K1, depth1 = _crop_view(view1, data, rng)
     rgb2, K2, depth2 = _crop_view(view2, data, rng)
     h, w = data.resolution
@@ -299,7 +324,8 @@ class PairDataset(torch.utils.data.Dataset):
     """Item k is global sample k (see :class:`PairStream`); deterministic in (seed, k)."""
 
     def __init__(self, scenes: Sequence[SceneViews], pairs: Sequence[PairSpec],
-                 data: DataSection, seed: int, symmetrise: bool = True) -> None:
+                 data: DataSection, seed: int, symmetrise: bool = True,
+                 teacher_views: bool = False) -> None:
         if not pairs:
             raise DataError('no training pairs: the sources gave no view pairs with '
                             f'co-visibility in [{data.min_overlap}, {data.max_overlap}] '
@@ -308,6 +334,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.pairs = list(pairs)
         self.data = data
         self.seed = seed
+        self.teacher_views = teacher_views  # reproduction only: see :func:`teacher_view`
         self.stream = PairStream(len(pairs), seed, symmetrise)
 
     def __len__(self) -> int:
@@ -319,7 +346,7 @@ class PairDataset(torch.utils.data.Dataset):
         scene = self.scenes[spec.scene]
         rng = np.random.default_rng([self.seed, 1, key])
         pair = make_pair(scene.views[spec.first], scene.views[spec.second], self.data, rng,
-                         scene.is_metric)
+                         scene.is_metric, self.teacher_views)
         return swap_views(pair, scene.views[spec.first], scene.views[spec.second]) \
             if swapped else pair
 
@@ -329,7 +356,8 @@ def swap_views(pair: TrainingPair, view1: View, view2: View) -> TrainingPair:
     if not pair.has_geometry:
         return TrainingPair(pair.rgb2, pair.rgb1, pair.K2, pair.K1, pair.X2, pair.X1,
                             pair.valid2, pair.valid1, pair.corres2, pair.corres1,
-                            pair.corres_valid, pair.is_metric, False)
+                            pair.corres_valid, pair.is_metric, False, pair.teacher2,
+                            pair.teacher1)
     T_C2C1 = relative_pose(view2.T_WC, view1.T_WC)
 
     def moved(X, valid):
@@ -338,7 +366,8 @@ def swap_views(pair: TrainingPair, view1: View, view2: View) -> TrainingPair:
 
     return TrainingPair(pair.rgb2, pair.rgb1, pair.K2, pair.K1, moved(pair.X2, pair.valid2),
                         moved(pair.X1, pair.valid1), pair.valid2, pair.valid1, pair.corres2,
-                        pair.corres1, pair.corres_valid, pair.is_metric, True)
+                        pair.corres1, pair.corres_valid, pair.is_metric, True, pair.teacher2,
+                        pair.teacher1)
 
 
 @dataclass(frozen=True)
@@ -349,6 +378,8 @@ class Batch:
     img2: torch.Tensor
     targets: PairTargets
     has_geometry: torch.Tensor  # (B,) bool
+    teacher1: torch.Tensor | None = None  # reproduction only: :func:`teacher_view`, [0, 1]
+    teacher2: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t):
@@ -358,7 +389,8 @@ class Batch:
         views = [ViewTargets(move(v.pts3d), move(v.valid)) for v in (t.view1, t.view2)]
         targets = PairTargets(views[0], views[1], move(t.is_metric), move(t.corres1),
                               move(t.corres2), move(t.corres_valid))
-        return Batch(move(self.img1), move(self.img2), targets, move(self.has_geometry))
+        return Batch(move(self.img1), move(self.img2), targets, move(self.has_geometry),
+                     move(self.teacher1), move(self.teacher2))
 
 
 def student_input(images: torch.Tensor) -> torch.Tensor:
@@ -379,8 +411,11 @@ def collate(pairs: Sequence[TrainingPair]) -> Batch:
     view2 = ViewTargets(stack('X2'), stack('valid2'))
     targets = PairTargets(view1, view2, torch.tensor([p.is_metric for p in pairs]),
                           stack('corres1'), stack('corres2'), stack('corres_valid'))
+    teachers = all(p.teacher1 is not None for p in pairs)
     return Batch(stack('rgb1', image_tensor), stack('rgb2', image_tensor), targets,
-                 torch.tensor([p.has_geometry for p in pairs]))
+                 torch.tensor([p.has_geometry for p in pairs]),
+                 stack('teacher1', image_tensor) if teachers else None,
+                 stack('teacher2', image_tensor) if teachers else None)
 
 
 def split_held_out(pairs: Sequence[PairSpec], share: float, seed: int

@@ -72,7 +72,7 @@ from ros2_sab3r.train.losses import (
     sab3r_loss,
 )
 from ros2_sab3r.train.recipe import FEATURE_TEACHERS, Recipe, dump_recipe
-from ros2_sab3r.train.teachers import TeacherConfig, build_teacher
+from ros2_sab3r.train.teachers import TeacherConfig, build_teacher, teacher_image
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +316,15 @@ class Trainer:
         pairs = select_pairs(self.scenes, recipe.data.min_overlap, recipe.data.max_overlap)
         train_pairs, self.held_out_pairs = split_held_out(pairs, recipe.data.held_out,
                                                           recipe.run.seed)
+        self.teacher_cfgs = teacher_configs(recipe)
+        uncropped = sorted(h for h, c in self.teacher_cfgs.items() if c.uncropped_input)
+        if uncropped and self.info.main:
+            logger.warning('teachers.%s.uncropped_input: REPRODUCTION ONLY, the teachers see the '
+                           "official reader's centred view, not the student's random crop "
+                           '(targets not aligned with its pixels); held-out figures stay aligned',
+                           '/'.join(uncropped))
         self.dataset = PairDataset(self.scenes, train_pairs, recipe.data, recipe.run.seed,
-                                   recipe.batch.symmetrise)
+                                   recipe.batch.symmetrise, teacher_views=bool(uncropped))
         self.guard = self._geometry_guard(self.scenes)
         for bag in recipe.run.eval_bags:
             if not Path(bag).expanduser().exists():
@@ -412,7 +419,10 @@ class Trainer:
         maps: dict[str, list[torch.Tensor | None]] = {h: [None, None] for h in FEATURE_HEADS}
         for head, teacher in self.teachers.items():
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                maps[head] = [teacher(img.float()).float() for img in (batch.img1, batch.img2)]
+                cfg = self.teacher_cfgs[head]
+                maps[head] = [teacher(teacher_image(img, seen, cfg).float()).float()
+                              for img, seen in ((batch.img1, batch.teacher1),
+                                                (batch.img2, batch.teacher2))]
         views = []
         for v, view in enumerate((t.view1, t.view2)):
             views.append(ViewTargets(view.pts3d, view.valid, None, maps['clip'][v],

@@ -71,7 +71,7 @@ class TeacherSection:
     upsampler_weights: str = ''  # FeatUp JBU checkpoint (jbu only)
     chunk_pixels: int = 65536  # JBU band size in output pixels (memory)
     upsampler_dropout: bool = False  # reproduction only: the official trainer's active dropout
-    uncropped_input: bool = False  # reproduction only (not supported by sab3r-train's data yet)
+    uncropped_input: bool = False  # reproduction only: teacher sees the centred view, not the crop
 
     def validate(self, key: str) -> None:
         _check(self.kind in TEACHERS, f'{key}.kind', f'{self.kind!r} is not one of {TEACHERS}')
@@ -82,8 +82,6 @@ class TeacherSection:
         _check(self.upsampler != 'jbu' or bool(self.upsampler_weights),
                f'{key}.upsampler_weights', 'the jbu upsampler needs its FeatUp checkpoint')
         _check(self.chunk_pixels >= 1, f'{key}.chunk_pixels', 'must be >= 1')
-        _check(not self.uncropped_input, f'{key}.uncropped_input', 'the data pipeline keeps no '
-               'uncropped view yet; the teachers always see the student crop (set false)')
 
 
 @dataclass(frozen=True)

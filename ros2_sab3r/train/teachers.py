@@ -117,7 +117,8 @@ def teacher_image(crop: torch.Tensor, uncropped: torch.Tensor | None,
     """The image a teacher is shown: the student's crop, or (reproduction) the uncropped view.
 
     Both (B, 3, H, W) in [0, 1] of the same size (the official pipeline took the teacher image
-    after the resize to the training resolution, before the homography crop).
+    after the resize to the training resolution, before the homography crop); the uncropped
+    view is :func:`ros2_sab3r.train.data.teacher_view`.
     """
     if not config.uncropped_input:
         return crop

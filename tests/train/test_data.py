@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from ros2_sab3r.eval.bag import GroundTruthBagWriter
 from ros2_sab3r.sim.synthetic import make_scene
@@ -14,10 +15,12 @@ from ros2_sab3r.train.augment import plan_crop
 from ros2_sab3r.train.data import (
     DataError,
     PairDataset,
+    View,
     collate,
     load_source,
     make_pair,
     select_pairs,
+    teacher_view,
 )
 from ros2_sab3r.train.recipe import DataSection, DataSource
 
@@ -162,3 +165,48 @@ def test_views_without_geometry_carry_none(scene_bag, tmp_path):
         load_source(DataSource(kind='bag', path=str(tmp_path / 'nope')))
     with pytest.raises(DataError, match='no training pairs'):
         PairDataset([scene], [], _data(), seed=0)
+
+
+@pytest.mark.parametrize('cy, y0', [(35.5, 12), (45.0, 22), (60.0, 24), (5.0, 0)])
+def test_uncropped_teacher_view_is_centred_on_the_principal_point(cy, y0):
+    """Reproduction only: the official teachers' view is the source at the cover scale (here
+    1, so a plain window), centred on the principal point and clamped into the image."""
+    (frame,) = make_scene(2).sequence(1, width=SRC_HW[1], height=SRC_HW[0])
+    K = frame.K.copy()
+    K[1, 2] = cy
+    view = View(frame.rgb, K, None, None)
+    seen = teacher_view(view, _data())
+    np.testing.assert_array_equal(seen, frame.rgb[y0:y0 + NET_HW[0]])
+    if 23.5 <= cy <= SRC_HW[0] - 24.5:  # not clamped: the crop's centre is the principal point
+        assert abs(y0 + (NET_HW[0] - 1) / 2 - cy) <= 0.5
+    no_k = teacher_view(View(frame.rgb, None, None, None), _data())
+    np.testing.assert_array_equal(no_k, frame.rgb[12:12 + NET_HW[0]])  # the image centre
+
+
+def test_uncropped_teacher_views_differ_from_the_random_student_crop():
+    source = DataSource(frames=6, render_size=(48, 64))
+    scene = load_source(source)
+    data = _data(sources=(source,), resolution=(32, 48), scale_range=(1.0, 1.5),
+                 color_jitter=0.3)
+    pairs = select_pairs([scene], data.min_overlap, data.max_overlap)
+    plain = PairDataset([scene], pairs, data, seed=4)
+    official = PairDataset([scene], pairs, data, seed=4, teacher_views=True)
+    assert plain[6].teacher1 is None and collate([plain[6]]).teacher1 is None
+    differ = 0
+    for k in range(8):
+        a, b = plain[k], official[k]
+        np.testing.assert_array_equal(b.rgb1, a.rgb1)  # the student keeps its random crop
+        np.testing.assert_array_equal(b.X2, a.X2)
+        index, swapped, _ = official.stream.pair_of(k)
+        spec = pairs[index]
+        first, second = scene.views[spec.first], scene.views[spec.second]
+        if swapped:
+            first, second = second, first
+        centred = plan_crop(first.rgb.shape[:2], (32, 48))  # principal point = image centre
+        np.testing.assert_array_equal(b.teacher1, centred.image(first.rgb))  # no jitter
+        np.testing.assert_array_equal(b.teacher2, teacher_view(second, data))
+        differ += not np.array_equal(b.teacher1, b.rgb1)
+    assert differ == 8
+    batch = collate([official[6], official[7]])
+    assert batch.teacher1.shape == batch.img1.shape == (2, 3, 32, 48)
+    assert torch.equal(batch.teacher1[1], batch.teacher2[0])  # symmetrised: views swapped

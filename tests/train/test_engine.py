@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ros2_sab3r.model.checkpoint import load_network
 from ros2_sab3r.model.preprocess import u8_to_tensor
 from ros2_sab3r.train import checkpoint as train_checkpoint
+from ros2_sab3r.train.augment import plan_crop
 from ros2_sab3r.train.checkpoint import (
     TrainingCheckpointError,
     complete_checkpoints,
@@ -97,6 +98,26 @@ def test_teachers_see_exactly_the_student_pixels(tmp_path):
     assert torch.equal(seen[1][0], image_tensor(pair.rgb2))
     # ... and the student was given the same crop as the official ToTensor + Normalize(0.5)
     assert torch.equal(student_input(seen[0][:1]), u8_to_tensor(pair.rgb1))
+
+
+def test_uncropped_input_shows_the_teachers_the_centred_view_not_the_crop(tmp_path, caplog):
+    """Reproduction only: the teachers see the official reader's centred view, the student its
+    random crop (the toy data's frames have the principal point at the image centre)."""
+    with caplog.at_level('WARNING', logger='ros2_sab3r.train.engine'):
+        trainer = Trainer(distil('run.steps=1', 'teachers.clip.uncropped_input=true',
+                                 'data.scale_range=[1.2, 1.5]'),
+                          tmp_path, teachers=teachers(record=True), progress=False)
+    assert sum('REPRODUCTION ONLY' in r.getMessage() for r in caplog.records) == 1
+    k = trainer.sample_indices(0, 0)[0]
+    pair = trainer.dataset[k]
+    trainer.optimise(0)
+    seen = trainer.teachers['clip'].seen
+    source = trainer.scenes[0].views[0].rgb
+    centred = plan_crop(source.shape[:2], trainer.recipe.data.resolution)
+    assert torch.equal(seen[0][0], image_tensor(pair.teacher1))
+    assert torch.equal(seen[1][0], image_tensor(pair.teacher2))
+    assert not torch.equal(seen[0][0], image_tensor(pair.rgb1))  # not the student's crop
+    assert pair.teacher1.shape == pair.rgb1.shape == centred.image(source).shape
 
 
 def test_heads_only_keeps_the_geometry_bit_identical(tmp_path):

@@ -81,10 +81,12 @@ def test_bad_overrides_name_the_key(override, words):
         apply_overrides(base, [override])
 
 
-def test_reproduction_only_teacher_input_is_refused_until_supported():
-    with pytest.raises(RecipeError, match='teachers.clip.uncropped_input: the data pipeline'):
-        load_recipe('toy_cpu', ['teachers.clip.weights=w', 'teachers.clip.upsampler=none',
-                                'teachers.clip.uncropped_input=true'])
+def test_reproduction_only_teacher_input_is_accepted_and_off_by_default():
+    recipe = load_recipe('toy_cpu', ['teachers.clip.weights=w', 'teachers.clip.upsampler=none',
+                                     'teachers.clip.uncropped_input=true'])
+    assert recipe.teachers.clip.uncropped_input is True
+    plain = load_recipe('toy_cpu', ['teachers.clip.weights=w', 'teachers.clip.upsampler=none'])
+    assert plain.teachers.clip.uncropped_input is False
 
 
 def test_unknown_keys_and_wrong_types_in_a_file_are_refused(tmp_path):
