@@ -27,25 +27,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
 from ros2_sab3r.train.engine import Trainer
 from ros2_sab3r.train.evaluation import evaluate_batches, source_batches
 from ros2_sab3r.train.recipe import DataSource
 from tests.train.test_engine import RandomTeacherDouble, distil
 
-pytestmark = [pytest.mark.train, pytest.mark.slow]
+pytestmark = [pytest.mark.train, pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 TRAINED_SCENES = (0, 2, 3)
 OTHER_SCENE = 1
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_a_student_distils_a_random_teacher_onto_unseen_views_and_scenes(tmp_path):

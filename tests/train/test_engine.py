@@ -29,16 +29,8 @@ from ros2_sab3r.train.data import image_tensor, student_input
 from ros2_sab3r.train.engine import Trainer, TrainingError, run_training
 from ros2_sab3r.train.recipe import load_recipe
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures('one_thread')]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The toy model gains nothing from threads, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class RandomTeacherDouble(nn.Module):

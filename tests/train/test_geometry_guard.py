@@ -30,15 +30,8 @@ from ros2_sab3r.train.evaluation import (
 from ros2_sab3r.train.recipe import DataSource
 from tests.train.test_engine import RandomTeacherDouble, distil, toy
 
-pytestmark = [pytest.mark.train, pytest.mark.slow]
+pytestmark = [pytest.mark.train, pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ros2_sab3r.config import config_from_flat
 from ros2_sab3r.eval.bag import read_bag
@@ -18,7 +17,7 @@ from ros2_sab3r.eval.convert import main as sab3r_convert
 from ros2_sab3r.inference.factory import load_model
 from ros2_sab3r.train.cli import main as sab3r_train
 
-pytestmark = [pytest.mark.train, pytest.mark.slow]
+pytestmark = [pytest.mark.train, pytest.mark.slow, pytest.mark.usefixtures('one_thread')]
 
 # The toy network's input size and a stand-in text tower of the tiny CLIP head's width (16):
 # what a user of the toy recipe passes to the node and to sab3r-eval.
@@ -27,13 +26,6 @@ NODE = ['model.text_encoder=ros2_sab3r.sim.standin:HashTextEncoderStandIn',
 EVAL = ['--group-sizes', '2', '--groups-per-size', '1', '--depth-frames', '4',
         *[a for p in NODE for a in ('--param', p)]]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_convert_train_stop_resume_load_and_evaluate(tmp_path, capsys):
