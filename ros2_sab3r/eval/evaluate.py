@@ -131,9 +131,15 @@ class Evaluator:
             skipped['sequence_map'] = why
             skipped['locate'] = why
         else:
-            align = self._align_sequence(bag.frames, steps, posed)
+            try:
+                align = self._align_sequence(bag.frames, steps, posed)
+            except ValueError as err:  # e.g. a barely trained model predicting no valid depth
+                align = None
+                skipped['sequence_map'] = f'the map could not be aligned to the world: {err}'
+            else:
+                if align is None:
+                    skipped['sequence_map'] = 'no keyframe was made: nothing to align and score'
             if align is None:
-                skipped['sequence_map'] = 'no keyframe was made: nothing to align and score'
                 skipped['locate'] = skipped['sequence_map']
             else:
                 out['alignment'] = {'scale': align.s, 'view_stamp_ns': self._align_stamp,

@@ -7,6 +7,7 @@ measure what was perturbed.
 
 import json
 
+import numpy as np
 import pytest
 
 from ros2_sab3r.config import config_from_flat
@@ -120,3 +121,17 @@ def test_clear_errors(tmp_path, synthetic_bag, capsys):
         main([str(synthetic_bag), '--param', 'nonsense'])
     assert main([str(synthetic_bag), '--standin', '--param', 'keyframes.bogus=1', *FAST]) == 1
     assert 'unknown parameter' in capsys.readouterr().err
+
+
+def test_a_model_with_no_valid_depth_is_reported_not_raised(synthetic_bag, monkeypatch):
+    """A barely trained checkpoint can predict no positive depth at the alignment view: the
+    map-and-locate sections are listed as skipped with the reason; the rest is still scored."""
+    monkeypatch.setattr(Evaluator, '_self_pair_depth',
+                        lambda self, frame: np.full((48, 64), -1.0, np.float32))
+    cfg = config_from_flat({'model.backend': 'ros2_sab3r.sim.standin:SyntheticSceneBackend',
+                            'model.standin_scene': SCENE_TEXT})
+    r = Evaluator(cfg, load_model(cfg.model), OPTIONS).evaluate(
+        read_bag(synthetic_bag, progress=False)).results
+    assert 'fewer than 10 pixels' in r['skipped']['sequence_map']
+    assert r['skipped']['locate'] == r['skipped']['sequence_map']
+    assert 'pose' in r and 'sequence_map' not in r
