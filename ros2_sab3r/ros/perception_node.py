@@ -911,6 +911,9 @@ class PerceptionNode(LifecycleNode):
         msg.frames_out_of_order = counts.out_of_order
         msg.frames_dropped_by_reset = counts.dropped_by_reset
         msg.frames_missing = counts.missing
+        pipeline = self._pipeline
+        if pipeline is not None:
+            msg.frames_unplaced = sum(dict(pipeline.frames_unplaced).values())
         self._status_pub.publish(msg)
         self._report_unplaced()
 

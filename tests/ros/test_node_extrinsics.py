@@ -79,11 +79,14 @@ def test_front_and_back_cameras_placed_by_static_tf(ros_node, tmp_path, static_t
                 assert node_proc.log().count(learned) == 1, node_proc.log()  # once per camera
             assert back_mapped in node_proc.log(), node_proc.log()
             assert 'frames unplaced' not in node_proc.log(), node_proc.log()
+            assert status[-1].frames_unplaced == 0, status[-1]
         else:
             assert "camera 'back_optical' has no extrinsics yet (frames.base_frame " \
                 "'base_link')" in node_proc.log(), node_proc.log()
             assert spin_until(ros_node, lambda: unplaced in node_proc.log(), 10), node_proc.log()
             assert 'publish the static TF base_link -> camera' in node_proc.log()
+            assert spin_until(ros_node, lambda: status[-1].frames_unplaced == len(back), 10), (
+                status[-1])
             assert back_mapped not in node_proc.log()
         # the keyframes of the window (published) look both ways only when the back camera was
         # mapped (front camera alone: 0.57 at most, seen)
