@@ -133,6 +133,17 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: Sequence[s
                           do_constant_folding=True, dynamo=False)
 
 
+def _parity_report(figures, what: str) -> dict:
+    """Per output parity figures for the manifest; ExportError naming every output out of
+    tolerance when any is."""
+    failed = [f for f in figures if not f.ok]
+    if failed:
+        raise ExportError(f'{what} differs from torch: '
+                          + '; '.join(f.line() for f in failed))
+    return {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol, 'measure': f.measure}
+            for f in figures}
+
+
 def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[int, int],
                     output_names: Sequence[str], threads: int, precision: str,
                     steps: tqdm) -> dict[str, dict[str, float | str]]:
@@ -150,12 +161,7 @@ def _checked_parity(enc_path: Path, dec_path: Path, net: Sab3rNet, size: tuple[i
     steps.update()
     log.debug('parity ONNX Runtime %s vs torch at %dx%d:\n  %s', precision, h, w,
              '\n  '.join(f.line() for f in figures))
-    failed = [f for f in figures if not f.ok]
-    if failed:
-        raise ExportError(f'the {h}x{w} {precision} export runs but differs from torch: '
-                          + '; '.join(f.line() for f in failed))
-    return {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol, 'measure': f.measure}
-            for f in figures}
+    return _parity_report(figures, f'the {h}x{w} {precision} export runs but')
 
 
 def _export_split(net: Sab3rNet, out_dir: Path, size: tuple[int, int], tokens: torch.Tensor,
@@ -181,12 +187,7 @@ def _export_split(net: Sab3rNet, out_dir: Path, size: tuple[int, int], tokens: t
         for path in (geo_path, *paths.values()):
             check_graph(path)
         figures = split_parity_check(enc_path, geo_path, paths, net, size, threads=threads)
-        failed = [f for f in figures if not f.ok]
-        if failed:
-            raise ExportError(f'the {h}x{w} split decoder runs but differs from torch: '
-                              + '; '.join(f.line() for f in failed))
-        parity = {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol,
-                             'measure': f.measure} for f in figures}
+        parity = _parity_report(figures, f'the {h}x{w} split decoder runs but')
     return SplitGraphs(
         geometry=geo_path.name, geometry_sha256=file_sha256(geo_path),
         features={str(v): p.name for v, p in paths.items()},
@@ -220,12 +221,7 @@ def _check_int8_split(enc: Path, split: SplitGraphs, out_dir: Path, net: Sab3rNe
                                  {int(v): out_dir / f for v, f in split.features.items()},
                                  net, size, threads=threads, tolerances=INT8_PARITY_TOLERANCES,
                                  measure='rms')
-    failed = [f for f in figures if not f.ok]
-    if failed:
-        raise ExportError(f'the {size[0]}x{size[1]} int8 split decoder differs from torch: '
-                          + '; '.join(f.line() for f in failed))
-    return {f.output: {'max_abs': f.max_abs, 'rel': f.rel, 'tol': f.tol, 'measure': f.measure}
-            for f in figures}
+    return _parity_report(figures, f'the {size[0]}x{size[1]} int8 split decoder')
 
 
 def export_network(net: Sab3rNet, out_dir: str | Path, sizes: Sequence[tuple[int, int]],
