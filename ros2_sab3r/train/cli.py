@@ -20,7 +20,7 @@ import sys
 from ros2_sab3r.model.checkpoint import CheckpointError
 from ros2_sab3r.train.checkpoint import TrainingCheckpointError
 from ros2_sab3r.train.data import DataError
-from ros2_sab3r.train.engine import TrainingError, run_training
+from ros2_sab3r.train.engine import TrainingError, close_distributed, run_training
 from ros2_sab3r.train.recipe import RecipeError, load_recipe, shipped_recipes
 from ros2_sab3r.train.teachers import TeacherWeightsError
 
@@ -89,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume not in (None, 'auto') and not Path(args.resume).exists():
             raise TrainingCheckpointError(f'--resume {args.resume} does not exist')
         out = args.out or _default_out(args)
-        trainer = run_training(recipe, out, resume=args.resume, stop_at=args.stop_at,
-                               progress=not args.no_progress)
+        completed = False
+        try:
+            trainer = run_training(recipe, out, resume=args.resume, stop_at=args.stop_at,
+                                   progress=not args.no_progress)
+            completed = True
+        finally:
+            close_distributed(completed=completed)
     except (RecipeError, DataError, TrainingError, TrainingCheckpointError, CheckpointError,
             TeacherWeightsError, FileNotFoundError) as exc:
         print(f'sab3r-train: {exc}', file=sys.stderr)

@@ -112,6 +112,21 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0)))
 
 
+def close_distributed(*, completed: bool) -> None:
+    """Leave the process group (if any) at the end of a run.
+
+    completed: every rank reached the end, so they first meet at a barrier. Without it, a rank
+    that exits while its peer still tears down its connections can make gloo's background
+    thread abort the peer (SIGABRT; seen once in CI at the end of a two-process test). After an
+    error no barrier: the other ranks may never arrive.
+    """
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def resolve_device(recipe: Recipe, info: DistInfo | None = None) -> torch.device:
     want = recipe.run.device
     if want == 'auto':

@@ -16,6 +16,7 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
 from ros2_sab3r.frames.decode import rgb_to_image_fields
+from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block
 from ros2_sab3r.mapping.persistence import MapFileError
 from ros2_sab3r.msg import LocatedObject, PerceptionStatus
 from ros2_sab3r.ros import messages, qos
@@ -134,7 +135,13 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
     # of voxel features, measured), which is not the retention of frames this test bounds.
     overlay = _overlay(scene_spec, topics=3, backend='tests.ros.doubles:SlowBackendDouble') + (
         '    keyframes:\n      max_unmapped: 1.0\n')
-    node_proc = NodeProcess(tmp_path, overlay, env={'SAB3R_TEST_DECODE_DELAY_S': '0.3'})
+    # One malloc arena: glibc gives each thread that allocates under contention an arena of its
+    # own (up to 8 per core), each keeping what it freed. Which executor threads answer the
+    # parallel Locate calls decides how many: RSS rose by 21 MB here and 56 MB in CI before a
+    # plateau, which is not the retention of frames this test bounds (with one arena: flat
+    # within +-20 MB).
+    node_proc = NodeProcess(tmp_path, overlay, env={'SAB3R_TEST_DECODE_DELAY_S': '0.3',
+                                                    'MALLOC_ARENA_MAX': '1'})
     try:
         _, frames = SceneSpec.parse(scene_spec).render()
         status, sub, pubs = _connect(ros_node, node_proc,
@@ -148,6 +155,7 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
         warm = call(ros_node, Locate, f'{node_proc.name}/locate', Locate.Request(queries=['bed']))
         assert warm.success, warm.message
         rss = [node_proc.rss_bytes()]
+        voxels = [status[-1].voxels]
         max_queued = 0
         clients = [ros_node.create_client(Locate, f'{node_proc.name}/locate') for _ in range(3)]
         assert all(c.wait_for_service(timeout_sec=20) for c in clients)
@@ -164,6 +172,7 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
             max_queued = max(max_queued, status[-1].frames_queued)
             if i % 30 == 29:
                 rss.append(node_proc.rss_bytes())
+                voxels.append(status[-1].voxels)
         assert spin_until(ros_node, lambda: all(f.done() for f in futures), timeout=30)
         answers = [(f.result().success, f.result().message) for f in futures]
         assert spin_until(ros_node, lambda: _settled(status), timeout=60), node_proc.log()
@@ -182,8 +191,14 @@ def test_burst_from_three_cameras_into_a_slow_backend(ros_node, tmp_path):
     assert s.frames_dropped > s.frames_received // 2, s  # the backend could not keep up
     assert s.frames_processed >= 3 and s.map_ready
     assert max_queued <= 3 * 2, max_queued  # cameras x queue_size
-    # 270 frames of 230 KB would be 62 MB if they were kept anywhere.
-    assert max(rss) - rss[0] < 40 * 2**20, [r / 2**20 for r in rss]
+    # 270 frames of 230 KB would be 62 MB if they were kept anywhere. The map grows with the
+    # keyframes that were processed (how many depends on the machine's load): its blocks are not
+    # frames kept, so they are allowed for, one block rounded up.
+    slot = Block(512, 0).nbytes / BLOCK_SIZE  # the stand-in: 512-d CLIP, no DINO
+    beyond_map = [r - rss[0] - ((v - voxels[0]) / BLOCK_SIZE + 1) * BLOCK_SIZE * slot
+                  for r, v in zip(rss, voxels)]
+    assert max(beyond_map) < 40 * 2**20, (
+        [round(r / 2**20, 1) for r in rss], voxels, round(slot))
     assert len(answers) == 9 and all(ok for ok, _ in answers), answers
 
 

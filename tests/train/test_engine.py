@@ -26,7 +26,7 @@ from ros2_sab3r.train.checkpoint import (
 )
 from ros2_sab3r.train.cli import main
 from ros2_sab3r.train.data import image_tensor, student_input
-from ros2_sab3r.train.engine import Trainer, TrainingError, run_training
+from ros2_sab3r.train.engine import Trainer, TrainingError, close_distributed, run_training
 from ros2_sab3r.train.recipe import load_recipe
 
 pytestmark = [pytest.mark.train, pytest.mark.usefixtures('one_thread')]
@@ -151,7 +151,7 @@ def _parallel_worker(rank: int, world: int, port: int, out: str, parallelism: st
             grads[name] = p.grad.full_tensor() if hasattr(p.grad, 'full_tensor') else p.grad
     if rank == 0:
         torch.save(grads, os.path.join(out, 'grads.pt'))
-    torch.distributed.destroy_process_group()
+    close_distributed(completed=True)
 
 
 @pytest.mark.slow
@@ -318,7 +318,7 @@ def _fsdp2_resume_worker(rank: int, world: int, port: int, out: str) -> None:
     run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), stop_at=1, progress=False)
     run_training(recipe, os.path.join(out, 'b'), teachers=teachers(), resume='auto',
                  progress=False)
-    torch.distributed.destroy_process_group()
+    close_distributed(completed=True)
 
 
 def _assert_equal_nested(a, b, where=''):
