@@ -19,7 +19,10 @@ graphs off and on:
 each as the median of CUDA-event timings after warm-up, with the peak memory allocated; then the
 pipeline's frames per second on a rendered synthetic sequence through the torch backend, in posed
 and unposed mode (with random weights registration often fails: the status counts say how many
-frames were skipped, and those frames cost less, so the rate is an upper bound of the real one).
+frames were skipped, and those frames cost less, so the rate is an upper bound of the real one),
+once per ``--feature-pools`` value (model.feature_pool), with where one decode's time goes: the
+network on the device, the copy to the host, the wrap into a PairPrediction.
+``--sections network`` or ``pipeline`` and ``--modes posed`` cut a run short.
 
 It needs only torch and numpy (and scipy/pillow for the pipeline part): no ROS, no open_clip, no
 network. What is missing is reported as skipped with the reason and the rest still runs. A
@@ -180,9 +183,51 @@ def _median_stages(results) -> dict[str, dict[str, float]]:
             for status, stages in by_status.items()}
 
 
-def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, frames: int
+def measure_decode_breakdown(backend, size, repeat: int = 5) -> dict[str, dict[str, float]]:
+    """Where a decode's time goes, per request the pipeline makes (median ms): the network on
+    the device (decode_tensors, synchronised), the copy to the host (decode_arrays minus that,
+    feature pooling included) and the wrap into a PairPrediction (decode minus decode_arrays)."""
+    import numpy as np
+
+    from ros2_sab3r.types import GEOMETRY_ONLY, VIEW1_FEATURES, CameraFrame
+
+    rng = np.random.default_rng(0)
+    frames = [CameraFrame(stamp_ns=i, frame_id='cam',
+                          image=rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+              for i in range(2)]
+    a, b = (backend.encode(f) for f in frames)
+    cuda = backend.device == 'cuda'
+
+    def timed(fn, *args) -> float:
+        backend.forget_pair()
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t)
+
+    out = {}
+    for name, request in (('geometry_only', GEOMETRY_ONLY), ('view1_features', VIEW1_FEATURES)):
+        runs = {'device': [], 'to_host': [], 'decode': []}
+        for _ in range(repeat + 1):  # the first is a warm-up
+            runs['device'].append(timed(backend.decode_tensors, a.tokens, b.tokens, request))
+            runs['to_host'].append(timed(backend.decode_arrays, a.tokens, b.tokens, request))
+            runs['decode'].append(timed(backend.decode, a, b, request))
+        med = {k: statistics.median(v[1:]) for k, v in runs.items()}
+        out[name] = {'device': round(med['device'], 2),
+                     'to_host': round(med['to_host'] - med['device'], 2),
+                     'wrap': round(med['decode'] - med['to_host'], 2),
+                     'decode': round(med['decode'], 2)}
+    return out
+
+
+def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool, frames: int,
+                     modes: tuple[str, ...] = ('posed', 'unposed'), feature_pool: int = 1
                      ) -> dict:
-    """Frames per second of Pipeline.step over a rendered synthetic sequence, posed and unposed."""
+    """Frames per second of Pipeline.step over a rendered synthetic sequence, posed and unposed,
+    with model.feature_pool; and where a decode's time goes."""
     from ros2_sab3r.config import config_from_flat
     from ros2_sab3r.inference.torch_backend import TorchBackend
     from ros2_sab3r.pipeline import Pipeline
@@ -193,11 +238,14 @@ def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool,
     clip = net.cfg.feature_head('clip')
     text = HashTextEncoderStandIn(clip.out_dim if clip is not None else 512)
     sequence = make_scene(seed=0).sequence(frames, W, H)
-    backend = TorchBackend(net, size, device=device, dtype=dtype, cuda_graphs=graphs)
-    out = {}
-    for posed in (True, False):
+    backend = TorchBackend(net, size, device=device, dtype=dtype, cuda_graphs=graphs,
+                           feature_pool=feature_pool)
+    out = {'feature_pool': feature_pool,
+           'decode_breakdown_ms': measure_decode_breakdown(backend, size)}
+    for mode in modes:
+        posed = mode == 'posed'
         flat = {'frames.pose_source': 'tf' if posed else 'none', 'model.image_height': H,
-                'model.image_width': W}
+                'model.image_width': W, 'model.feature_pool': feature_pool}
         pipeline = Pipeline(config_from_flat(flat), backend, text)
         camera_frames = [f.camera_frame(posed=posed) for f in sequence]
         pipeline.step(camera_frames[0])  # warm-up outside the timing
@@ -207,7 +255,7 @@ def measure_pipeline(net: Sab3rNet, size, device: str, dtype: str, graphs: bool,
         if device == 'cuda':
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
-        out['posed' if posed else 'unposed'] = {
+        out[mode] = {
             'fps': round(len(results) / seconds, 2), 'frames': len(results),
             'statuses': dict(Counter(str(getattr(r.status, 'value', r.status))
                                      for r in results)),
@@ -242,11 +290,19 @@ def main(argv: list[str] | None = None) -> int:
                         help='start no new measurement after this many seconds')
     parser.add_argument('--out', type=Path, default=None)
     parser.add_argument('--dtypes', default='fp16,bf16', help='backbone dtypes on the GPU')
+    parser.add_argument('--sections', default='network,pipeline',
+                        help='what to measure: network, pipeline (comma-separated)')
+    parser.add_argument('--modes', default='posed,unposed', help='pipeline modes')
+    parser.add_argument('--feature-pools', default='1',
+                        help='model.feature_pool values the pipeline runs with, e.g. 1,2')
     parser.add_argument('--variants', action='store_true',
                         help='also bf16 + graphs with: ' + '; '.join(VARIANTS.values()))
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    sections = set(args.sections.split(','))
+    modes = tuple(args.modes.split(','))
+    pools = [int(v) for v in args.feature_pools.split(',')]
     device = 'cuda' if torch.cuda.is_available() and not args.smoke else 'cpu'
     arch = args.architecture or ('tiny_cd' if args.smoke else 'sab3r_cd')
     size = tuple(int(v) for v in (args.size or ('48x64' if args.smoke else '384x512')).split('x'))
@@ -275,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         head.to(memory_format=torch.channels_last)
     report['parameters'] = sum(p.numel() for p in net.parameters())
     clock = Clock(device, warmup=2 if args.smoke else 5, repeat=repeat)
-    for dtype in dtypes:
+    for dtype in dtypes if 'network' in sections else ():
         for graphs in graph_settings:
             if time.perf_counter() - started > args.deadline_s:
                 report['skipped'].append(f'network {dtype} graphs={graphs}: deadline')
@@ -290,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             _save(report, out_path)
             print(f"{dtype:5s} graphs={'on ' if graphs else 'off'} "
                   + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
-    if device == 'cuda' and args.variants:
+    if device == 'cuda' and args.variants and 'network' in sections:
         for variant in VARIANTS:
             if time.perf_counter() - started > args.deadline_s:
                 report['skipped'].append(f'variant {variant}: deadline')
@@ -305,18 +361,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f'bf16  graphs=on  {variant}: '
                   + '  '.join(f'{k} {v:.2f} ms' for k, v in row['ms'].items()), flush=True)
     pipeline_dtype = 'bf16' if device == 'cuda' else 'fp32'
-    if time.perf_counter() - started > args.deadline_s:
-        report['skipped'].append('pipeline: deadline')
-    else:
+    report['pipeline'] = {'dtype': pipeline_dtype, 'cuda_graphs': device == 'cuda', 'runs': []}
+    for pool in pools if 'pipeline' in sections else ():
+        if time.perf_counter() - started > args.deadline_s:
+            report['skipped'].append(f'pipeline feature_pool {pool}: deadline')
+            continue
         try:
-            report['pipeline'] = {'dtype': pipeline_dtype, 'cuda_graphs': device == 'cuda',
-                                  **measure_pipeline(net, size, device, pipeline_dtype,
-                                                     device == 'cuda', frames)}
-            print('pipeline', json.dumps(report['pipeline']), flush=True)
+            run = measure_pipeline(net, size, device, pipeline_dtype, device == 'cuda', frames,
+                                   modes, pool)
         except ImportError as exc:  # scipy/pillow missing on the machine
             report['skipped'].append(f'pipeline: {exc}')
+            break
         except Exception as exc:  # noqa: BLE001 - reported with its traceback's last frames
-            report['skipped'].append(f'pipeline: {_failure(exc)}')
+            report['skipped'].append(f'pipeline feature_pool {pool}: {_failure(exc)}')
+            continue
+        report['pipeline']['runs'].append(run)
+        _save(report, out_path)
+        print('pipeline', json.dumps(run), flush=True)
     best = {k: min((r['ms'][k] for r in report['network']), default=None) for k in TARGETS_MS}
     for k, target in TARGETS_MS.items():
         print(f'{k}: best {best[k]} ms (target <= {target} ms on an H100/H200, bf16 + graphs)')

@@ -196,6 +196,13 @@ class ModelConfig:
     cuda_graphs: bool = param(
         False, 'torch on CUDA: capture encoder and decoder as CUDA graphs (static shapes; less '
         'launch overhead)', read_only=True)
+    # The release DPT heads interpolate features from the 1/16 patch grid up to every pixel,
+    # so averaging n x n pixels loses little (README: 'Feature pooling'). torch pools on its
+    # device, before the copy to the host; other backends' features are pooled on arrival.
+    feature_pool: int = param(
+        1, 'average semantic features over n x n pixels (1, 2, 4 or 8) before fusion: n^2 '
+        'fewer bytes copied off the GPU, held and fused', unit='px', min=1, max=8,
+        read_only=True)
     # Options (STANDIN_SCENE_OPTIONS) left out keep SceneSpec's defaults
     # (seed=0,frames=48,width=256,height=192,fps=5); PerturbedSceneBackend reads
     # ';pose_noise_deg=DEG,swap=CLASS:CLASS' after the scene.
@@ -459,6 +466,9 @@ class PerceptionConfig:
             if getattr(self.model, name) % 16:
                 raise ValueError(f'model.{name}={getattr(self.model, name)} must be a multiple '
                                  'of 16 (the patch size)')
+        if self.model.feature_pool not in (1, 2, 4, 8):
+            raise ValueError(f'model.feature_pool={self.model.feature_pool} must be 1, 2, 4 or 8 '
+                             '(it divides the network input, a multiple of 16)')
         if not self.frames.map_frame:
             raise ValueError('frames.map_frame must not be empty')
         parse_standin_scene(self.model.standin_scene)

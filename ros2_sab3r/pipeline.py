@@ -64,6 +64,7 @@ from ros2_sab3r.geometry.registration import (
 from ros2_sab3r.geometry.transforms import apply, is_rigid
 from ros2_sab3r.inference import Backend
 from ros2_sab3r.inference.base import decode_takes_request
+from ros2_sab3r.inference.common import pool_prediction
 from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
@@ -389,6 +390,9 @@ class Pipeline:
     def _decode(self, clock: StageClock, a, b, request: DecodeRequest) -> PairPrediction:
         args = (a, b, request) if self._requests else (a, b)
         pred = self._backend_call(clock, 'decode', self._backend.decode, *args)
+        # model.feature_pool, part of the decode stage (the torch backend pooled on its device
+        # already: a no-op then)
+        pred = clock.run('decode', pool_prediction, pred, self._cfg.model.feature_pool)
         hw = tuple(pred.image_size)
         return dataclasses.replace(pred, view1=sanitize_view(pred.view1, hw, 'view 1'),
                                    view2=sanitize_view(pred.view2, hw, 'view 2'))

@@ -17,13 +17,19 @@ def test_device_check_smoke_run_writes_every_stage(tmp_path):
     spec.loader.exec_module(device_check)
     out = tmp_path / 'check.json'
     assert device_check.main(['--smoke', '--frames', '3', '--repeat', '1', '--out',
-                              str(out)]) == 0
+                              str(out), '--feature-pools', '1,2']) == 0
     report = json.loads(out.read_text())
     assert report['architecture'] == 'tiny_cd' and report['device'] == 'cpu'
     (row,) = report['network']
     assert set(row['ms']) == {'encode', 'decode_geometry', 'feature_heads_view', 'decode_full',
                               'tracked_frame', 'full_pair'}
     assert all(v > 0 for v in row['ms'].values())
-    for mode in ('posed', 'unposed'):
-        assert report['pipeline'][mode]['frames'] == 3
-        assert sum(report['pipeline'][mode]['statuses'].values()) == 3
+    assert [run['feature_pool'] for run in report['pipeline']['runs']] == [1, 2]
+    for run in report['pipeline']['runs']:
+        for mode in ('posed', 'unposed'):
+            assert run[mode]['frames'] == 3
+            assert sum(run[mode]['statuses'].values()) == 3
+        for request in ('geometry_only', 'view1_features'):
+            parts = run['decode_breakdown_ms'][request]
+            assert set(parts) == {'device', 'to_host', 'wrap', 'decode'}
+            assert parts['device'] > 0 and parts['decode'] > 0  # differences: noise here

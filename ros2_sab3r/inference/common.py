@@ -9,6 +9,7 @@ The decoder graph's outputs carry the official MASt3R names (``pts3d_1``, ``conf
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,55 @@ def pair_from_named(named: Mapping[str, np.ndarray], image_size: tuple[int, int]
                                                                          dtype=np.float32)
     return PairPrediction(view1=ViewPrediction(**views[1]), view2=ViewPrediction(**views[2]),
                           image_size=tuple(image_size), extras=dict(extras or {}))
+
+
+def pool_factor(grid: tuple[int, int], image_size: tuple[int, int], pool: int) -> int:
+    """How many cells of a feature grid each way ``model.feature_pool`` averages into one: the
+    grid is brought to (H / pool, W / pool); 1 when it is that coarse already or does not
+    divide into it (features a head gives on its own coarser grid are left as they are)."""
+    H, W = image_size
+    th, tw = H // pool, W // pool
+    h, w = grid
+    if pool <= 1 or h <= th or h % th or w % tw or h // th != w // tw:
+        return 1
+    return h // th
+
+
+def pool_features(S: np.ndarray | None, image_size: tuple[int, int], pool: int
+                  ) -> np.ndarray | None:
+    """(h, w, F) features averaged over r x r cells (r from :func:`pool_factor`), float32."""
+    if S is None:
+        return None
+    r = pool_factor(S.shape[:2], image_size, pool)
+    if r == 1:
+        return S
+    h, w, F = S.shape
+    # sum over the r columns, then the r rows, of each pooled cell (contiguous reductions)
+    out = S.reshape(h, w // r, r, F).sum(axis=2, dtype=np.float32)
+    out = out.reshape(h // r, r, w // r, F).sum(axis=1)
+    out *= np.float32(1.0 / (r * r))
+    return out
+
+
+def pool_prediction(pred: PairPrediction, pool: int) -> PairPrediction:
+    """Both views' S_clip/S_dino pooled (``model.feature_pool``); the same object when nothing
+    changes (pool 1, or a backend that pooled them already)."""
+    if pool <= 1:
+        return pred
+    views = []
+    for v in (pred.view1, pred.view2):
+        clip = pool_features(v.S_clip, pred.image_size, pool)
+        dino = pool_features(v.S_dino, pred.image_size, pool)
+        views.append(v if clip is v.S_clip and dino is v.S_dino else
+                     dataclasses.replace(v, S_clip=clip, S_dino=dino))
+    if views[0] is pred.view1 and views[1] is pred.view2:
+        return pred
+    return dataclasses.replace(pred, view1=views[0], view2=views[1])
+
+
+def is_feature_output(name: str) -> bool:
+    """Whether an official output name is a semantic feature map (CLIP/DINO head of a view)."""
+    return OUTPUT_FIELDS.get(name, (0, ''))[1] in FEATURE_FIELDS
 
 
 def requested_outputs(names: Sequence[str], request: DecodeRequest) -> list[str]:

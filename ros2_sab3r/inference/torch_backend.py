@@ -25,7 +25,7 @@ import torch
 
 from ros2_sab3r.config import ModelConfig
 from ros2_sab3r.inference.base import BackendUnavailable
-from ros2_sab3r.inference.common import ArrayGraphBackend
+from ros2_sab3r.inference.common import ArrayGraphBackend, is_feature_output, pool_factor
 from ros2_sab3r.model.network import BACKBONE_DTYPES, DecoderGraph, Sab3rNet
 from ros2_sab3r.model.outputs import (
     GEOMETRY_FIELDS,
@@ -80,7 +80,9 @@ class TorchBackend(ArrayGraphBackend):
     """Backend protocol on a :class:`Sab3rNet` (checkpoint or random weights)."""
 
     def __init__(self, net: Sab3rNet, input_size: tuple[int, int], device: str = 'cpu',
-                 dtype: str = 'fp32', cuda_graphs: bool = False) -> None:
+                 dtype: str = 'fp32', cuda_graphs: bool = False, feature_pool: int = 1) -> None:
+        """feature_pool: model.feature_pool, applied to the feature heads' outputs on the
+        device, before they are copied to the host (decode_arrays)."""
         if dtype == 'int8':
             raise BackendUnavailable(
                 "model.dtype 'int8' is the onnxruntime backend's quantised CPU graphs "
@@ -117,6 +119,7 @@ class TorchBackend(ArrayGraphBackend):
         self.input_size = tuple(input_size)
         self.device = device
         self.dtype = dtype
+        self.feature_pool = int(feature_pool)
         self.name = f'torch {net.cfg.name} {device} {dtype}' + (' cuda-graphs' if cuda_graphs
                                                                 else '')
         self._encode_fn: Callable = self._encode_eager
@@ -139,7 +142,7 @@ class TorchBackend(ArrayGraphBackend):
         except CheckpointError as exc:
             raise BackendUnavailable(f'model.checkpoint: {exc}') from None
         return cls(net, (model.image_height, model.image_width), model.device, model.dtype,
-                   model.cuda_graphs)
+                   model.cuda_graphs, model.feature_pool)
 
     @property
     def clip_dim(self) -> int:
@@ -217,8 +220,19 @@ class TorchBackend(ArrayGraphBackend):
 
     def decode_arrays(self, tokens1: torch.Tensor, tokens2: torch.Tensor,
                       request: DecodeRequest = FULL_DECODE) -> dict[str, np.ndarray]:
-        return {k: v.detach().to('cpu', torch.float32).numpy()
-                for k, v in self.decode_tensors(tokens1, tokens2, request).items()}
+        """Outputs by official name on the host, float32; feature maps pooled by
+        ``feature_pool`` first (on a GPU, n^2 fewer bytes cross to the host: 512-d CLIP at
+        384x512 is 400 MB a view)."""
+        out = {}
+        for k, v in self.decode_tensors(tokens1, tokens2, request).items():
+            v = v.detach()
+            if self.feature_pool > 1 and is_feature_output(k):  # (1, h, w, F)
+                r = pool_factor(tuple(v.shape[1:3]), self.input_size, self.feature_pool)
+                if r > 1:
+                    v = torch.nn.functional.avg_pool2d(v.permute(0, 3, 1, 2), r).permute(
+                        0, 2, 3, 1)
+            out[k] = v.to('cpu', torch.float32).contiguous().numpy()
+        return out
 
     def forget_pair(self) -> None:
         """Drop the last pair's decoder tokens and head outputs: the next decode runs the
