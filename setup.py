@@ -30,6 +30,7 @@ setup(
         'tqdm',
         'matplotlib',
         'PyYAML>=6',  # sab3r-train recipes
+        'numba>=0.60',  # Locate's similarity loop on int8 codes (mapping/kernels.py)
     ],
     extras_require={
         # NVIDIA's wheels come from their own index; pycuda needs the CUDA driver to build.

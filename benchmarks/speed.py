@@ -400,6 +400,36 @@ def mapping(args) -> None:
             f'{med["bf16"]:.0f} ms', f'{med[after]:.0f} ms',
             f'<= {target:.0f} ms' if target else '',
             None if target is None else med[after] <= target)
+    # The figures above query one snapshot again and again: the canonical negatives' maxima
+    # come from the per-block cache after the first query. On a robot a keyframe changes the
+    # map between queries: the first query after it recomputes the blocks the keyframe wrote.
+    med, touched = {}, {}
+    for codec in ('bf16', after):
+        m = loaded[codec]
+        engine = QueryEngine(config_from_flat({'query.threads': 2,
+                                               'query.relevancy_mode': 'lerf'}).query,
+                             HashText())
+        engine.locate(m.snapshot(), LocateQuery(queries=('warm-up',)))
+        rng = np.random.default_rng(7)
+        times_ms, touched[codec] = [], []
+        for i in range(args.keyframes):
+            old = m.snapshot()
+            # a keyframe's points in a 2 m region of the cube (new voxels and re-observed ones)
+            kf = _keyframe(rng, rng.uniform(-1.0, 1.0, (H * W, 3)) + rng.uniform(-8, 8, 3))
+            m.integrate(kf[0], kf[1], kf[2], 10 ** 11 + i, *kf[4:])
+            snap = m.snapshot()
+            kept = {blk.version for blk in old.blocks}
+            touched[codec].append(sum(blk.version not in kept for blk in snap.blocks))
+            query = LocateQuery(queries=(f'{LABELS[i % len(LABELS)]} after keyframe {i}',))
+            engine.embed(query.queries)
+            t = time.perf_counter()
+            engine.locate(snap, query)
+            times_ms.append(1e3 * (time.perf_counter() - t))
+        med[codec] = statistics.median(times_ms)
+    blocks = len(snap.blocks)
+    row(f'  Locate (lerf), the first query after a keyframe (it rewrote '
+        f'{int(statistics.median(touched[after]))} of {blocks} blocks), query.threads 2, '
+        f'median (bf16 -> {after})', f'{med["bf16"]:.0f} ms', f'{med[after]:.0f} ms')
     row(f'map bytes per voxel in memory, 512-d CLIP (bf16 -> {after})', f'{mem["bf16"]:.0f} B',
         f'{mem[after]:.0f} B', '<= 300 B', mem[after] <= 300)
     with_dino = {c: _layout_bytes(c, 512, 768) for c in ('bf16', after)}

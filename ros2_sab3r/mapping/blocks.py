@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 
 import numpy as np
@@ -12,6 +13,14 @@ BLOCK_SIZE = 4096  # voxel slots per block: the unit of copy-on-write
 FEATURE_DTYPES = {'bf16': (np.uint16, np.float16), 'int8': (np.int8, np.float16),
                   'pca_int8': (np.int8, np.int8)}
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, 'MAP_POPULATE', 0)
+# Block versions, unique in the process: readers cache what they computed from a block by its
+# version (snapshot.BlockMaxCache). next() on a count is atomic.
+_VERSIONS = itertools.count(1)
+
+
+def next_version() -> int:
+    """A block version no block of this process has had."""
+    return next(_VERSIONS)
 
 
 class Block:
@@ -26,17 +35,20 @@ class Block:
     rate of a fresh map.
 
     clip_width, dino_width: stored channels (the projection's rank under 'pca_int8').
+    version: new (:func:`next_version`) whenever the block is made or handed to the writer to
+    change (SemanticVoxelMap._writable); equal versions mean equal contents.
     """
 
     ARRAYS = ('keys', 'valid', 'pos', 'color', 'weight', 'count', 'last_seen', 'clip',
               'clip_scale', 'clip_norm', 'clip_w', 'dino', 'dino_scale', 'dino_w')
-    __slots__ = (*ARRAYS, 'codec')
+    __slots__ = (*ARRAYS, 'codec', 'version')
 
     def __init__(self, clip_width: int, dino_width: int, codec: str = 'bf16') -> None:
         """codec: mapping.feature_codec ('bf16', 'int8' or 'pca_int8')."""
         if codec not in FEATURE_DTYPES:
             raise ValueError(f'feature codec {codec!r} is not one of {", ".join(FEATURE_DTYPES)}')
         self.codec = codec
+        self.version = next_version()
         n = BLOCK_SIZE
         clip_dt, dino_dt = FEATURE_DTYPES[codec]
         clip_scaled = clip_dt == np.int8 and clip_width > 0

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 
 from ros2_sab3r.config import MappingConfig
-from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block
+from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block, next_version
 from ros2_sab3r.mapping.codec import (
     FeatureProjection,
     bf16_decode,
@@ -346,7 +346,9 @@ class SemanticVoxelMap:
         if b in self._shared:
             self._blocks[b] = self._blocks[b].copy()
             self._shared.discard(b)
-        return self._blocks[b]
+        blk = self._blocks[b]
+        blk.version = next_version()  # what readers cached of its old contents is stale
+        return blk
 
     def _field_at(self, slots: np.ndarray, name: str) -> np.ndarray:
         out = np.zeros(len(slots), np.float64)

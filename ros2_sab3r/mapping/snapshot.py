@@ -14,11 +14,13 @@ from functools import cached_property
 import itertools
 import logging
 import threading
+import weakref
 
 import numpy as np
 
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE
 from ros2_sab3r.mapping.codec import bf16_decode, int8_decode
+from ros2_sab3r.mapping.kernels import MAX_COMPILED_EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
@@ -154,57 +156,161 @@ class MapSnapshot:
     def cosine(self, E: np.ndarray, threads: int = 0) -> np.ndarray:
         """(T, N) cosine similarity of T unit embeddings E (T, F) with every voxel's CLIP feature.
 
-        One bfloat16 matrix product per block, straight from the stored bits (no copy of the
-        features, no per-query normalisation: the writer keeps the norms). The products are
-        rounded to bfloat16 like the features themselves: ~3 significant digits, an error of
-        ~5e-4 at CLIP's typical similarity of 0.25, 1% of query.temperature. Voxels without a
-        fused feature get 0.
+        One product per block, straight from the stored values (no copy of the features, no
+        per-query normalisation: the writer keeps the norms). bf16: a bfloat16 product rounded
+        like the features themselves (~3 significant digits, an error of ~5e-4 at CLIP's typical
+        similarity of 0.25, 1% of query.temperature). int8 codes: up to
+        kernels.MAX_COMPILED_EMBEDDINGS embeddings by the compiled loop of mapping.kernels
+        (exact float32 sums of the int8 values), more by widening to float32 and torch. Voxels
+        without a fused feature get 0.
 
-        Cost: reading the features once (at 500k voxels x 512, 0.5 GB) bounds it; one core of
-        the development machine reads ~9 GB/s, so ~55 ms on one thread whatever T (up to 16).
         threads > 0: that many worker threads (:func:`_product_pool`) take blocks one at a time,
-        each product on one torch thread; 0: the calling thread, with torch's intra-op threads.
+        each product on one thread; 0: the calling thread (torch with its intra-op threads).
         Why workers and not torch's threads: every block's product waits for all of torch's
         threads, so while another process holds a core each of the ~120 products waits for it
         (2 torch threads then took ~3x as long as 1); workers just take fewer blocks.
         """
-        import torch  # imported on first use: building and saving maps does not need torch
-
         if not self.clip_dim or not self.n_voxels:
             return np.zeros((len(E), self.n_voxels), np.float32)
-        int8 = self.clip_codec != 'bf16'
-        # int8: products in float32 on the widened values (exact widening; on a CPU without
-        # bf16 matrix units 3-4x faster than the bf16 product, see mapping.codec)
-        dtype = torch.float32 if int8 else torch.bfloat16
+        raw = self._products(self._embedding_in_codes(E), range(len(self.blocks)), threads)
+        out = np.take(raw, self.slots, axis=1)  # (T, N), valid slots only
+        out *= self._inv_clip_norm
+        return out
+
+    def cosine_max(self, E: np.ndarray, cache: BlockMaxCache, threads: int = 0) -> np.ndarray:
+        """(N,) the largest cosine over the T embeddings E with each voxel's CLIP feature (what
+        'lerf' relevancy needs of its canonical negatives), computed only for the blocks that
+        `cache` does not hold at their current version: a map that changed in a few blocks
+        since the last query costs those blocks (the other blocks' maxima are reused)."""
+        if not self.clip_dim or not self.n_voxels:
+            return np.zeros(self.n_voxels, np.float32)
+        E_codes = self._embedding_in_codes(E)
+        scope = cache.scope(E_codes, self.clip_projection)
+        done = cache.result(scope, self)
+        if done is not None:
+            return done
+        have = {b: cache.get(scope, blk.version) for b, blk in enumerate(self.blocks)}
+        stale = [b for b, v in have.items() if v is None]
+        if stale:
+            raw = self._products(E_codes, stale, threads).max(axis=0)  # (len(stale) * BS,)
+            for i, b in enumerate(stale):
+                have[b] = raw[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+                cache.put(scope, self.blocks[b].version, have[b])
+        cache.keep(scope, [blk.version for blk in self.blocks])
+        # max over embeddings of (e . f) * inv_norm = inv_norm * max(e . f): inv_norm >= 0
+        out = np.concatenate([have[b] for b in range(len(self.blocks))])[self.slots]
+        out *= self._inv_clip_norm
+        out.flags.writeable = False  # handed to every query on this snapshot
+        cache.remember(scope, self, out)
+        return out
+
+    def _embedding_in_codes(self, E: np.ndarray) -> np.ndarray:
+        """(T, F) embeddings -> (T, F or k) float32, in the space the codes are stored in."""
         E = np.asarray(E, np.float32)
         if self.clip_projection is not None:
             # pca_int8: each embedding projected once; its part outside the basis meets
             # nothing stored (the features' part there was dropped)
             E = E @ self.clip_projection.basis  # (T, k)
-        Et = torch.from_numpy(np.ascontiguousarray(E)).to(dtype)  # (T, F or k)
-        # (T, n_slots): each block's product written in its columns. E @ F^T, not F @ E^T:
-        # torch's CPU kernels run the skinny product ~4x faster this way round (measured per
-        # 4096-row block, T = 5: 0.19 against 0.84 ms in float32, 2.2 against 7.5 ms in bf16)
-        raw = torch.empty((len(E), len(self.blocks) * BLOCK_SIZE), dtype=dtype)
+        return np.ascontiguousarray(E, np.float32)
+
+    def _products(self, E: np.ndarray, blocks, threads: int) -> np.ndarray:
+        """(T, len(blocks) * BLOCK_SIZE) float32: E (T, F) times the stored CLIP values of each
+        listed block (row-major, int8 scale and norms not applied), in the listed order."""
+        import torch  # imported on first use: building and saving maps does not need torch
+
+        blocks = list(blocks)
+        int8 = self.clip_codec != 'bf16'
+        if int8 and len(E) <= MAX_COMPILED_EMBEDDINGS:
+            from ros2_sab3r.mapping.kernels import int8_dots
+
+            out = np.empty((len(E), len(blocks) * BLOCK_SIZE), np.float32)
+
+            def work(_=None) -> None:
+                while (i := next(claim)) < len(blocks):
+                    int8_dots(self.blocks[blocks[i]].clip, E, out, i * BLOCK_SIZE)
+        else:
+            # int8 codes widened to float32 (exact; on a CPU without bf16 matrix units 3-4x
+            # faster than the bf16 product, see mapping.codec), bf16 bits viewed as bfloat16
+            dtype = torch.float32 if int8 else torch.bfloat16
+            Et = torch.from_numpy(E).to(dtype)
+            # E @ F^T, not F @ E^T: torch's CPU kernels run the skinny product ~4x faster this
+            # way round (per 4096-row block, T = 5: 0.19 against 0.84 ms in float32, 2.2
+            # against 7.5 ms in bf16)
+            raw = torch.empty((len(E), len(blocks) * BLOCK_SIZE), dtype=dtype)
+
+            def work(_=None) -> None:
+                with torch.inference_mode():
+                    while (i := next(claim)) < len(blocks):
+                        stored = torch.from_numpy(self.blocks[blocks[i]].clip)
+                        F = stored.to(dtype) if int8 else stored.view(torch.bfloat16)
+                        torch.mm(Et, F.T, out=raw[:, i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+
+            out = None
         claim = itertools.count()  # next() is atomic: each block is taken by one worker
-
-        def work(_=None) -> None:
-            with torch.inference_mode():
-                while (b := next(claim)) < len(self.blocks):
-                    stored = torch.from_numpy(self.blocks[b].clip)
-                    # (BLOCK_SIZE, F): a bf16 view of the stored bits (no copy), or the int8
-                    # values widened to float32, their scale applied afterwards
-                    F = stored.to(dtype) if int8 else stored.view(torch.bfloat16)
-                    torch.mm(Et, F.T, out=raw[:, b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])
-
         if threads:
             list(_product_pool(threads).map(work, range(threads)))
         else:
             work()
-        sims = raw if raw.dtype == torch.float32 else raw.to(torch.float32)  # (T, n_slots)
-        out = np.take(sims.numpy(), self.slots, axis=1)  # (T, N), valid slots only
-        out *= self._inv_clip_norm
+        if out is None:
+            out = (raw if raw.dtype == torch.float32 else raw.to(torch.float32)).numpy()
         return out
+
+
+class BlockMaxCache:
+    """Per-block maxima of :meth:`MapSnapshot.cosine_max`, by block version (a block gets a new
+    version whenever the writer touches it, mapping.blocks), within one scope: one set of
+    embeddings in one basis of codes. Shared by the threads of one query engine.
+
+    Holds at most one map's worth of blocks (4 bytes a voxel slot): entries of blocks the
+    latest snapshot asked about no longer holds are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scope: tuple | None = None
+        self._pinned: tuple = ()  # what the scope's identities refer to (no id reuse)
+        self._by_version: dict[int, np.ndarray] = {}
+        # the last snapshot's whole result (weakly: the cache must not keep old blocks alive)
+        self._last: tuple[weakref.ref, np.ndarray] | None = None
+
+    def result(self, scope: tuple, snapshot: MapSnapshot) -> np.ndarray | None:
+        """The (N,) result computed for this very snapshot, if it was the last one."""
+        with self._lock:
+            last = self._last
+            if scope == self._scope and last is not None and last[0]() is snapshot:
+                return last[1]
+            return None
+
+    def remember(self, scope: tuple, snapshot: MapSnapshot, out: np.ndarray) -> None:
+        with self._lock:
+            if scope == self._scope:
+                self._last = (weakref.ref(snapshot), out)
+
+    def scope(self, E_codes: np.ndarray, projection: ProjectionState | None) -> tuple:
+        """The scope of these embeddings (in code space) and basis; switching scope empties
+        the cache."""
+        basis = None if projection is None else projection.basis
+        key = (E_codes.shape, E_codes.tobytes(), None if basis is None else id(basis))
+        with self._lock:
+            if key != self._scope:
+                self._scope, self._pinned, self._by_version = key, (basis,), {}
+                self._last = None
+        return key
+
+    def get(self, scope: tuple, version: int) -> np.ndarray | None:
+        with self._lock:
+            return self._by_version.get(version) if scope == self._scope else None
+
+    def put(self, scope: tuple, version: int, values: np.ndarray) -> None:
+        with self._lock:
+            if scope == self._scope:
+                self._by_version[version] = values
+
+    def keep(self, scope: tuple, versions) -> None:
+        with self._lock:
+            if scope == self._scope:
+                live = set(versions)
+                self._by_version = {v: a for v, a in self._by_version.items() if v in live}
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
