@@ -12,15 +12,20 @@ numba reads the int8 codes once and keeps T running sums per row: 12.7 ms for T 
 T = 5. For more embeddings (the 'calibrated' vocabulary, ~70) BLAS wins again: see
 :data:`MAX_COMPILED_EMBEDDINGS`.
 
-Compiled on first use (~0.7 s) and cached on disk where numba can write (beside this file, else
-numba's per-user cache directory); :func:`warm_up` compiles ahead (the query engine calls it).
+Compiled on first use (~0.7 s) and cached on disk where numba can write (NUMBA_CACHE_DIR when
+set, else beside this file, else numba's per-user cache directory); where none is writable (a
+read-only install under a user without a home) it is compiled without a cache, each process
+paying the compile once. :func:`warm_up` compiles ahead (the query engine calls it).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Up to this many embeddings per pass the compiled loop beats widening + BLAS (T = 8: ~70 ms
 # against ~100 ms per 1M voxels on one thread); beyond it the caller uses torch.
@@ -31,9 +36,18 @@ _KERNEL = None
 
 
 def _compile():
+    try:
+        return _define(cache=True)
+    except RuntimeError as err:  # numba found no writable cache directory ('no locator')
+        log.warning('similarity kernel compiled without an on-disk cache (%s); set '
+                    'NUMBA_CACHE_DIR to a writable directory to keep it between runs', err)
+        return _define(cache=False)
+
+
+def _define(cache: bool):
     from numba import njit  # imported on first use: mapping without Locate does not need it
 
-    @njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
+    @njit(cache=cache, nogil=True, fastmath=True, boundscheck=False)
     def int8_dots(F, E, out, col0):  # pragma: no cover - compiled
         """out[t, col0 + i] = sum_j E[t, j] * F[i, j]; F (n, k) int8, E (T, k) float32."""
         n, k = F.shape

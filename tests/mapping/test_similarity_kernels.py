@@ -109,3 +109,21 @@ def test_cosine_max_recomputes_only_the_blocks_written_since(codec, monkeypatch)
     other = second.cosine_max(E[:2], cache)
     assert computed == [list(range(len(second.blocks)))]
     np.testing.assert_allclose(other, second.cosine(E[:2]).max(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_compiles_where_no_cache_directory_is_writable(monkeypatch, caplog):
+    """A read-only install under a user without a writable home: numba finds no cache locator
+    (it raised RuntimeError at decoration, failing the query engine's construction); the kernel
+    is then compiled without a cache, with a warning naming NUMBA_CACHE_DIR."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, '_locator_classes', [])
+    monkeypatch.setattr(kernels, '_KERNEL', None)
+    with caplog.at_level('WARNING', logger=kernels.__name__):
+        kernels.warm_up()
+    assert kernels._KERNEL is not None and 'NUMBA_CACHE_DIR' in caplog.text
+    F = np.arange(-64, 64, dtype=np.int8).reshape(4, 32)
+    E = np.ones((2, 32), np.float32)
+    out = np.zeros((2, 4), np.float32)
+    kernels.int8_dots(F, E, out, 0)
+    np.testing.assert_array_equal(out, np.broadcast_to(F.sum(axis=1, dtype=np.float32), (2, 4)))
