@@ -173,7 +173,12 @@ class MapSnapshot:
         if not self.clip_dim or not self.n_voxels:
             return np.zeros((len(E), self.n_voxels), np.float32)
         raw = self._products(self._embedding_in_codes(E), range(len(self.blocks)), threads)
-        out = np.take(raw, self.slots, axis=1)  # (T, N), valid slots only
+        if self.slots[-1] == self.n_voxels - 1:
+            # the slots in use are the first N (slots rise, and the map reuses freed slots
+            # first: the usual layout): a view, not a copy (1.8 of ~25 ms on 1M voxels, T = 1)
+            out = raw[:, :self.n_voxels]
+        else:
+            out = np.take(raw, self.slots, axis=1)  # (T, N), valid slots only
         out *= self._inv_clip_norm
         return out
 

@@ -127,3 +127,28 @@ def test_kernel_compiles_where_no_cache_directory_is_writable(monkeypatch, caplo
     out = np.zeros((2, 4), np.float32)
     kernels.int8_dots(F, E, out, 0)
     np.testing.assert_array_equal(out, np.broadcast_to(F.sum(axis=1, dtype=np.float32), (2, 4)))
+
+
+@pytest.mark.parametrize('codec', ['int8', 'pca_int8'])
+def test_cosine_with_a_free_slot_among_the_used_ones(codec):
+    """Voxels in the first N slots (the usual layout) take the products as they are; a free slot
+    among them (slot 5 of the first block here) makes the pass pick the used slots: both equal
+    the cosines of the decoded features, voxel by voxel."""
+    import copy
+    import dataclasses
+
+    rng = np.random.default_rng(2)
+    snap = _map(codec, rng).snapshot()
+    assert snap.slots[-1] == snap.n_voxels - 1  # the usual layout
+    first = copy.copy(snap.blocks[0])
+    first.valid = first.valid.copy()
+    assert first.valid[5]
+    first.valid[5] = False
+    holed = dataclasses.replace(snap, blocks=(first, *snap.blocks[1:]),
+                                n_voxels=snap.n_voxels - 1)
+    E = _unit(rng, 3)
+    for s in (snap, holed):
+        F = s.features('clip')
+        want = (E @ F.T) / np.maximum(np.linalg.norm(F, axis=1), 1e-12)
+        np.testing.assert_allclose(s.cosine(E), want, atol=1e-4)
+    np.testing.assert_allclose(holed.cosine(E), np.delete(snap.cosine(E), 5, axis=1), atol=1e-6)
