@@ -40,10 +40,10 @@ from ros2_sab3r.mapping.codec import (
     bf16_decode,
     bf16_encode,
     fold_bf16_mean,
-    fold_int8_mean,
     int8_decode,
     int8_encode,
 )
+from ros2_sab3r.mapping.fold import fold_block, fold_int8, fold_scalars, init_slots
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.snapshot import MapSnapshot, ProjectionState
 
@@ -358,90 +358,90 @@ class SemanticVoxelMap:
 
     def _update(self, slots: np.ndarray, sel: np.ndarray, ukeys: np.ndarray, stamp_ns: int,
                 batch: tuple, fresh: bool) -> None:
-        """Fold batch rows `sel` (voxel sums) into the voxels at `slots` (same order).
+        """Fold batch rows `sel` (voxel sums) into the voxels at `slots` (same order); fresh:
+        the slots become new voxels of keys ukeys[sel].
 
-        The arithmetic runs once over all voxels; per touched block only the gathers and
-        scatters (a keyframe re-observing voxels all over a 1M-voxel map touches ~250 blocks,
-        and ~25 small numpy operations per block cost more than the folding itself).
+        Block by block (a keyframe re-observing voxels all over a 1M-voxel map touches ~250
+        blocks), in compiled loops for all but bf16 / fp16 features (:meth:`_update_in_place`).
         """
-        wsum, psum, csum, clip_sum, clip_wsum, dino_sum, dino_wsum = batch
         groups = list(self._group(slots))
         if not groups:
             return
         blocks = [self._writable(b) for b, _, _ in groups]
-        rows_of = [rows for _, rows, _ in groups]
-        src = sel[np.concatenate([order for _, _, order in groups])]  # batch row per voxel
-        n = len(src)
+        self._update_in_place(groups, blocks, sel, ukeys, stamp_ns, batch, fresh)
 
-        def gather(name: str) -> np.ndarray:
-            return _gather(blocks, rows_of, name)
-
-        def scatter(name: str, values: np.ndarray) -> None:
-            _scatter(blocks, rows_of, name, values)
-
-        w_add = wsum[src]
+    def _update_in_place(self, groups: list, blocks: list[Block], sel: np.ndarray,
+                         ukeys: np.ndarray, stamp_ns: int, batch: tuple, fresh: bool) -> None:
+        """The work of :meth:`_update`: compiled loops (mapping.fold) read and write each touched
+        slot once, block by block, instead of gathering every field of the touched slots,
+        folding and scattering back; same arithmetic, same results. Fresh slots are first made
+        empty voxels (weight 0), into which the fold writes a new voxel's values."""
+        wsum, psum, csum, clip_sum, clip_wsum, dino_sum, dino_wsum = batch
         if fresh:
-            scatter('keys', ukeys[src])
-            scatter('valid', np.ones(n, bool))
-            w_new = w_add
-            scatter('pos', psum[src] / w_new[:, None])
-            scatter('color', csum[src] / w_new[:, None])
-            scatter('count', np.ones(n, np.uint32))
-        else:
-            w_old = gather('weight').astype(np.float64)
-            w_new = w_old + w_add
-            scatter('pos', (w_old[:, None] * gather('pos') + psum[src]) / w_new[:, None])
-            scatter('color', (w_old[:, None] * gather('color') + csum[src]) / w_new[:, None])
-            scatter('count', gather('count') + 1)
-        scatter('weight', w_new)
-        scatter('last_seen', np.full(n, stamp_ns, np.int64))
+            ukeys = np.ascontiguousarray(ukeys, np.int64)
+            for (_, rows, order), blk in zip(groups, blocks):
+                init_slots(rows, sel[order], ukeys, blk)
+        feats = []
         for kind, fsum_all, fw_all in (('clip', clip_sum, clip_wsum),
                                        ('dino', dino_sum, dino_wsum)):
-            w_name = f'{kind}_w'
-            if fresh:  # also where this batch brings no feature
-                scatter(w_name, np.zeros(n, np.float32))
-                if kind == 'clip':
-                    scatter('clip_norm', np.zeros(n, np.float32))
             if fsum_all is None or getattr(blocks[0], kind) is None:
                 continue
-            fw = fw_all[src]
-            has = np.flatnonzero(fw > 0)
-            if not len(has):
-                continue
-            # the voxels given a feature, per block: `has` cut at the blocks' bounds
-            bounds = np.cumsum([0] + [len(rows) for rows in rows_of])
-            cuts = np.searchsorted(has, bounds)
-            sub_blocks, sub_rows = [], []
-            for i, (blk, rows) in enumerate(zip(blocks, rows_of)):
-                if cuts[i + 1] > cuts[i]:
-                    sub_blocks.append(blk)
-                    sub_rows.append(rows[has[cuts[i]:cuts[i + 1]] - bounds[i]])
-            r = np.arange(len(has))
-            fsum = fsum_all[src[has]]
-            scale_name = f'{kind}_scale'
-            int8 = getattr(blocks[0], scale_name) is not None
-            fw_old = (np.zeros(len(has), np.float32) if fresh
-                      else _gather(sub_blocks, sub_rows, w_name))
-            fw_new = (fw_old + fw[has]).astype(np.float32)
-            values = _gather(sub_blocks, sub_rows, kind)  # (h, width) stored means
-            norm = np.zeros(len(has), np.float32)
-            if int8:
-                scale = _gather(sub_blocks, sub_rows, scale_name)
-                fold_int8_mean(values, scale, norm if kind == 'clip' else None, r, fsum,
-                               fw_old, fw_new)
-                _scatter(sub_blocks, sub_rows, scale_name, scale)
-            elif kind == 'clip':
-                fold_bf16_mean(values, norm, r, fsum, fw_old, fw_new)
+            if getattr(blocks[0], f'{kind}_scale') is None:  # bf16 / fp16: the numpy fold
+                self._fold_features(kind, groups, blocks, sel, fsum_all, fw_all)
             else:
-                # float32 is plenty for a running mean stored as fp16
-                mean = values.astype(np.float32)
-                mean *= (fw_old / fw_new)[:, None]
-                mean += fsum / fw_new[:, None]
-                values = mean
-            _scatter(sub_blocks, sub_rows, kind, values)
-            if kind == 'clip':
-                _scatter(sub_blocks, sub_rows, 'clip_norm', norm)
-            _scatter(sub_blocks, sub_rows, w_name, fw_new)
+                feats.append((kind, np.ascontiguousarray(fsum_all, np.float32),
+                              np.ascontiguousarray(fw_all, np.float32)))
+        wsum = np.ascontiguousarray(wsum, np.float64)
+        psum = np.ascontiguousarray(psum, np.float64)
+        csum = np.ascontiguousarray(csum, np.float64)
+        for (_, rows, order), blk in zip(groups, blocks):
+            src = sel[order]
+            if not feats:
+                fold_scalars(rows, src, stamp_ns, wsum, psum, csum, blk.weight, blk.pos,
+                             blk.color, blk.count, blk.last_seen)
+                continue
+            kind, fsum_all, fw_all = feats[0]
+            fold_block(rows, src, stamp_ns, wsum, psum, csum, blk.weight, blk.pos, blk.color,
+                       blk.count, blk.last_seen, fsum_all, fw_all, getattr(blk, kind),
+                       getattr(blk, f'{kind}_scale'), blk.clip_norm if kind == 'clip' else None,
+                       getattr(blk, f'{kind}_w'))
+            for kind, fsum_all, fw_all in feats[1:]:
+                fold_int8(rows, src, fsum_all, fw_all, getattr(blk, kind),
+                          getattr(blk, f'{kind}_scale'),
+                          blk.clip_norm if kind == 'clip' else None, getattr(blk, f'{kind}_w'))
+
+    def _fold_features(self, kind: str, groups: list, blocks: list[Block], sel: np.ndarray,
+                       fsum_all: np.ndarray, fw_all: np.ndarray) -> None:
+        """The numpy fold of bf16 CLIP / fp16 DINO means into voxels already in the map."""
+        rows_of = [rows for _, rows, _ in groups]
+        src = sel[np.concatenate([order for _, _, order in groups])]
+        w_name = f'{kind}_w'
+        fw = fw_all[src]
+        has = np.flatnonzero(fw > 0)
+        if not len(has):
+            return
+        bounds = np.cumsum([0] + [len(rows) for rows in rows_of])
+        cuts = np.searchsorted(has, bounds)
+        sub_blocks, sub_rows = [], []
+        for i, (blk, rows) in enumerate(zip(blocks, rows_of)):
+            if cuts[i + 1] > cuts[i]:
+                sub_blocks.append(blk)
+                sub_rows.append(rows[has[cuts[i]:cuts[i + 1]] - bounds[i]])
+        fsum = fsum_all[src[has]]
+        fw_old = _gather(sub_blocks, sub_rows, w_name)
+        fw_new = (fw_old + fw[has]).astype(np.float32)
+        values = _gather(sub_blocks, sub_rows, kind)
+        if kind == 'clip':
+            norm = np.zeros(len(has), np.float32)
+            fold_bf16_mean(values, norm, np.arange(len(has)), fsum, fw_old, fw_new)
+            _scatter(sub_blocks, sub_rows, 'clip_norm', norm)
+        else:
+            mean = values.astype(np.float32)
+            mean *= (fw_old / fw_new)[:, None]
+            mean += fsum / fw_new[:, None]
+            values = mean
+        _scatter(sub_blocks, sub_rows, kind, values)
+        _scatter(sub_blocks, sub_rows, w_name, fw_new)
 
     def _enable_dino(self, dim: int) -> None:
         self.dino_dim = int(dim)

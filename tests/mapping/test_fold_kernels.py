@@ -1,0 +1,109 @@
+"""The compiled fold of a batch into the map's blocks (mapping.fold) against the numpy arithmetic
+it replaced: bit for bit, for re-observed voxels, new ones, skipped feature rows, all-zero
+features and codes at the int8 limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ros2_sab3r.config import MappingConfig
+from ros2_sab3r.mapping import fold
+from ros2_sab3r.mapping.blocks import Block
+from ros2_sab3r.mapping.codec import fold_int8_mean, int8_encode
+from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+
+pytestmark = pytest.mark.unit
+
+
+def _block(rng, width: int) -> Block:
+    blk = Block(width, 0, 'pca_int8')
+    blk.weight[:] = rng.uniform(0.5, 9, len(blk.weight))
+    blk.pos[:] = rng.uniform(-5, 5, blk.pos.shape)
+    blk.color[:] = rng.uniform(0, 255, blk.color.shape)
+    blk.count[:] = rng.integers(1, 50, len(blk.count))
+    blk.clip[:], blk.clip_scale[:] = int8_encode(rng.standard_normal(blk.clip.shape))
+    blk.clip_w[:] = rng.uniform(0.5, 9, len(blk.clip_w))
+    return blk
+
+
+@pytest.mark.parametrize('width', [16, 128, 512])
+def test_int8_fold_equals_the_numpy_fold(width):
+    rng = np.random.default_rng(width)
+    blk = _block(rng, width)
+    rows = np.sort(rng.choice(len(blk.weight), 300, replace=False))
+    U = 400
+    src = rng.permutation(U)[:300]  # batch rows in another order than the slots
+    fsum = (rng.standard_normal((U, width)) * rng.uniform(0.1, 30, (U, 1))).astype(np.float32)
+    fw = rng.uniform(0.5, 20, U).astype(np.float32)
+    fw[src[:40]] = 0  # no feature for these voxels: left as they are
+    fsum[src[40:50]] = 0
+    blk.clip_w[rows[40:50]] = 0  # all-zero means: scale 0
+    fsum[src[50:60], 0] = 1e4  # one channel far above the rest: the others round to 0
+    want = blk.copy()
+    has = np.flatnonzero(fw[src] > 0)
+    r = rows[has]
+    w_old = want.clip_w[r].copy()
+    w_new = (w_old + fw[src[has]]).astype(np.float32)
+    values, scale = want.clip[r].copy(), want.clip_scale[r].copy()
+    norm = np.zeros(len(r), np.float32)
+    fold_int8_mean(values, scale, norm, np.arange(len(r)), fsum[src[has]].copy(), w_old, w_new)
+    want.clip[r], want.clip_scale[r], want.clip_norm[r] = values, scale, norm
+    want.clip_w[r] = w_new
+
+    fold.fold_int8(rows, src, fsum, fw, blk.clip, blk.clip_scale, blk.clip_norm, blk.clip_w)
+    for name in ('clip', 'clip_scale', 'clip_norm', 'clip_w'):
+        assert np.array_equal(getattr(blk, name), getattr(want, name)), name
+    assert (blk.clip_scale[rows[40:50]] == 0).all() and (blk.clip[rows[40:50]] == 0).all()
+    assert (np.abs(blk.clip[rows[50:60], 0]) == 127).all()
+
+
+def test_scalar_fold_equals_the_float64_means():
+    rng = np.random.default_rng(0)
+    blk = _block(rng, 16)
+    rows = np.sort(rng.choice(len(blk.weight), 500, replace=False))
+    src = rng.permutation(500)
+    wsum = rng.uniform(0.1, 20, 500)
+    psum = rng.uniform(-50, 50, (500, 3)) * wsum[:, None]
+    csum = rng.uniform(0, 255, (500, 3)) * wsum[:, None]
+    w_old = blk.weight[rows].astype(np.float64)
+    w_new = w_old + wsum[src]
+    pos = (w_old[:, None] * blk.pos[rows] + psum[src]) / w_new[:, None]
+    color = (w_old[:, None] * blk.color[rows] + csum[src]) / w_new[:, None]
+    count = blk.count[rows] + 1
+    fold.fold_scalars(rows, src, 7, wsum, psum, csum, blk.weight, blk.pos, blk.color, blk.count,
+                      blk.last_seen)
+    assert np.array_equal(blk.pos[rows], pos.astype(np.float32))
+    assert np.array_equal(blk.color[rows], color.astype(np.float32))
+    assert np.array_equal(blk.weight[rows], w_new.astype(np.float32))
+    assert np.array_equal(blk.count[rows], count)
+    assert (blk.last_seen[rows] == 7).all()
+    untouched = np.setdiff1d(np.arange(len(blk.weight)), rows)
+    assert (blk.last_seen[untouched] == 0).all()
+
+
+@pytest.mark.parametrize('codec', ['int8', 'pca_int8'])
+def test_a_new_voxel_folded_from_empty_is_its_batch_mean(codec):
+    """New voxels (fresh slots, also reused ones after eviction: stale codes) get the batch's
+    weighted means, exactly as the fold of a first observation computes them."""
+    rng = np.random.default_rng(1)
+    m = SemanticVoxelMap(MappingConfig(voxel_size_m=0.5, max_voxels=40, feature_codec=codec,
+                                       clip_projection_dim=8), clip_dim=8)
+    S = rng.standard_normal((4, 8)).astype(np.float32)
+    for stamp in range(1, 4):  # 3 x 30 distinct voxels into 40: evictions reuse slots
+        X = np.arange(30)[:, None] * [1.0, 0, 0] + [0.25, 0.25, 100.0 * stamp + 0.25]
+        X = X.repeat(2, 0)
+        X = (X + rng.uniform(-0.2, 0.2, X.shape)).astype(np.float32)
+        C = rng.uniform(5, 9, len(X)).astype(np.float32)
+        cells = rng.integers(0, 4, len(X))
+        m.integrate(X, C, np.zeros((len(X), 3), np.uint8), stamp, cells, S)
+    snap = m.snapshot()
+    assert m.evicted_total == 50 and snap.n_voxels == 40
+    last = snap.last_seen_ns == 3
+    assert last.sum() == 30
+    order = np.argsort(X[::2, 0])
+    want = ((X[0::2] * C[0::2, None] + X[1::2] * C[1::2, None])
+            / (C[0::2] + C[1::2])[:, None])[order]
+    got = snap.positions[last][np.argsort(snap.positions[last][:, 0])]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    assert (snap.counts[last] == 1).all()
