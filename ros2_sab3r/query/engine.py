@@ -253,7 +253,9 @@ class QueryEngine:
             else:
                 neg_rows = [col[n] for n in negatives if n != text]
                 relevancy = self._relevancy(s_q, sims, neg_rows, canonical_max)
-                relevancy[~has_feature] = 0.0
+                # 0 where no feature was fused: relevancy is finite, so a product with the mask
+                # (one pass, 0.3 ms on 1M voxels; the masked assignment took 1.9)
+                np.multiply(relevancy, has_feature, out=relevancy)
                 cut = min_score
                 member = self._members(s_q, relevancy, has_feature, min_score)
             np.maximum(best, relevancy, out=best, casting='unsafe')
