@@ -8,8 +8,9 @@ projected int8 codes) that fell into it.
 
 Layout: voxels live in fixed-size blocks of slots (mapping.blocks); a sorted array of packed int64
 voxel keys (mapping.keys) maps keys to slots (numpy searchsorted, no Python dict, no per-point
-loops). Integration groups a batch of points by voxel with np.unique and bincount, and the
-features with one sparse matrix product.
+loops). Integration groups a batch of points by voxel with one sort and bincount, and the
+features by weighted row sums of the feature cells (a sparse product, compiled in mapping.fold),
+then folds them into the blocks in compiled loops (mapping.fold).
 
 Snapshots: after every integration the map publishes a :class:`MapSnapshot` (mapping.snapshot)
 holding references to the current blocks. Only blocks a reader may hold are copied before they are
@@ -31,7 +32,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from scipy.sparse import csr_matrix
 
 from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping.blocks import BLOCK_SIZE, Block, next_version
@@ -43,7 +43,13 @@ from ros2_sab3r.mapping.codec import (
     int8_decode,
     int8_encode,
 )
-from ros2_sab3r.mapping.fold import fold_block, fold_int8, fold_scalars, init_slots
+from ros2_sab3r.mapping.fold import (
+    fold_block,
+    fold_int8,
+    fold_scalars,
+    init_slots,
+    weighted_row_sums,
+)
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.snapshot import MapSnapshot, ProjectionState
 
@@ -190,18 +196,17 @@ class SemanticVoxelMap:
             has = cell >= 0
             S_any = S_clip if S_clip is not None else S_dino
             M = int(np.prod(S_any.shape[:-1]))  # feature cells
-            # (U, M) weights of each voxel's points per cell, rows in order; duplicate entries
-            # (points of one voxel in one cell) are summed by the product. float32: the
-            # products below stay float32 (U x 512 float64 would double the work)
+            # (U, M) weights of each voxel's points per cell as CSR (w_has, cols, indptr), rows
+            # in order; duplicate entries (points of one voxel in one cell) are summed by the
+            # row sums. float32: the sums stay float32 (U x 512 float64 would double the work)
             rows_of = inv[has]
             cols = cell[has]
-            if len(cols) and cols.max() >= M:  # csr_matrix does not check its indices
+            if len(cols) and cols.max() >= M:  # the row sums do not check their indices
                 raise ValueError(f'integrate: feature cell index {int(cols.max())} out of range '
                                  f'for {M} feature cells')
             w_has = w[has].astype(np.float32)
             indptr = np.zeros(U + 1, np.int64)
             np.cumsum(np.bincount(rows_of, minlength=U), out=indptr[1:])
-            A = csr_matrix((w_has, cols, indptr), shape=(U, M))
             fw = np.bincount(rows_of, w_has, U).astype(np.float32)
             used = None
             for kind, S, dim in (('clip', S_clip, self.clip_dim), ('dino', S_dino,
@@ -221,7 +226,7 @@ class SemanticVoxelMap:
                     if Y is None or R is not None or proj.basis is None:
                         Y = S @ proj.basis
                     S = Y  # (M, k): cheaper than projecting the (U, F) sums
-                total = A @ S.astype(np.float32, copy=False)
+                total = weighted_row_sums(indptr, cols, w_has, S)
                 if kind == 'clip':
                     clip_sum, clip_wsum = total, fw
                 else:

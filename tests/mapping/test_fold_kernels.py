@@ -107,3 +107,17 @@ def test_a_new_voxel_folded_from_empty_is_its_batch_mean(codec):
     got = snap.positions[last][np.argsort(snap.positions[last][:, 0])]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
     assert (snap.counts[last] == 1).all()
+
+
+def test_weighted_row_sums_equal_the_sparse_product():
+    from scipy.sparse import csr_matrix
+    rng = np.random.default_rng(2)
+    U, M = 700, 96
+    indptr = np.zeros(U + 1, np.int64)
+    np.cumsum(rng.integers(0, 7, U), out=indptr[1:])  # some rows empty
+    cols = rng.integers(0, M, indptr[-1])
+    w = rng.uniform(0.1, 5, indptr[-1]).astype(np.float32)
+    S = rng.standard_normal((M, 40)).astype(np.float32)
+    got = fold.weighted_row_sums(indptr, cols, w, S)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, csr_matrix((w, cols, indptr), shape=(U, M)) @ S)
