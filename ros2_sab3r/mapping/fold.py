@@ -16,12 +16,11 @@ cached on disk like mapping.kernels.
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from ros2_sab3r.mapping.kernels import compile_cached
 
 _MAGIC = np.float32(1.5 * 2 ** 23)  # x + _MAGIC - _MAGIC rounds float32 x half to even
 _LOCK = threading.Lock()
@@ -29,12 +28,7 @@ _KERNELS = None
 
 
 def _compile():
-    try:
-        return _define(cache=True)
-    except RuntimeError as err:  # numba found no writable cache directory ('no locator')
-        log.warning('fold kernels compiled without an on-disk cache (%s); set NUMBA_CACHE_DIR '
-                    'to a writable directory to keep them between runs', err)
-        return _define(cache=False)
+    return compile_cached(_define, 'fold kernels')
 
 
 def _define(cache: bool):

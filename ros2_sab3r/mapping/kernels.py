@@ -21,12 +21,15 @@ paying the compile once. :func:`warm_up` compiles ahead (the query engine calls 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 import threading
+from typing import TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+_T = TypeVar('_T')
 
 # Up to this many embeddings per pass the compiled loop clearly beats widening + BLAS (per 1M
 # voxels on one thread, load 2: T = 8 49 against 86 ms, 16: 89 / 125, 24: 134 / 207; from 32
@@ -37,13 +40,20 @@ _LOCK = threading.Lock()
 _KERNEL = None
 
 
-def _compile():
+def compile_cached(define: Callable[[bool], _T], what: str) -> _T:
+    """define(cache=True), the numba kernels on numba's disk cache; define(cache=False) with a
+    warning where numba finds no writable cache directory (it raises RuntimeError, 'no locator',
+    when the decorator runs). `what` names the kernels in the warning."""
     try:
-        return _define(cache=True)
-    except RuntimeError as err:  # numba found no writable cache directory ('no locator')
-        log.warning('similarity kernel compiled without an on-disk cache (%s); set '
-                    'NUMBA_CACHE_DIR to a writable directory to keep it between runs', err)
-        return _define(cache=False)
+        return define(True)
+    except RuntimeError as err:
+        log.warning('%s compiled without an on-disk cache (%s); set NUMBA_CACHE_DIR to a '
+                    'writable directory to keep them between runs', what, err)
+        return define(False)
+
+
+def _compile():
+    return compile_cached(_define, 'similarity kernel')
 
 
 def _define(cache: bool):
