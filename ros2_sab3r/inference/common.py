@@ -126,12 +126,8 @@ def is_feature_output(name: str) -> bool:
 def requested_outputs(names: Sequence[str], request: DecodeRequest) -> list[str]:
     """The subset of decoder output ``names`` a request asks for: all geometry, and the feature
     outputs of the requested views only."""
-    keep = []
-    for name in names:
-        view, field = OUTPUT_FIELDS.get(name, (0, ''))
-        if field not in FEATURE_FIELDS or request.wants_features(view):
-            keep.append(name)
-    return keep
+    return [name for name in names if not is_feature_output(name)
+            or request.wants_features(OUTPUT_FIELDS[name][0])]
 
 
 def check_request(request: object) -> DecodeRequest:
