@@ -1,27 +1,34 @@
-"""Compiled kernels folding a batch's per-voxel sums into voxels already in the map, one block at
-a time (SemanticVoxelMap._update for re-observed voxels), through numba.
+"""Compiled kernels of an integration, through numba: a batch's points summed per voxel
+(:func:`batch_sums`), those sums folded into voxels already in the map one block at a time
+(SemanticVoxelMap._update), and the key index's insertions (:func:`insert_sorted`).
 
 Why: a keyframe re-observing 40k voxels spread over a 1M-voxel map touches ~250 blocks. The
 numpy path gathered every field of the touched slots from each block, computed, and scattered
 them back (~25 small operations per block), and decoded, folded and re-encoded the int8 codes
 in several full passes over (n, k) temporaries; at 0.56-0.93 M points/s this was most of the
-integration time. These loops read and write each touched slot once, in place.
+integration time. These loops read and write each touched slot once, in place. Summing the
+batch took a dozen numpy passes over its points (gathers, np.bincount per field, the CSR of
+feature weights); :func:`batch_sums` makes one after the sort.
 
 They reproduce the numpy arithmetic bit for bit (no fastmath: no reassociation or fused
 multiply-add): positions and colours in float64, feature means in float32 with the same
 rounding steps, the norm of an int8 row from the exact integer sum of its squared codes (what
-float32 einsum gives for them: the sums stay below 2**24). Compiled on first use (~1 s) and
-cached on disk like mapping.kernels.
+float32 einsum gives for them: the sums stay below 2**24), per-voxel sums in the order of the
+same np.argsort. Compiled on first use (~1 s) and cached on disk like mapping.kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import threading
 
 import numpy as np
 
 from ros2_sab3r.mapping.kernels import compile_cached
+from ros2_sab3r.mapping.keys import KEY_BITS, KEY_OFFSET
 
+_OFFSET = np.int64(KEY_OFFSET)
+_SHIFT_I, _SHIFT_J = np.int64(2 * KEY_BITS), np.int64(KEY_BITS)
 _MAGIC = np.float32(1.5 * 2 ** 23)  # x + _MAGIC - _MAGIC rounds float32 x half to even
 _LOCK = threading.Lock()
 _KERNELS = None
@@ -149,7 +156,95 @@ def _define(cache: bool):
                 for j in range(o.shape[0]):
                     o[j] += a * x[j]
 
-    return fold_scalars, fold_int8, fold_both, init_slots, row_sums
+    @njit(cache=cache, nogil=True, boundscheck=False)
+    def select_keys(X, C, vs, min_conf, limit, keys, sel):  # pragma: no cover - compiled
+        # float32 throughout, as numpy computes floor(X / voxel_size) for float32 X
+        n = 0
+        for i in range(X.shape[0]):
+            c = C[i]
+            if not (np.isfinite(c) and c >= min_conf):
+                continue
+            fi = np.floor(X[i, 0] / vs)
+            fj = np.floor(X[i, 1] / vs)
+            fk = np.floor(X[i, 2] / vs)
+            if not (abs(fi) < limit and abs(fj) < limit and abs(fk) < limit):  # NaN: False
+                continue
+            keys[n] = (((np.int64(fi) + _OFFSET) << _SHIFT_I) | ((np.int64(fj) + _OFFSET)
+                                                                << _SHIFT_J)
+                       | (np.int64(fk) + _OFFSET))
+            sel[n] = i
+            n += 1
+        return n
+
+    @njit(cache=cache, nogil=True, boundscheck=False)
+    def voxel_sums(keys, order, sel, X, C, rgb, cells, with_cells, ukeys, pts, wsum, psum,
+                   csum, indptr, cols, w_cols, fw):  # pragma: no cover - compiled
+        # one pass over the points in key order; each sum runs in that order from 0, as
+        # np.bincount's do (float64 weights, products with the float32 / uint8 values)
+        U = -1
+        nnz = 0
+        last = np.int64(0)
+        top = np.int64(-1)
+        fw_acc = 0.0
+        for t in range(order.shape[0]):
+            o = order[t]
+            key = keys[o]
+            if U < 0 or key != last:
+                if U >= 0:
+                    fw[U] = np.float32(fw_acc)
+                U += 1
+                last = key
+                ukeys[U] = key
+                wsum[U] = 0.0
+                for k in range(3):
+                    psum[U, k] = 0.0
+                    csum[U, k] = 0.0
+                indptr[U] = nnz
+                fw_acc = 0.0
+            p = sel[o]
+            pts[t] = p
+            w = np.float64(C[p])
+            wsum[U] += w
+            for k in range(3):
+                psum[U, k] += w * np.float64(X[p, k])
+                csum[U, k] += w * np.float64(rgb[p, k])
+            if with_cells:
+                cell = cells[p]
+                if cell >= 0:
+                    cols[nnz] = cell
+                    w_cols[nnz] = np.float32(w)
+                    fw_acc += np.float64(np.float32(w))
+                    nnz += 1
+                    top = max(top, cell)
+        if U >= 0:
+            fw[U] = np.float32(fw_acc)
+        indptr[U + 1] = nnz
+        return U + 1, nnz, top
+
+    @njit(cache=cache, nogil=True, boundscheck=False)
+    def merge_index(keys, slots, at, new_keys, new_slots, out_keys, out_slots):  # pragma: no cover
+        # np.insert(keys, at, new_keys) (at sorted, new before the old entry at the same place)
+        # for keys and slots in one pass
+        j = 0
+        src = 0
+        for i in range(at.shape[0]):
+            stop = at[i]
+            while src < stop:
+                out_keys[j] = keys[src]
+                out_slots[j] = slots[src]
+                j += 1
+                src += 1
+            out_keys[j] = new_keys[i]
+            out_slots[j] = new_slots[i]
+            j += 1
+        while src < keys.shape[0]:
+            out_keys[j] = keys[src]
+            out_slots[j] = slots[src]
+            j += 1
+            src += 1
+
+    return (fold_scalars, fold_int8, fold_both, init_slots, row_sums, select_keys, voxel_sums,
+            merge_index)
 
 
 def _kernels():
@@ -214,3 +309,74 @@ def weighted_row_sums(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, S: np
     _kernels()[4](np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(cols, np.int64),
                   np.ascontiguousarray(w, np.float32), S, out)
     return out
+
+
+@dataclass(frozen=True)
+class BatchSums:
+    """A batch of points summed per voxel (what SemanticVoxelMap.integrate folds into the map).
+
+    ukeys (U,) int64, the voxels' keys, ascending; wsum (U,) float64, the sum of the points'
+    confidences; psum, csum (U, 3) float64: sums of confidence x position / colour;
+    pts (n,) the selected points, grouped by voxel in ukeys' order. With feature cells: the
+    (U, M) weights of each voxel's points per feature cell as CSR (indptr (U + 1,), cols and
+    w_cols (nnz,) float32, duplicates summed by the row sums) and fw (U,) float32, each voxel's
+    feature weight; else those are None.
+    """
+
+    ukeys: np.ndarray
+    wsum: np.ndarray
+    psum: np.ndarray
+    csum: np.ndarray
+    pts: np.ndarray
+    indptr: np.ndarray | None
+    cols: np.ndarray | None
+    w_cols: np.ndarray | None
+    fw: np.ndarray | None
+
+
+def batch_sums(X_W: np.ndarray, C: np.ndarray, rgb: np.ndarray, voxel_size: float,
+               min_confidence: float, cells: np.ndarray | None, n_cells: int = 0
+               ) -> BatchSums | None:
+    """Sum the points X_W (N, 3) float32 with confidences C (N,) float32 (those at least
+    min_confidence, finite, inside the key range) and colours rgb (N, 3) uint8 per voxel of
+    voxel_size; cells (N,) int64, each point's feature cell (-1: none), or None. None when no
+    point is kept. Same values, bit for bit, as the numpy formulation (floor, np.argsort of the
+    packed keys, np.bincount per voxel) these loops replace (tests/mapping/test_fold_kernels.py).
+    """
+    kernels = _kernels()
+    N = len(X_W)
+    keys = np.empty(N, np.int64)
+    sel = np.empty(N, np.int64)
+    n = kernels[5](X_W, C, np.float32(voxel_size), np.float32(min_confidence),
+                   np.float32(KEY_OFFSET - 2), keys, sel)
+    if n == 0:
+        return None
+    keys, sel = keys[:n], sel[:n]
+    order = np.argsort(keys)  # the sort np.unique would do; its order within a voxel kept
+    with_cells = cells is not None
+    m = n if with_cells else 0
+    out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64),
+           np.empty((n, 3), np.float64), np.empty((n, 3), np.float64), np.empty(n + 1, np.int64),
+           np.empty(m, np.int64), np.empty(m, np.float32), np.empty(n, np.float32))
+    U, nnz, top = kernels[6](keys, order, sel, X_W, C, rgb,
+                             cells if with_cells else keys, with_cells, *out)
+    if with_cells and top >= n_cells:  # the row sums do not check their indices
+        raise ValueError(f'integrate: feature cell index {top} out of range for {n_cells} '
+                         f'feature cells')
+    ukeys, pts, wsum, psum, csum, indptr, cols, w_cols, fw = out
+    return BatchSums(ukeys[:U], wsum[:U], psum[:U], csum[:U], pts,
+                     indptr[:U + 1] if with_cells else None,
+                     cols[:nnz] if with_cells else None, w_cols[:nnz] if with_cells else None,
+                     fw[:U] if with_cells else None)
+
+
+def insert_sorted(keys: np.ndarray, slots: np.ndarray, at: np.ndarray, new_keys: np.ndarray,
+                  new_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(np.insert(keys, at, new_keys), np.insert(slots, at, new_slots)) for int64 arrays and
+    ascending `at`, in one pass."""
+    n = len(keys) + len(new_keys)
+    out_keys, out_slots = np.empty(n, np.int64), np.empty(n, np.int64)
+    _kernels()[7](keys, slots, np.ascontiguousarray(at, np.int64),
+                  np.ascontiguousarray(new_keys, np.int64),
+                  np.ascontiguousarray(new_slots, np.int64), out_keys, out_slots)
+    return out_keys, out_slots

@@ -44,13 +44,14 @@ from ros2_sab3r.mapping.codec import (
     int8_encode,
 )
 from ros2_sab3r.mapping.fold import (
+    batch_sums,
     fold_block,
     fold_int8,
     fold_scalars,
     init_slots,
+    insert_sorted,
     weighted_row_sums,
 )
-from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.snapshot import MapSnapshot, ProjectionState
 
 # Integrations a reader arriving during an in-place integration can be behind, at most: past
@@ -165,49 +166,28 @@ class SemanticVoxelMap:
         if S_dino is not None and self.dino_dim and S_dino.shape[-1] != self.dino_dim:
             raise ValueError(f'DINO features have {S_dino.shape[-1]} channels, the map holds '
                              f'{self.dino_dim}')
-        ijk = np.floor(X_W / self.voxel_size)
-        inside = np.abs(ijk) < KEY_OFFSET - 2  # (N, 3), False for NaN and inf
-        ok = inside[:, 0] & inside[:, 1] & inside[:, 2]  # (faster than .all(-1))
-        ok &= np.isfinite(C) & (C >= self.cfg.min_confidence)
-        sel = np.flatnonzero(ok)
-        n_ok = len(sel)
-        if n_ok == 0:
-            return 0
-        # points grouped by voxel with one sort (what np.unique does), whose order also lays out
-        # the feature matrix row by row (no COO -> CSR conversion)
-        keys = pack_keys(ijk[sel])
-        order = np.argsort(keys)
-        sorted_keys = keys[order]
-        first = np.empty(n_ok, bool)  # (n,) the first point of each voxel in sorted order
-        first[0] = True
-        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
-        ukeys = sorted_keys[first]
-        U = len(ukeys)
-        inv = np.cumsum(first) - 1  # (n,) voxel of each sorted point
-        pts = sel[order]  # (n,) the sorted points' indices
-        X, w, col = X_W[pts], C[pts].astype(np.float64), rgb[pts]
-        wsum = np.bincount(inv, w, U)
-        psum = np.stack([np.bincount(inv, w * X[:, k], U) for k in range(3)], -1)
-        csum = np.stack([np.bincount(inv, w * col[:, k], U) for k in range(3)], -1)
-        clip_sum = clip_wsum = dino_sum = dino_wsum = None
-        rotations = {}  # kind -> (k, k) rotation of the stored codes after a refit
-        if cells is not None and (S_clip is not None or S_dino is not None):
-            cell = np.asarray(cells).reshape(-1)[pts]
-            has = cell >= 0
+        with_cells = cells is not None and (S_clip is not None or S_dino is not None)
+        M = 0
+        if with_cells:
             S_any = S_clip if S_clip is not None else S_dino
             M = int(np.prod(S_any.shape[:-1]))  # feature cells
-            # (U, M) weights of each voxel's points per cell as CSR (w_has, cols, indptr), rows
-            # in order; duplicate entries (points of one voxel in one cell) are summed by the
-            # row sums. float32: the sums stay float32 (U x 512 float64 would double the work)
-            rows_of = inv[has]
-            cols = cell[has]
-            if len(cols) and cols.max() >= M:  # the row sums do not check their indices
-                raise ValueError(f'integrate: feature cell index {int(cols.max())} out of range '
-                                 f'for {M} feature cells')
-            w_has = w[has].astype(np.float32)
-            indptr = np.zeros(U + 1, np.int64)
-            np.cumsum(np.bincount(rows_of, minlength=U), out=indptr[1:])
-            fw = np.bincount(rows_of, w_has, U).astype(np.float32)
+            cells = np.ascontiguousarray(np.asarray(cells).reshape(-1), np.int64)
+            if len(cells) != len(X_W):
+                raise ValueError(f'integrate: {len(cells)} feature cells for {len(X_W)} points')
+        # points grouped by voxel with one sort (what np.unique does), whose order also lays out
+        # the (U, M) feature weights row by row as CSR (no COO -> CSR conversion): mapping.fold
+        sums = batch_sums(np.ascontiguousarray(X_W), np.ascontiguousarray(C),
+                          np.ascontiguousarray(rgb), self.voxel_size,
+                          self.cfg.min_confidence, cells if with_cells else None, M)
+        if sums is None:
+            return 0
+        n_ok = len(sums.pts)
+        ukeys, wsum, psum, csum = sums.ukeys, sums.wsum, sums.psum, sums.csum
+        clip_sum = clip_wsum = dino_sum = dino_wsum = None
+        rotations = {}  # kind -> (k, k) rotation of the stored codes after a refit
+        if with_cells:
+            # float32: the sums stay float32 (U x 512 float64 would double the work)
+            indptr, cols, w_has, fw = sums.indptr, sums.cols, sums.w_cols, sums.fw
             used = None
             for kind, S, dim in (('clip', S_clip, self.clip_dim), ('dino', S_dino,
                                                                    self.dino_dim)):
@@ -217,7 +197,7 @@ class SemanticVoxelMap:
                 proj = self._proj[kind]
                 if proj is not None:  # pca_int8: sums of the projected cell features
                     if used is None:
-                        used = np.flatnonzero(np.bincount(cell[has], minlength=M))
+                        used = np.flatnonzero(np.bincount(cols, minlength=M))
                     S = np.asarray(S, np.float32)
                     Y = None if proj.basis is None else S @ proj.basis
                     R = proj.observe(S[used], None if Y is None else Y[used])
@@ -262,25 +242,27 @@ class SemanticVoxelMap:
                 blk.clip_norm[rows] = s * np.sqrt(np.einsum('ij,ij->i', qf, qf))
 
     def _fold(self, ukeys: np.ndarray, stamp_ns: int, batch: tuple) -> None:
-        """Fold per-voxel sums (batch) of the voxels `ukeys` into the map."""
+        """Fold per-voxel sums (batch) of the voxels `ukeys` (ascending) into the map."""
         wsum = batch[0]
         U = len(ukeys)
-        pos = np.searchsorted(self._index_keys, ukeys)
+        pos = np.searchsorted(self._index_keys, ukeys)  # also where the new keys go
         found = np.zeros(U, bool)
         inside = pos < len(self._index_keys)
         found[inside] = self._index_keys[pos[inside]] == ukeys[inside]
         old_slots = self._index_slots[pos[found]]
         new_rows = np.flatnonzero(~found)
+        n_before = self.n_voxels
         new_rows = self._make_room(new_rows, wsum, old_slots)
         new_slots = self._allocate(len(new_rows))
         self._update(old_slots, np.flatnonzero(found), ukeys, stamp_ns, batch, fresh=False)
         self._update(new_slots, new_rows, ukeys, stamp_ns, batch, fresh=True)
         if len(new_rows):
-            order = np.argsort(ukeys[new_rows])
-            nk, ns = ukeys[new_rows][order], new_slots[order]
-            at = np.searchsorted(self._index_keys, nk)
-            self._index_keys = np.insert(self._index_keys, at, nk)
-            self._index_slots = np.insert(self._index_slots, at, ns)
+            nk = ukeys[new_rows]  # ascending, as ukeys
+            # an eviction moved the index entries: search again
+            at = (pos[new_rows] if self.n_voxels == n_before else
+                  np.searchsorted(self._index_keys, nk))
+            self._index_keys, self._index_slots = insert_sorted(
+                self._index_keys, self._index_slots, at, nk, new_slots)
         self._stamp_ns = max(self._stamp_ns, int(stamp_ns))
 
     def _make_room(self, new_rows: np.ndarray, wsum: np.ndarray, old_slots: np.ndarray
@@ -337,15 +319,20 @@ class SemanticVoxelMap:
         return np.concatenate([slots, fresh])
 
     def _group(self, slots: np.ndarray):
-        """Yield (block index, row indices) for slots, one group per touched block."""
+        """Yield (block index, row indices, positions in `slots`) for slots, one group per
+        touched block (slices of three arrays, not an array per group: a keyframe re-observing
+        voxels all over a 1M-voxel map touches ~250 blocks)."""
         if len(slots) == 0:
             return
         order = np.argsort(slots, kind='stable')
         s = slots[order]
         blocks = s // BLOCK_SIZE
-        cuts = np.flatnonzero(np.diff(blocks)) + 1
-        for grp_order, grp in zip(np.split(order, cuts), np.split(s, cuts)):
-            yield int(grp[0] // BLOCK_SIZE), grp % BLOCK_SIZE, grp_order
+        rows = s - blocks * BLOCK_SIZE
+        cuts = np.flatnonzero(blocks[1:] != blocks[:-1]) + 1
+        starts = [0, *cuts.tolist()]
+        stops = [*cuts.tolist(), len(s)]
+        for a, z, b in zip(starts, stops, blocks[starts].tolist()):
+            yield b, rows[a:z], order[a:z]
 
     def _writable(self, b: int) -> Block:
         if b in self._shared:

@@ -11,6 +11,7 @@ from ros2_sab3r.config import MappingConfig
 from ros2_sab3r.mapping import fold
 from ros2_sab3r.mapping.blocks import Block
 from ros2_sab3r.mapping.codec import fold_int8_mean, int8_encode
+from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
 
 pytestmark = pytest.mark.unit
@@ -121,3 +122,83 @@ def test_weighted_row_sums_equal_the_sparse_product():
     got = fold.weighted_row_sums(indptr, cols, w, S)
     assert got.dtype == np.float32
     assert np.array_equal(got, csr_matrix((w, cols, indptr), shape=(U, M)) @ S)
+
+
+def _numpy_batch_sums(X_W, C, rgb, voxel_size, min_confidence, cells):
+    """The numpy formulation batch_sums replaced (SemanticVoxelMap.integrate before 2026-12-04):
+    floor, the packed keys' np.argsort, np.bincount per voxel."""
+    ijk = np.floor(X_W / voxel_size)
+    inside = np.abs(ijk) < KEY_OFFSET - 2
+    ok = inside[:, 0] & inside[:, 1] & inside[:, 2]
+    ok &= np.isfinite(C) & (C >= min_confidence)
+    sel = np.flatnonzero(ok)
+    keys = pack_keys(ijk[sel])
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    first = np.empty(len(sel), bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    ukeys = sorted_keys[first]
+    U = len(ukeys)
+    inv = np.cumsum(first) - 1
+    pts = sel[order]
+    X, w, col = X_W[pts], C[pts].astype(np.float64), rgb[pts]
+    wsum = np.bincount(inv, w, U)
+    psum = np.stack([np.bincount(inv, w * X[:, k], U) for k in range(3)], -1)
+    csum = np.stack([np.bincount(inv, w * col[:, k], U) for k in range(3)], -1)
+    cell = cells[pts]
+    has = cell >= 0
+    rows_of = inv[has]
+    indptr = np.zeros(U + 1, np.int64)
+    np.cumsum(np.bincount(rows_of, minlength=U), out=indptr[1:])
+    fw = np.bincount(rows_of, w[has].astype(np.float32), U).astype(np.float32)
+    return dict(ukeys=ukeys, wsum=wsum, psum=psum, csum=csum, pts=pts, indptr=indptr,
+                cols=cell[has], w_cols=w[has].astype(np.float32), fw=fw)
+
+
+def test_batch_sums_equal_the_numpy_formulation_bit_for_bit():
+    """Points skipped for every reason (NaN, inf, outside the key range, below or at the
+    confidence cut), voxels with many points, points without a feature cell."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    X = rng.uniform(-2, 2, (n, 3)).astype(np.float32)
+    X[:1000] = X[:1000] // 0.1 * 0.1 + 0.03  # crowded voxels
+    X[10, 1], X[11, 2], X[12, 0] = np.nan, np.inf, 1e7  # 1e7 / 0.05 is outside the key range
+    X[13] = [0, 0, -0.05 * (KEY_OFFSET - 2.5)]  # on the key range's edge: outside
+    X[14] = [0, 0, -0.05 * (KEY_OFFSET - 3.5)]  # the voxel next to it: inside
+    C = rng.uniform(0.0, 4.0, n).astype(np.float32)
+    C[20], C[21] = np.nan, np.inf
+    C[22:30] = 1.5  # exactly at the cut: kept
+    rgb = rng.integers(0, 256, (n, 3)).astype(np.uint8)
+    cells = rng.integers(-1, 300, n)
+    C[13] = C[14] = 3.0
+    want = _numpy_batch_sums(X, C, rgb, 0.05, 1.5, cells)
+    assert 14 in want['pts'] and 13 not in want['pts']
+    got = fold.batch_sums(X, C, rgb, 0.05, 1.5, cells, 300)
+    assert len(got.pts) < n - 1000  # the cut removed some
+    for name, value in want.items():
+        assert np.array_equal(getattr(got, name), value), name
+        assert getattr(got, name).dtype == value.dtype, name
+    plain = fold.batch_sums(X, C, rgb, 0.05, 1.5, None)
+    assert plain.indptr is None and plain.fw is None
+    for name in ('ukeys', 'wsum', 'psum', 'csum', 'pts'):
+        assert np.array_equal(getattr(plain, name), want[name]), name
+    assert fold.batch_sums(X, np.zeros(n, np.float32), rgb, 0.05, 1.5, cells, 300) is None
+    with pytest.raises(ValueError, match='feature cell index 299 out of range for 299'):
+        fold.batch_sums(X, C, rgb, 0.05, 1.5, cells, 299)
+
+
+def test_insert_sorted_equals_np_insert():
+    rng = np.random.default_rng(4)
+    keys = np.sort(rng.choice(10 ** 6, 2000, replace=False))
+    slots = rng.permutation(2000)
+    new_keys = np.sort(rng.choice(10 ** 6, 300, replace=False))
+    new_keys = new_keys[~np.isin(new_keys, keys)]
+    at = np.searchsorted(keys, new_keys)
+    at[:3] = 0  # several before the first
+    new_slots = rng.integers(0, 5000, len(new_keys))
+    got_keys, got_slots = fold.insert_sorted(keys, slots, at, new_keys, new_slots)
+    assert np.array_equal(got_keys, np.insert(keys, at, new_keys))
+    assert np.array_equal(got_slots, np.insert(slots, at, new_slots))
+    got_keys, _ = fold.insert_sorted(keys, slots, np.full(2, 2000), new_keys[:2], new_slots[:2])
+    assert np.array_equal(got_keys, np.append(keys, new_keys[:2]))
