@@ -277,24 +277,47 @@ class SemanticVoxelMap:
         if excess <= 0:
             return new_rows
         slots = self._index_slots
-        evictable = ~np.isin(slots, old_slots)
+        evictable = ~self._slot_mask(old_slots)[slots]
         n_evict = min(excess, int(evictable.sum()))
         if n_evict:
-            last = self._field_at(slots, 'last_seen')
-            wt = self._field_at(slots, 'weight')
-            # least recently seen first; among equals the lighter one
-            order_key = np.where(evictable, last + 0.5 * np.tanh(wt), np.inf)
-            victims = np.argpartition(order_key, n_evict - 1)[:n_evict]
-            self._evict(slots[victims])
+            self._evict(self._least_recent(slots, evictable, n_evict))
         room = cap - self.n_voxels
         if len(new_rows) > room:
             keep = np.argsort(-wsum[new_rows], kind='stable')[:room]
             new_rows = np.sort(new_rows[keep])
         return new_rows
 
-    def _evict(self, slots: np.ndarray) -> None:
-        if len(slots) == 0:
+    def _least_recent(self, slots: np.ndarray, evictable: np.ndarray, n: int) -> np.ndarray:
+        """Index positions of the n least recently seen of the evictable voxels at `slots` (the
+        index's), among those last seen at the same time the lighter first (the order of
+        (last_seen, weight); a partition, not a sort: a full 1M-voxel map evicts a few
+        thousand voxels on every keyframe)."""
+        cand = np.flatnonzero(evictable)
+        last = self._slot_field('last_seen')[slots[cand]]
+        cut = np.partition(last, n - 1)[n - 1]  # the stamp of the n-th least recent
+        older = cand[last < cut]
+        at_cut = cand[last == cut]
+        need = n - len(older)
+        if need < len(at_cut):
+            wt = self._slot_field('weight')[slots[at_cut]]
+            at_cut = at_cut[np.argpartition(wt, need - 1)[:need]]
+        return np.concatenate([older, at_cut])
+
+    def _slot_mask(self, slots: np.ndarray) -> np.ndarray:
+        """(slots handed out,) bool, True at `slots` (a look-up table, where np.isin sorts)."""
+        mask = np.zeros(self._n_slots, bool)
+        mask[slots] = True
+        return mask
+
+    def _slot_field(self, name: str) -> np.ndarray:
+        """A field of every slot handed out, by slot (the blocks' arrays end to end)."""
+        return np.concatenate([getattr(blk, name) for blk in self._blocks])[:self._n_slots]
+
+    def _evict(self, at: np.ndarray) -> None:
+        """Drop the voxels at index positions `at` (of self._index_keys / _index_slots)."""
+        if len(at) == 0:
             return
+        slots = self._index_slots[at]
         for b, rows, _ in self._group(slots):
             blk = self._writable(b)
             blk.valid[rows] = False
@@ -302,7 +325,8 @@ class SemanticVoxelMap:
             blk.clip_w[rows] = 0
             blk.clip_norm[rows] = 0
             blk.dino_w[rows] = 0
-        keep = ~np.isin(self._index_slots, slots)
+        keep = np.ones(len(self._index_slots), bool)
+        keep[at] = False
         self._index_keys = self._index_keys[keep]
         self._index_slots = self._index_slots[keep]
         self._free = np.concatenate([self._free, np.sort(slots)])
@@ -341,12 +365,6 @@ class SemanticVoxelMap:
         blk = self._blocks[b]
         blk.version = next_version()  # what readers cached of its old contents is stale
         return blk
-
-    def _field_at(self, slots: np.ndarray, name: str) -> np.ndarray:
-        out = np.zeros(len(slots), np.float64)
-        for b, rows, order in self._group(slots):
-            out[order] = getattr(self._blocks[b], name)[rows]
-        return out
 
     def _update(self, slots: np.ndarray, sel: np.ndarray, ukeys: np.ndarray, stamp_ns: int,
                 batch: tuple, fresh: bool) -> None:

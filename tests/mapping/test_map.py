@@ -86,6 +86,22 @@ def test_map_stays_bounded_and_evicts_least_recently_seen():
     assert len(np.unique(snap.keys)) == 1000
 
 
+
+def test_eviction_among_voxels_last_seen_together_drops_the_lighter_at_real_stamps():
+    """Stamps of today (1.7e18 ns): among voxels last seen at the same stamp, the lighter
+    ones go first. (As float64, such stamps are 256 ns apart and the weight's term was lost.)"""
+    T = 1_764_806_400_000_000_000  # 2025-12-04 00:00 UTC in nanoseconds
+    cfg = MappingConfig(voxel_size_m=1.0, max_voxels=10, min_confidence=0.0)
+    m = SemanticVoxelMap(cfg)
+    X = (np.arange(10)[:, None] * [1.0, 0, 0] + 0.5).astype(np.float32)
+    C = np.linspace(1.0, 0.1, 10).astype(np.float32)  # lighter from x = 0 to x = 9
+    rgb = np.zeros((10, 3), np.uint8)
+    m.integrate(X, C, rgb, T)
+    m.integrate(X[:2] + [0, 5, 0], C[:2], rgb[:2], T + 1)  # two new voxels: two must go
+    snap = m.snapshot()
+    kept = np.sort(snap.positions[snap.last_seen_ns == T][:, 0])
+    assert m.evicted_total == 2 and np.array_equal(kept, np.arange(8) + 0.5)
+
 def test_persistence_roundtrip_and_errors(tmp_path):
     rng = np.random.default_rng(1)
     cfg = MappingConfig(voxel_size_m=0.05, max_voxels=5000)
