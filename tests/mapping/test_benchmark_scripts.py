@@ -28,10 +28,12 @@ def test_speed_mapping_runs_on_a_small_map(capsys):
     figures = [r[0] for r in speed.ROWS]
     for wanted in ('integration into an empty map', 'integration into a ', 'Locate (lerf)',
                    'bytes per voxel in memory', 'bytes per voxel on disk', 'save / load',
-                   'cosine difference', 'unseen features'):
+                   'cosine difference', 'unseen features', 'into a full map'):
         assert any(wanted in f for f in figures), wanted
     bytes_row = next(r for r in speed.ROWS if 'bytes per voxel on disk' in r[0])
     assert bytes_row[4] == 'pass'  # pca_int8 on disk: a layout figure, not a timing
+    full = next(r for r in speed.ROWS if 'into a full map' in r[0])
+    assert ' 0 evicted' not in full[0]  # the full map really evicts
     assert 'load average' in capsys.readouterr().out
 
 
