@@ -177,18 +177,19 @@ def _define(cache: bool):
         return n
 
     @njit(cache=cache, nogil=True, boundscheck=False)
-    def voxel_sums(keys, order, sel, X, C, rgb, cells, with_cells, ukeys, pts, wsum, psum,
-                   csum, indptr, cols, w_cols, fw):  # pragma: no cover - compiled
-        # one pass over the points in key order; each sum runs in that order from 0, as
-        # np.bincount's do (float64 weights, products with the float32 / uint8 values)
+    def voxel_sums(sorted_keys, pts, X, C, rgb, cells, with_cells, ukeys, wsum, psum, csum,
+                   indptr, cols, w_cols, fw):  # pragma: no cover - compiled
+        # one pass over the points in key order (sorted_keys, pts: gathered by numpy, whose
+        # independent loads overlap where this loop's would wait on each other); each sum runs
+        # in that order from 0, as np.bincount's do (float64 weights, products with the
+        # float32 / uint8 values)
         U = -1
         nnz = 0
         last = np.int64(0)
         top = np.int64(-1)
         fw_acc = 0.0
-        for t in range(order.shape[0]):
-            o = order[t]
-            key = keys[o]
+        for t in range(pts.shape[0]):
+            key = sorted_keys[t]
             if U < 0 or key != last:
                 if U >= 0:
                     fw[U] = np.float32(fw_acc)
@@ -201,8 +202,7 @@ def _define(cache: bool):
                     csum[U, k] = 0.0
                 indptr[U] = nnz
                 fw_acc = 0.0
-            p = sel[o]
-            pts[t] = p
+            p = pts[t]
             w = np.float64(C[p])
             wsum[U] += w
             for k in range(3):
@@ -220,6 +220,34 @@ def _define(cache: bool):
             fw[U] = np.float32(fw_acc)
         indptr[U + 1] = nnz
         return U + 1, nnz, top
+
+    @njit(cache=cache, nogil=True, boundscheck=False)
+    def lookup_sorted(index, keys, pos, found):  # pragma: no cover - compiled
+        # np.searchsorted(index, keys) for ascending keys: from where the last key stopped,
+        # doubling steps then bisection (short hops over a 1M index where numpy's search
+        # starts over at its top levels, cache misses each)
+        n = index.shape[0]
+        lo = 0
+        for i in range(keys.shape[0]):
+            key = keys[i]
+            if lo < n and index[lo] < key:
+                prev = lo  # index[prev] < key
+                step = 1
+                hi = lo + 1
+                while hi < n and index[hi] < key:
+                    prev = hi
+                    step *= 2
+                    hi = prev + step
+                hi = min(hi, n)  # index[hi] >= key, or the end
+                lo = prev + 1
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if index[mid] < key:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+            pos[i] = lo
+            found[i] = lo < n and index[lo] == key
 
     @njit(cache=cache, nogil=True, boundscheck=False)
     def merge_index(keys, slots, at, new_keys, new_slots, out_keys, out_slots):  # pragma: no cover
@@ -244,7 +272,7 @@ def _define(cache: bool):
             src += 1
 
     return (fold_scalars, fold_int8, fold_both, init_slots, row_sums, select_keys, voxel_sums,
-            merge_index)
+            merge_index, lookup_sorted)
 
 
 def _kernels():
@@ -353,21 +381,32 @@ def batch_sums(X_W: np.ndarray, C: np.ndarray, rgb: np.ndarray, voxel_size: floa
         return None
     keys, sel = keys[:n], sel[:n]
     order = np.argsort(keys)  # the sort np.unique would do; its order within a voxel kept
+    pts = sel[order]
     with_cells = cells is not None
     m = n if with_cells else 0
-    out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64),
-           np.empty((n, 3), np.float64), np.empty((n, 3), np.float64), np.empty(n + 1, np.int64),
-           np.empty(m, np.int64), np.empty(m, np.float32), np.empty(n, np.float32))
-    U, nnz, top = kernels[6](keys, order, sel, X_W, C, rgb,
-                             cells if with_cells else keys, with_cells, *out)
+    out = (np.empty(n, np.int64), np.empty(n, np.float64), np.empty((n, 3), np.float64),
+           np.empty((n, 3), np.float64), np.empty(n + 1, np.int64), np.empty(m, np.int64),
+           np.empty(m, np.float32), np.empty(n, np.float32))
+    U, nnz, top = kernels[6](keys[order], pts, X_W, C, rgb, cells if with_cells else keys,
+                             with_cells, *out)
     if with_cells and top >= n_cells:  # the row sums do not check their indices
         raise ValueError(f'integrate: feature cell index {top} out of range for {n_cells} '
                          f'feature cells')
-    ukeys, pts, wsum, psum, csum, indptr, cols, w_cols, fw = out
+    ukeys, wsum, psum, csum, indptr, cols, w_cols, fw = out
     return BatchSums(ukeys[:U], wsum[:U], psum[:U], csum[:U], pts,
                      indptr[:U + 1] if with_cells else None,
                      cols[:nnz] if with_cells else None, w_cols[:nnz] if with_cells else None,
                      fw[:U] if with_cells else None)
+
+
+def lookup_sorted(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(np.searchsorted(index, keys), whether index holds each key) for int64 `index` and
+    `keys`, both ascending."""
+    pos = np.empty(len(keys), np.int64)
+    found = np.empty(len(keys), np.bool_)
+    _kernels()[8](np.ascontiguousarray(index, np.int64), np.ascontiguousarray(keys, np.int64),
+                  pos, found)
+    return pos, found
 
 
 def insert_sorted(keys: np.ndarray, slots: np.ndarray, at: np.ndarray, new_keys: np.ndarray,

@@ -50,6 +50,7 @@ from ros2_sab3r.mapping.fold import (
     fold_scalars,
     init_slots,
     insert_sorted,
+    lookup_sorted,
     weighted_row_sums,
 )
 from ros2_sab3r.mapping.snapshot import MapSnapshot, ProjectionState
@@ -200,7 +201,10 @@ class SemanticVoxelMap:
                         used = np.flatnonzero(np.bincount(cols, minlength=M))
                     S = np.asarray(S, np.float32)
                     Y = None if proj.basis is None else S @ proj.basis
-                    R = proj.observe(S[used], None if Y is None else Y[used])
+                    if len(used) == M:  # every cell (the usual keyframe): no copies
+                        R = proj.observe(S, Y)
+                    else:
+                        R = proj.observe(S[used], None if Y is None else Y[used])
                     if R is not None:
                         rotations[kind] = R
                     if Y is None or R is not None or proj.basis is None:
@@ -244,11 +248,7 @@ class SemanticVoxelMap:
     def _fold(self, ukeys: np.ndarray, stamp_ns: int, batch: tuple) -> None:
         """Fold per-voxel sums (batch) of the voxels `ukeys` (ascending) into the map."""
         wsum = batch[0]
-        U = len(ukeys)
-        pos = np.searchsorted(self._index_keys, ukeys)  # also where the new keys go
-        found = np.zeros(U, bool)
-        inside = pos < len(self._index_keys)
-        found[inside] = self._index_keys[pos[inside]] == ukeys[inside]
+        pos, found = lookup_sorted(self._index_keys, ukeys)  # pos: also where new keys go
         old_slots = self._index_slots[pos[found]]
         new_rows = np.flatnonzero(~found)
         n_before = self.n_voxels

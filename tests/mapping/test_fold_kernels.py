@@ -202,3 +202,18 @@ def test_insert_sorted_equals_np_insert():
     assert np.array_equal(got_slots, np.insert(slots, at, new_slots))
     got_keys, _ = fold.insert_sorted(keys, slots, np.full(2, 2000), new_keys[:2], new_slots[:2])
     assert np.array_equal(got_keys, np.append(keys, new_keys[:2]))
+
+
+def test_lookup_sorted_equals_searchsorted():
+    rng = np.random.default_rng(5)
+    index = np.sort(rng.choice(10 ** 7, 100_000, replace=False))
+    for keys in (np.sort(np.concatenate([rng.choice(index, 3000, replace=False),
+                                         rng.integers(-5, 10 ** 7 + 5, 3000)])),
+                 index[:1], index[-1:], np.array([-1, 10 ** 8]), np.zeros(0, np.int64),
+                 index[::2]):
+        keys = np.unique(keys)
+        pos, found = fold.lookup_sorted(index, keys)
+        assert np.array_equal(pos, np.searchsorted(index, keys))
+        assert np.array_equal(found, np.isin(keys, index))
+    pos, found = fold.lookup_sorted(np.zeros(0, np.int64), np.arange(3))
+    assert (pos == 0).all() and not found.any()
