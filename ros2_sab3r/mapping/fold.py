@@ -250,26 +250,26 @@ def _define(cache: bool):
             found[i] = lo < n and index[lo] == key
 
     @njit(cache=cache, nogil=True, boundscheck=False)
-    def merge_index(keys, slots, at, new_keys, new_slots, out_keys, out_slots):  # pragma: no cover
-        # np.insert(keys, at, new_keys) (at sorted, new before the old entry at the same place)
-        # for keys and slots in one pass
+    def merge_index(keys, slots, drop, with_drop, at, new_keys, new_slots, out_keys,
+                    out_slots):  # pragma: no cover - compiled
+        # np.insert(keys[~drop], ..) with `at` counted in keys (ascending; the new entries go
+        # before the old one at the same place), for keys and slots in one pass
         j = 0
         src = 0
-        for i in range(at.shape[0]):
-            stop = at[i]
+        n = keys.shape[0]
+        for i in range(at.shape[0] + 1):
+            stop = at[i] if i < at.shape[0] else n
             while src < stop:
-                out_keys[j] = keys[src]
-                out_slots[j] = slots[src]
-                j += 1
+                if not (with_drop and drop[src]):
+                    out_keys[j] = keys[src]
+                    out_slots[j] = slots[src]
+                    j += 1
                 src += 1
-            out_keys[j] = new_keys[i]
-            out_slots[j] = new_slots[i]
-            j += 1
-        while src < keys.shape[0]:
-            out_keys[j] = keys[src]
-            out_slots[j] = slots[src]
-            j += 1
-            src += 1
+            if i < at.shape[0]:
+                out_keys[j] = new_keys[i]
+                out_slots[j] = new_slots[i]
+                j += 1
+        return j
 
     return (fold_scalars, fold_int8, fold_both, init_slots, row_sums, select_keys, voxel_sums,
             merge_index, lookup_sorted)
@@ -410,12 +410,17 @@ def lookup_sorted(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def insert_sorted(keys: np.ndarray, slots: np.ndarray, at: np.ndarray, new_keys: np.ndarray,
-                  new_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  new_slots: np.ndarray, drop: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(np.insert(keys, at, new_keys), np.insert(slots, at, new_slots)) for int64 arrays and
-    ascending `at`, in one pass."""
-    n = len(keys) + len(new_keys)
+    ascending `at`, in one pass; with drop (a bool per entry), the entries it marks are left
+    out (`at` still counts them)."""
+    n_drop = 0 if drop is None else int(np.count_nonzero(drop))
+    n = len(keys) - n_drop + len(new_keys)
     out_keys, out_slots = np.empty(n, np.int64), np.empty(n, np.int64)
-    _kernels()[7](keys, slots, np.ascontiguousarray(at, np.int64),
-                  np.ascontiguousarray(new_keys, np.int64),
-                  np.ascontiguousarray(new_slots, np.int64), out_keys, out_slots)
+    written = _kernels()[7](keys, slots, np.zeros(0, np.bool_) if drop is None else drop,
+                            drop is not None, np.ascontiguousarray(at, np.int64),
+                            np.ascontiguousarray(new_keys, np.int64),
+                            np.ascontiguousarray(new_slots, np.int64), out_keys, out_slots)
+    assert written == n
     return out_keys, out_slots

@@ -251,56 +251,61 @@ class SemanticVoxelMap:
         pos, found = lookup_sorted(self._index_keys, ukeys)  # pos: also where new keys go
         old_slots = self._index_slots[pos[found]]
         new_rows = np.flatnonzero(~found)
-        n_before = self.n_voxels
-        new_rows = self._make_room(new_rows, wsum, old_slots)
+        new_rows, evicted = self._make_room(new_rows, wsum, old_slots)
         new_slots = self._allocate(len(new_rows))
         self._update(old_slots, np.flatnonzero(found), ukeys, stamp_ns, batch, fresh=False)
         self._update(new_slots, new_rows, ukeys, stamp_ns, batch, fresh=True)
-        if len(new_rows):
-            nk = ukeys[new_rows]  # ascending, as ukeys
-            # an eviction moved the index entries: search again
-            at = (pos[new_rows] if self.n_voxels == n_before else
-                  np.searchsorted(self._index_keys, nk))
+        if len(new_rows) or len(evicted):
+            # one pass over the index: the evicted entries out, the new keys in at the
+            # positions the look-up found (ascending, as ukeys)
+            drop = self._slot_mask(evicted)[self._index_slots] if len(evicted) else None
             self._index_keys, self._index_slots = insert_sorted(
-                self._index_keys, self._index_slots, at, nk, new_slots)
+                self._index_keys, self._index_slots, pos[new_rows], ukeys[new_rows], new_slots,
+                drop)
         self._stamp_ns = max(self._stamp_ns, int(stamp_ns))
 
     def _make_room(self, new_rows: np.ndarray, wsum: np.ndarray, old_slots: np.ndarray
-                   ) -> np.ndarray:
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Evict least recently seen voxels so that the new ones fit under max_voxels.
 
         Voxels observed in the current batch are never evicted; if the batch alone overflows the
-        map, its lightest new voxels are dropped instead. Returns the new rows that fit.
+        map, its lightest new voxels are dropped instead. Returns the new rows that fit and the
+        evicted slots: emptied and free, still in the key index (the caller takes them out).
         """
         cap = self.cfg.max_voxels
         excess = self.n_voxels + len(new_rows) - cap
+        evicted = np.zeros(0, np.int64)
         if excess <= 0:
-            return new_rows
-        slots = self._index_slots
-        evictable = ~self._slot_mask(old_slots)[slots]
-        n_evict = min(excess, int(evictable.sum()))
+            return new_rows, evicted
+        # by slot, not by index entry: the blocks' arrays are read in order. Valid slots are
+        # the index's voxels
+        evictable = self._slot_field('valid').copy()
+        evictable[old_slots] = False
+        cand = np.flatnonzero(evictable)
+        n_evict = min(excess, len(cand))
         if n_evict:
-            self._evict(self._least_recent(slots, evictable, n_evict))
-        room = cap - self.n_voxels
+            evicted = self._least_recent(cand, n_evict)
+            self._evict(evicted)
+        room = cap - (self.n_voxels - len(evicted))
         if len(new_rows) > room:
             keep = np.argsort(-wsum[new_rows], kind='stable')[:room]
             new_rows = np.sort(new_rows[keep])
-        return new_rows
+        return new_rows, evicted
 
-    def _least_recent(self, slots: np.ndarray, evictable: np.ndarray, n: int) -> np.ndarray:
-        """Index positions of the n least recently seen of the evictable voxels at `slots` (the
-        index's), among those last seen at the same time the lighter first (the order of
-        (last_seen, weight); a partition, not a sort: a full 1M-voxel map evicts a few
-        thousand voxels on every keyframe)."""
-        cand = np.flatnonzero(evictable)
-        last = self._slot_field('last_seen')[slots[cand]]
+    def _least_recent(self, cand: np.ndarray, n: int) -> np.ndarray:
+        """The n least recently seen of the slots `cand` (ascending), among those last seen at
+        the same time the lighter first (the order of (last_seen, weight); a partition, not a
+        sort: a full 1M-voxel map evicts a few thousand voxels on every keyframe)."""
+        last = self._slot_field('last_seen')[cand]
         cut = np.partition(last, n - 1)[n - 1]  # the stamp of the n-th least recent
         older = cand[last < cut]
         at_cut = cand[last == cut]
         need = n - len(older)
-        if need < len(at_cut):
-            wt = self._slot_field('weight')[slots[at_cut]]
-            at_cut = at_cut[np.argpartition(wt, need - 1)[:need]]
+        if need < len(at_cut):  # (a keyframe's voxels share its stamp: often ~100k of them)
+            wt = self._slot_field('weight')[at_cut]
+            w_cut = np.partition(wt, need - 1)[need - 1]
+            lighter = at_cut[wt < w_cut]
+            at_cut = np.concatenate([lighter, at_cut[wt == w_cut][:need - len(lighter)]])
         return np.concatenate([older, at_cut])
 
     def _slot_mask(self, slots: np.ndarray) -> np.ndarray:
@@ -311,13 +316,12 @@ class SemanticVoxelMap:
 
     def _slot_field(self, name: str) -> np.ndarray:
         """A field of every slot handed out, by slot (the blocks' arrays end to end)."""
+        if not self._blocks:  # (an empty map)
+            return np.zeros(0)
         return np.concatenate([getattr(blk, name) for blk in self._blocks])[:self._n_slots]
 
-    def _evict(self, at: np.ndarray) -> None:
-        """Drop the voxels at index positions `at` (of self._index_keys / _index_slots)."""
-        if len(at) == 0:
-            return
-        slots = self._index_slots[at]
+    def _evict(self, slots: np.ndarray) -> None:
+        """Empty the voxels at `slots` and free them (the key index keeps them: see _fold)."""
         for b, rows, _ in self._group(slots):
             blk = self._writable(b)
             blk.valid[rows] = False
@@ -325,10 +329,6 @@ class SemanticVoxelMap:
             blk.clip_w[rows] = 0
             blk.clip_norm[rows] = 0
             blk.dino_w[rows] = 0
-        keep = np.ones(len(self._index_slots), bool)
-        keep[at] = False
-        self._index_keys = self._index_keys[keep]
-        self._index_slots = self._index_slots[keep]
         self._free = np.concatenate([self._free, np.sort(slots)])
         self.evicted_total += len(slots)
 

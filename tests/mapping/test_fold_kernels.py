@@ -202,6 +202,12 @@ def test_insert_sorted_equals_np_insert():
     assert np.array_equal(got_slots, np.insert(slots, at, new_slots))
     got_keys, _ = fold.insert_sorted(keys, slots, np.full(2, 2000), new_keys[:2], new_slots[:2])
     assert np.array_equal(got_keys, np.append(keys, new_keys[:2]))
+    drop = rng.random(len(keys)) < 0.3
+    drop[at[5]] = True  # an entry dropped where a new one goes
+    got_keys, got_slots = fold.insert_sorted(keys, slots, at, new_keys, new_slots, drop)
+    want = np.insert(keys, at, new_keys)[~np.insert(drop, at, False)]
+    assert np.array_equal(got_keys, want)
+    assert np.array_equal(got_slots, np.insert(slots, at, new_slots)[~np.insert(drop, at, False)])
 
 
 def test_lookup_sorted_equals_searchsorted():

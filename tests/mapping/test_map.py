@@ -84,6 +84,11 @@ def test_map_stays_bounded_and_evicts_least_recently_seen():
     snap = m.snapshot()
     assert snap.n_voxels == 1000 and snap.last_seen_ns.min() == 5  # only the newest remain
     assert len(np.unique(snap.keys)) == 1000
+    # the key index and the blocks agree: each key's slot holds that key, free slots are empty
+    slots = m._index_slots
+    assert np.array_equal(m._slot_field('keys')[slots], m._index_keys)
+    assert m._slot_field('valid').sum() == 1000 and m._slot_field('valid')[slots].all()
+    assert not m._slot_field('valid')[m._free].any()
 
 
 
