@@ -257,21 +257,26 @@ def _box_hit(prim: Primitive, o: np.ndarray, d: np.ndarray):
     half = np.array(prim.size, dtype=np.float32) / 2
     ob = (o - centre) @ R  # origin in the box frame
     db = d @ R  # (N, 3)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        inv = 1.0 / db
-        t1 = (-half - ob) * inv
-        t2 = (half - ob) * inv
-    tn = np.minimum(t1, t2)
-    tf = np.maximum(t1, t2)
-    tn = np.where(np.isnan(tn), -np.inf, tn)
-    tf = np.where(np.isnan(tf), np.inf, tf)
-    axis = np.argmax(tn, axis=1)
-    t_enter = tn[np.arange(len(d)), axis]
-    t_exit = tf.min(axis=1)
+    # Slab by slab on (N,) columns: numpy runs (N, 3) arrays in inner loops of 3, several times
+    # slower (the same float32 operations, so the same results).
+    tn, tf = [], []
+    for k in range(3):
+        with np.errstate(divide='ignore', invalid='ignore'):
+            inv = 1.0 / db[:, k]
+            t1 = (-half[k] - ob[k]) * inv
+            t2 = (half[k] - ob[k]) * inv
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        tn.append(np.where(np.isnan(lo), -np.inf, lo))
+        tf.append(np.where(np.isnan(hi), np.inf, hi))
+    # the entry axis is the first of the largest, as np.argmax gives it
+    axis = (tn[1] > tn[0]).astype(np.intp)
+    t_enter = np.maximum(tn[0], tn[1])
+    axis[tn[2] > t_enter] = 2
+    t_enter = np.maximum(t_enter, tn[2])
+    t_exit = np.minimum(np.minimum(tf[0], tf[1]), tf[2])
     hit = (t_enter <= t_exit) & (t_enter > _EPS)
-    normal_b = np.zeros_like(d)
-    normal_b[np.arange(len(d)), axis] = 1.0
-    return np.where(hit, t_enter, np.inf).astype(np.float32), normal_b @ R.T
+    # the entry face's normal: column `axis` of R (box -> world)
+    return np.where(hit, t_enter, np.inf).astype(np.float32), np.take(R.T, axis, axis=0)
 
 
 def _cylinder_hit(prim: Primitive, o: np.ndarray, d: np.ndarray):
