@@ -69,6 +69,7 @@ from ros2_sab3r.mapping.fusion import fuse_keyframe
 from ros2_sab3r.mapping.keys import KEY_OFFSET, pack_keys
 from ros2_sab3r.mapping.persistence import map_from_file, read_map, save_map
 from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap
+from ros2_sab3r.mapping.semantic_map import warm_up as warm_up_mapping
 from ros2_sab3r.mapping.snapshot import MapSnapshot
 from ros2_sab3r.model.preprocess import intrinsics_to_network, resample_to_network
 from ros2_sab3r.query.engine import QueryEngine
@@ -229,6 +230,9 @@ class Pipeline:
         self._posed = self._cfg.frames.pose_source == 'tf'
         self._window = KeyframeWindow(self._cfg.keyframes.window_size)
         self._map = self._new_map()
+        # the integration kernels compiled (or loaded from numba's cache) now, not at the
+        # first keyframe
+        warm_up_mapping(self._cfg.mapping, clip_dim=self._text_encoder.dim)
         self._coverage = CoverageGrid(2.0 * self._cfg.mapping.voxel_size_m,
                                       self._cfg.mapping.max_voxels)
         self._query = QueryEngine(self._cfg.query, text_encoder)

@@ -4,6 +4,10 @@ features and codes at the int8 limits."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -223,3 +227,30 @@ def test_lookup_sorted_equals_searchsorted():
         assert np.array_equal(found, np.isin(keys, index))
     pos, found = fold.lookup_sorted(np.zeros(0, np.int64), np.arange(3))
     assert (pos == 0).all() and not found.any()
+
+
+def test_warm_up_compiles_every_kernel_an_integration_runs(tmp_path):
+    """In a fresh process (numba compiles per process, on first call): after warm_up, an
+    integration of each kind compiles nothing more."""
+    code = (
+        'import numpy as np\n'
+        'from ros2_sab3r.config import MappingConfig\n'
+        'from ros2_sab3r.mapping import fold\n'
+        'from ros2_sab3r.mapping.semantic_map import SemanticVoxelMap, warm_up\n'
+        'cfg = MappingConfig(feature_codec="pca_int8", max_voxels=300, clip_projection_dim=8)\n'
+        'warm_up(cfg, 16)\n'
+        'count = lambda: sum(len(k.signatures) for k in fold._kernels())\n'
+        'warm = count()\n'
+        'm = SemanticVoxelMap(cfg, clip_dim=16)\n'
+        'rng = np.random.default_rng(0)\n'
+        'for t in range(4):\n'
+        '    X = rng.uniform(-1, 1, (2000, 3))\n'
+        '    cells = rng.integers(-1, 5, 2000) if t < 3 else None\n'
+        '    m.integrate(X, np.full(2000, 3.0), np.zeros((2000, 3), np.uint8), t, cells,\n'
+        '                rng.standard_normal((5, 16)).astype(np.float32))\n'
+        'assert m.evicted_total > 0\n'
+        'print(warm, count())\n')
+    env = {**os.environ, 'NUMBA_CACHE_DIR': str(tmp_path)}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                         timeout=240, check=True).stdout.split()
+    assert int(out[0]) >= 7 and out[0] == out[1], out
