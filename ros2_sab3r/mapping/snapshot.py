@@ -177,6 +177,21 @@ class MapSnapshot:
         out *= self._inv_clip_norm
         return out
 
+    def cosine_rows(self, E: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(T, len(rows)) cosine similarity of T unit embeddings E (T, F) with the CLIP features
+        of the voxels at flat indices `rows`: what :meth:`cosine` gives for them, from the
+        stored values in their own space (int8 codes widened, bf16 decoded; a projected map's
+        embeddings projected once), not from decoded full-width features; 0 for voxels without
+        a fused feature."""
+        rows = np.asarray(rows, np.int64)
+        if not self.clip_dim or not len(rows):
+            return np.zeros((len(E), len(rows)), np.float32)
+        raw = self.take('clip', rows)
+        values = bf16_decode(raw) if raw.dtype == np.uint16 else raw.astype(np.float32)
+        out = self._embedding_in_codes(E) @ values.T
+        out *= self._inv_clip_norm[rows]
+        return out
+
     def _used_columns(self, raw: np.ndarray) -> np.ndarray:
         """(..., n_slots) per slot -> (..., N) per voxel. When the slots in use are the first N
         (slots rise, and the map reuses freed slots first: the usual layout) a view, not a copy

@@ -234,3 +234,25 @@ def test_feature_projection_rotation_maps_old_codes_to_new():
     R = p.observe(rng.normal(size=(200, 8)).astype(np.float32) @ A)
     assert R is not None and p.refits == 1
     np.testing.assert_allclose((x @ old) @ R @ p.basis.T, x, atol=1e-3)
+
+
+def test_cosine_rows_are_the_cosines_of_the_decoded_features_of_those_voxels():
+    """snapshot.cosine_rows (calibrated Locate's competitors, computed in the codes' space) against
+    the cosine with the decoded features, for every codec, rows in any order."""
+    rng = np.random.default_rng(7)
+    maps, _ = _pca_pair(rng, clip_projection_dim=32, dino_projection_dim=32)
+    maps = {**maps, 'int8': _two_maps(np.random.default_rng(8))['int8']}
+    for codec, m in maps.items():
+        snap = m.snapshot()
+        E = rng.normal(size=(70, snap.clip_dim)).astype(np.float32)  # a vocabulary's worth
+        E /= np.linalg.norm(E, axis=1, keepdims=True)
+        rows = rng.permutation(snap.n_voxels)[:300]
+        F = snap.feature_rows('clip', rows).astype(np.float64)
+        want = E @ (F / np.linalg.norm(F, axis=1, keepdims=True)).T
+        got = snap.cosine_rows(E, rows)
+        assert got.shape == (70, 300) and got.dtype == np.float32
+        # (bf16: the stored norm is the mean's before rounding to bfloat16, ~1e-4 off)
+        np.testing.assert_allclose(got, want, atol=1e-4 if codec != 'bf16' else 5e-4,
+                                   err_msg=codec)
+        np.testing.assert_allclose(got, snap.cosine(E)[:, rows], atol=3e-3, err_msg=codec)
+    assert snap.cosine_rows(E, np.zeros(0, np.int64)).shape == (70, 0)
