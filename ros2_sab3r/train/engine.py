@@ -370,6 +370,7 @@ class Trainer:
         self.step = 0
         # The initial model's held-out depths and poses (forgetting), before any step.
         self._full: Sab3rNet | None = None  # the gathered FSDP2 copy of the last full_network
+        self._full_current = False  # whether _full (every rank: its gather) has the weights now
         self._initial_depths = self._initial_poses = None
         if self.held_out_pairs:
             net = self.full_network()  # a collective under FSDP2: every rank calls it
@@ -490,6 +491,7 @@ class Trainer:
 
     def optimise(self, step: int) -> dict[str, float]:
         """One optimiser step (accumulation, clipping, AdamW, schedule)."""
+        self._full_current = False  # the weights change
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.accumulate(step)
         clip = self.recipe.optim.grad_clip
@@ -541,6 +543,7 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         state = load_checkpoint(path)
+        self._full_current = False  # the weights change
         if state['world'] != self.info.world:
             raise TrainingError(f'{path} was written by {state["world"]} process(es), this run '
                                 f'has {self.info.world}; resume with --nproc {state["world"]}')
@@ -674,10 +677,14 @@ class Trainer:
     def full_network(self) -> Sab3rNet | None:
         """The whole student for evaluation and export: the network itself, except under
         FSDP2 where its shards are gathered into a plain copy on rank 0 (a collective every
-        rank must call; the other ranks get None)."""
-        self._full = None
+        rank must call; the other ranks get None). The copy is gathered once per set of weights:
+        evaluation, pictures and export at the end of a run share it."""
         if not (self.recipe.run.parallelism == 'fsdp2' and self.info.world > 1):
+            self._full = None
             return self.net
+        if self._full_current:  # every rank knows it: no rank enters the collective
+            return self._full
+        self._full = None
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -685,6 +692,7 @@ class Trainer:
 
         state = get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
+        self._full_current = True
         if not self.info.main:
             return None
         net = create_network(self.recipe.model.architecture)
