@@ -117,6 +117,38 @@ def test_a_late_reader_is_never_more_than_the_lag_behind(monkeypatch, copies):
     assert 0 < copies['n'] <= 2 * len(m._blocks)
 
 
+
+def test_without_readers_nothing_is_kept_for_them(monkeypatch, copies):
+    """The lag's hand-outs stop READERS_ACTIVE_FOR integrations after the last reader: they kept
+    old copies of the blocks written after them (up to a second map). The first reader during
+    an integration after that gets the last snapshot a reader had."""
+    monkeypatch.setattr(semantic_map, 'MAX_READER_LAG', 2)
+    monkeypatch.setattr(semantic_map, 'READERS_ACTIVE_FOR', 4)
+    rng = np.random.default_rng(4)
+    m = _new_map()
+    X, C, rgb, cells, S = _batch(rng)
+    for stamp in range(1, 4):  # never read: written in place
+        m.integrate(X, C, rgb, stamp, cells, S)
+    assert copies['n'] == 0
+    read = m.snapshot()
+    for stamp in range(4, 8):  # a reader came: the lag's hand-outs keep snapshots (copies)
+        m.integrate(X, C, rgb, stamp, cells, S)
+    assert copies['n'] > 0
+    n = copies['n']
+    for stamp in range(8, 20):  # the reader is gone: nothing copied any more
+        m.integrate(X, C, rgb, stamp, cells, S)
+    assert copies['n'] <= n + len(m._blocks)  # (at most the hand-out at the end of the span)
+    n = copies['n']
+    for stamp in range(20, 30):
+        m.integrate(X, C, rgb, stamp, cells, S)
+    assert copies['n'] == n
+    seen = []
+    fold = m._fold
+    monkeypatch.setattr(m, '_fold', lambda *a: (seen.append(m.snapshot()), fold(*a)))
+    m.integrate(X, C, rgb, 30, cells, S)
+    assert read.version < seen[0].version < m.snapshot().version  # stale, kept, intact
+    assert seen[0].stamp_ns < 30 and m.snapshot().stamp_ns == 30
+
 def test_save_reads_a_handed_out_snapshot(tmp_path):
     rng = np.random.default_rng(3)
     m = _new_map()
