@@ -19,8 +19,10 @@ same np.argsort. Compiled on first use (~1 s) and cached on disk like mapping.ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +34,20 @@ _SHIFT_I, _SHIFT_J = np.int64(2 * KEY_BITS), np.int64(KEY_BITS)
 _MAGIC = np.float32(1.5 * 2 ** 23)  # x + _MAGIC - _MAGIC rounds float32 x half to even
 _LOCK = threading.Lock()
 _KERNELS = None
+
+
+class _Kernels(NamedTuple):
+    """The compiled kernels, by name (numba dispatchers)."""
+
+    fold_scalars: Callable
+    fold_int8: Callable
+    fold_both: Callable
+    init_slots: Callable
+    row_sums: Callable
+    select_keys: Callable
+    voxel_sums: Callable
+    merge_index: Callable
+    lookup_sorted: Callable
 
 
 def _compile():
@@ -271,8 +287,8 @@ def _define(cache: bool):
                 j += 1
         return j
 
-    return (fold_scalars, fold_int8, fold_both, init_slots, row_sums, select_keys, voxel_sums,
-            merge_index, lookup_sorted)
+    return _Kernels(fold_scalars, fold_int8, fold_both, init_slots, row_sums, select_keys,
+                    voxel_sums, merge_index, lookup_sorted)
 
 
 def _kernels():
@@ -290,8 +306,8 @@ def fold_scalars(rows: np.ndarray, src: np.ndarray, stamp_ns: int, wsum: np.ndar
     """Fold batch voxel sums src[i] (wsum (U,) float64, psum/csum (U, 3) float64) into the
     block's slots rows[i] in place: weighted means of position and colour, weight, count + 1,
     last_seen = stamp_ns."""
-    _kernels()[0](rows, src, np.int64(stamp_ns), wsum, psum, csum, weight, pos, color, count,
-                  last_seen)
+    _kernels().fold_scalars(rows, src, np.int64(stamp_ns), wsum, psum, csum, weight, pos, color,
+                            count, last_seen)
 
 
 def fold_int8(rows: np.ndarray, src: np.ndarray, fsum: np.ndarray, fw: np.ndarray,
@@ -301,8 +317,8 @@ def fold_int8(rows: np.ndarray, src: np.ndarray, fsum: np.ndarray, fw: np.ndarra
     the int8 running means at rows[i] (values (slots, k) int8, scale, weight w_store), in place,
     as mapping.codec.fold_int8_mean does; norm (unless None) gets the stored rows' L2 norms."""
     with_norm = norm is not None
-    _kernels()[1](rows, src, fsum, fw, values, scale, norm if with_norm else scale, w_store,
-                  with_norm)
+    _kernels().fold_int8(rows, src, fsum, fw, values, scale, norm if with_norm else scale,
+                         w_store, with_norm)
 
 
 def fold_block(rows: np.ndarray, src: np.ndarray, stamp_ns: int, wsum: np.ndarray,
@@ -313,17 +329,17 @@ def fold_block(rows: np.ndarray, src: np.ndarray, stamp_ns: int, wsum: np.ndarra
     """:func:`fold_scalars` then :func:`fold_int8` in one call (one dispatch per block: with
     ~250 small blocks per keyframe, numba's argument checks are a good part of the time)."""
     with_norm = norm is not None
-    _kernels()[2](rows, src, np.int64(stamp_ns), wsum, psum, csum, weight, pos, color, count,
-                  last_seen, fsum, fw, values, scale, norm if with_norm else scale, w_store,
-                  with_norm)
+    _kernels().fold_both(rows, src, np.int64(stamp_ns), wsum, psum, csum, weight, pos, color,
+                         count, last_seen, fsum, fw, values, scale,
+                         norm if with_norm else scale, w_store, with_norm)
 
 
 def init_slots(rows: np.ndarray, src: np.ndarray, ukeys: np.ndarray, blk) -> None:
     """Make the block's slots rows[i] empty voxels of key ukeys[src[i]] (weights, count,
     position, colour and feature weights 0), so that folding a batch into them gives a new
     voxel's values."""
-    _kernels()[3](rows, src, ukeys, blk.keys, blk.valid, blk.weight, blk.count, blk.pos,
-                  blk.color, blk.clip_w, blk.clip_norm, blk.dino_w)
+    _kernels().init_slots(rows, src, ukeys, blk.keys, blk.valid, blk.weight, blk.count,
+                          blk.pos, blk.color, blk.clip_w, blk.clip_norm, blk.dino_w)
 
 
 def weighted_row_sums(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, S: np.ndarray
@@ -334,8 +350,9 @@ def weighted_row_sums(indptr: np.ndarray, cols: np.ndarray, w: np.ndarray, S: np
     within S's rows (not checked)."""
     S = np.ascontiguousarray(S, np.float32)
     out = np.zeros((len(indptr) - 1, S.shape[1]), np.float32)
-    _kernels()[4](np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(cols, np.int64),
-                  np.ascontiguousarray(w, np.float32), S, out)
+    _kernels().row_sums(np.ascontiguousarray(indptr, np.int64),
+                        np.ascontiguousarray(cols, np.int64),
+                        np.ascontiguousarray(w, np.float32), S, out)
     return out
 
 
@@ -375,7 +392,7 @@ def batch_sums(X_W: np.ndarray, C: np.ndarray, rgb: np.ndarray, voxel_size: floa
     N = len(X_W)
     keys = np.empty(N, np.int64)
     sel = np.empty(N, np.int64)
-    n = kernels[5](X_W, C, np.float32(voxel_size), np.float32(min_confidence),
+    n = kernels.select_keys(X_W, C, np.float32(voxel_size), np.float32(min_confidence),
                    np.float32(KEY_OFFSET - 2), keys, sel)
     if n == 0:
         return None
@@ -387,8 +404,9 @@ def batch_sums(X_W: np.ndarray, C: np.ndarray, rgb: np.ndarray, voxel_size: floa
     out = (np.empty(n, np.int64), np.empty(n, np.float64), np.empty((n, 3), np.float64),
            np.empty((n, 3), np.float64), np.empty(n + 1, np.int64), np.empty(m, np.int64),
            np.empty(m, np.float32), np.empty(n, np.float32))
-    U, nnz, top = kernels[6](keys[order], pts, X_W, C, rgb, cells if with_cells else keys,
-                             with_cells, *out)
+    # (without cells the loop never reads them: `keys` stands in, an int64 array like cells)
+    U, nnz, top = kernels.voxel_sums(keys[order], pts, X_W, C, rgb,
+                                     cells if with_cells else keys, with_cells, *out)
     if with_cells and top >= n_cells:  # the row sums do not check their indices
         raise ValueError(f'integrate: feature cell index {top} out of range for {n_cells} '
                          f'feature cells')
@@ -404,8 +422,8 @@ def lookup_sorted(index: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
     `keys`, both ascending."""
     pos = np.empty(len(keys), np.int64)
     found = np.empty(len(keys), np.bool_)
-    _kernels()[8](np.ascontiguousarray(index, np.int64), np.ascontiguousarray(keys, np.int64),
-                  pos, found)
+    _kernels().lookup_sorted(np.ascontiguousarray(index, np.int64),
+                             np.ascontiguousarray(keys, np.int64), pos, found)
     return pos, found
 
 
@@ -418,9 +436,9 @@ def insert_sorted(keys: np.ndarray, slots: np.ndarray, at: np.ndarray, new_keys:
     n_drop = 0 if drop is None else int(np.count_nonzero(drop))
     n = len(keys) - n_drop + len(new_keys)
     out_keys, out_slots = np.empty(n, np.int64), np.empty(n, np.int64)
-    written = _kernels()[7](keys, slots, np.zeros(0, np.bool_) if drop is None else drop,
-                            drop is not None, np.ascontiguousarray(at, np.int64),
-                            np.ascontiguousarray(new_keys, np.int64),
-                            np.ascontiguousarray(new_slots, np.int64), out_keys, out_slots)
+    written = _kernels().merge_index(
+        keys, slots, np.zeros(0, np.bool_) if drop is None else drop, drop is not None,
+        np.ascontiguousarray(at, np.int64), np.ascontiguousarray(new_keys, np.int64),
+        np.ascontiguousarray(new_slots, np.int64), out_keys, out_slots)
     assert written == n
     return out_keys, out_slots
